@@ -1,0 +1,1 @@
+"""uumamba REST inference service (FastAPI + uvicorn); installed as `uumamba_service`."""

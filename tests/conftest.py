@@ -1,0 +1,28 @@
+"""Shared pytest fixtures.
+
+``acdc_dir``: the real ACDC patients in ``../shared/data/ACDC`` (beside the checkout); tests that
+use it are skipped with a clear reason when the folder is absent. The data are never copied into
+the repository. ``UUMAMBA_ACDC_DIR`` points elsewhere if needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ACDC_DIR = Path(os.environ.get("UUMAMBA_ACDC_DIR", REPO_ROOT.parent / "shared" / "data" / "ACDC"))
+
+# Two threads: CI and developer machines have 2 cores.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def acdc_dir() -> Path:
+    """Path of the real ACDC folder; skips the test when it is not there."""
+    if not ACDC_DIR.is_dir() or not any(ACDC_DIR.glob("patient*")):
+        pytest.skip(f"real ACDC data not found at {ACDC_DIR} (see shared/data/README.md)")
+    return ACDC_DIR

@@ -1,0 +1,314 @@
+"""The one typed configuration schema of uumamba, loaded from YAML.
+
+A configuration file (``configs/*.yaml``) has the sections ``dataset``, ``plan``, ``model``,
+``loss``, ``optim``, ``train`` and ``inference``; every key has a default, so a file only
+states what differs. Unknown keys and values of the wrong type are errors that name the key
+(:class:`uumamba.errors.ConfigError`). Code receives the section it needs, not the whole
+config.
+
+Overrides from the command line use dotted keys: ``--set optim.rho=0.1 --set train.epochs=5``;
+the value is parsed as YAML (``[1, 2]``, ``true``, ``null`` work).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from uumamba.errors import ConfigError
+from uumamba.utils import atomic_path
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Section):
+    """What the data are.
+
+    Attributes:
+        layout: folder layout; ``auto`` detects nnU-Net v2 raw, MSD, ACDC, ImageCAS,
+            AortaSeg24 or a plain ``images/`` + ``labels/`` folder.
+        labels: label value -> name, background (0) included. ``None``: read from the
+            dataset's ``dataset.json`` where it has one.
+        modality: ``MRI`` (per-case z-score) or ``CT`` (percentile clip + global z-score).
+        ignore_label: a label value that contributes to no loss term and no metric.
+        split_4d: split 4D images into 3D frames instead of refusing them.
+        spatial_tolerance: relative tolerance for image/label spacing, origin and direction
+            agreement in the integrity check.
+    """
+
+    layout: Literal["auto", "nnunet", "msd", "acdc", "imagecas", "aortaseg24", "folder"] = "auto"
+    labels: dict[int, str] | None = None
+    modality: Literal["MRI", "CT"] = "MRI"
+    ignore_label: int | None = None
+    split_4d: bool = False
+    spatial_tolerance: float = 1e-3
+
+
+class PlanConfig(_Section):
+    """Overrides of the automatic plan (``plans.json``); ``None`` keeps the planned value.
+
+    Attributes:
+        target_spacing: voxel spacing in mm per axis (RAS-oriented x, y, z).
+        patch_size: patch size in voxels (2 values for 2D models, 3 for 3D).
+        batch_size: patches per iteration.
+        normalization: ``zscore`` or ``ct``.
+        memory_budget_mb: activation-memory budget used to choose patch and batch size.
+        max_patch_size: upper bound per axis on the planned patch size (voxels).
+    """
+
+    target_spacing: list[float] | None = None
+    patch_size: list[int] | None = None
+    batch_size: int | None = None
+    normalization: Literal["zscore", "ct"] | None = None
+    memory_budget_mb: float = 2000.0
+    max_patch_size: list[int] | None = None
+
+
+class ModelConfig(_Section):
+    """Network settings (see :mod:`uumamba.nn.umamba`).
+
+    Attributes:
+        name: ``umamba_bot`` (Mamba at the bottleneck), ``umamba_enc`` (Mamba after every
+            encoder stage) or ``unet`` (same residual U-Net, no Mamba: the baseline).
+        spatial_dims: 2 (slice-wise) or 3.
+        features: channels per stage; ``None``: min(base_features * 2^s, max_features).
+        base_features / max_features: used when ``features`` is None.
+        n_blocks_per_stage: residual blocks per encoder stage (one int for all, or a list).
+        n_conv_per_stage_decoder: convolutions per decoder stage.
+        deep_supervision: return one output per decoder level in training mode.
+        d_state, d_conv, expand: Mamba state size, causal-conv width and expansion factor.
+        scan_backend: ``auto`` | ``cuda`` | ``cpu`` | ``torch`` (env ``UUMAMBA_SCAN_BACKEND``
+            overrides ``auto``).
+    """
+
+    name: Literal["umamba_bot", "umamba_enc", "unet"] = "umamba_bot"
+    spatial_dims: Literal[2, 3] = 3
+    features: list[int] | None = None
+    base_features: int = 32
+    max_features: int = 320
+    n_blocks_per_stage: int | list[int] = 1
+    n_conv_per_stage_decoder: int = 1
+    deep_supervision: bool = True
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    scan_backend: Literal["auto", "cuda", "cpu", "torch"] = "auto"
+
+
+class LossConfig(_Section):
+    """Training objective (see :mod:`uumamba.losses`).
+
+    Attributes:
+        name: ``uncertainty`` (learned sigma weights, the paper's loss), ``fixed`` (the same
+            three terms, equal weights) or ``dice_ce`` (Dice + cross-entropy).
+        focal_gamma: focal-loss focusing parameter.
+        focal_alpha: optional per-class focal weights (length = number of classes).
+        batch_dice: Dice over the whole batch (nnU-Net style) instead of per sample.
+    """
+
+    name: Literal["uncertainty", "fixed", "dice_ce"] = "uncertainty"
+    focal_gamma: float = 2.0
+    focal_alpha: list[float] | None = None
+    batch_dice: bool = True
+
+
+class OptimConfig(_Section):
+    """Optimizer settings (see :mod:`uumamba.optim`).
+
+    Attributes:
+        name: ``sam`` | ``asam`` (wrapping ``base``) | ``sgd`` | ``adamw``.
+        base: base optimizer under SAM / ASAM.
+        lr: initial learning rate; momentum / nesterov for SGD; weight_decay (not applied
+            to the loss's sigma parameters).
+        rho: SAM neighbourhood radius; ``None``: 0.05 for SAM, 0.5 for ASAM.
+        grad_clip: max global gradient norm (second-pass gradients under SAM); 0 disables.
+        poly_exponent: lr = lr0 * (1 - t/T)^exponent.
+        warmup_iterations: linear warm-up before the poly schedule.
+    """
+
+    name: Literal["sam", "asam", "sgd", "adamw"] = "sam"
+    base: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    rho: float | None = None
+    grad_clip: float = 12.0
+    poly_exponent: float = 0.9
+    warmup_iterations: int = 0
+
+
+class AugmentationConfig(_Section):
+    """Training-time augmentation probabilities and ranges (MONAI transforms)."""
+
+    rotate_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.25)
+    p_spatial: float = 0.2
+    elastic: bool = False
+    mirror: bool = True
+    p_noise: float = 0.1
+    p_blur: float = 0.1
+    p_brightness: float = 0.15
+    p_contrast: float = 0.15
+    p_gamma: float = 0.3
+    p_lowres: float = 0.1
+
+
+class TrainConfig(_Section):
+    """Training loop settings (see :mod:`uumamba.engine`).
+
+    Attributes:
+        epochs / iterations_per_epoch: length of the run.
+        time_limit_minutes: stop (and save) after this wall time; ``None`` = no limit.
+        val_every: validate every N epochs (and at the end).
+        n_folds / seed: patient-grouped k-fold split.
+        foreground_oversample: fraction of patches centred on a random foreground class.
+        cache: ``memory`` | ``disk`` | ``none`` caching of preprocessed cases.
+        num_workers: DataLoader workers.
+        amp: ``auto`` (bf16 on CUDA when supported, else fp16 with a scaler; fp32 on CPU),
+            ``bf16``, ``fp16`` or ``off``.
+        max_nonfinite_steps: consecutive non-finite losses after which the run stops.
+        deterministic: seeded, deterministic algorithms (CPU runs are reproducible).
+    """
+
+    epochs: int = 100
+    iterations_per_epoch: int = 250
+    time_limit_minutes: float | None = None
+    val_every: int = 5
+    n_folds: int = 5
+    seed: int = 12345
+    foreground_oversample: float = 0.33
+    cache: Literal["memory", "disk", "none"] = "memory"
+    num_workers: int = 2
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    max_nonfinite_steps: int = 25
+    deterministic: bool = True
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+
+
+class InferenceConfig(_Section):
+    """Sliding-window inference settings (see :mod:`uumamba.inference`).
+
+    Attributes:
+        overlap: fraction of overlap between windows (0.5 = nnU-Net default).
+        gaussian: Gaussian importance weighting of window outputs (else constant).
+        tta: mirroring test-time augmentation.
+        sw_batch_size: windows per forward pass.
+        nsd_tolerance_mm: tolerance of the normalised surface distance in evaluation.
+    """
+
+    overlap: float = 0.5
+    gaussian: bool = True
+    tta: bool = False
+    sw_batch_size: int = 2
+    nsd_tolerance_mm: float = 2.0
+
+
+class Config(_Section):
+    """The whole configuration; one section per concern."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @field_validator("dataset")
+    @classmethod
+    def _background_named(cls, v: DatasetConfig) -> DatasetConfig:
+        if v.labels is not None and 0 not in v.labels:
+            raise ValueError("dataset.labels must include 0 (background)")
+        return v
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a nested dict into a :class:`Config`.
+
+    Raises:
+        ConfigError: naming every unknown key or wrong-typed value, prefixed with ``source``.
+    """
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a nested dict in place.
+
+    Raises:
+        ConfigError: when an override is not of the form ``a.b=value``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.rho=0.1")
+        key, raw = item.split("=", 1)
+        path = [p for p in key.strip().split(".") if p]
+        if not path:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        node = data
+        for p in path[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping, or fails validation.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with --set overrides)"
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML atomically (temporary name, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,22 @@
+"""Exceptions that carry a message meant for the user.
+
+The CLI turns a :class:`UserError` into one line on stderr and exit status 1 (no traceback);
+the REST service turns it into a 4xx response with the message as JSON ``detail``.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (a file, a flag, a config value), not a bug.
+
+    The message must name the offending file, key or value and say what is wrong.
+    """
+
+
+class DataError(UserError):
+    """A dataset or image file is unreadable or inconsistent (names the file in the message)."""
+
+
+class ConfigError(UserError):
+    """A configuration key is unknown or has a value of the wrong type or range."""
