@@ -1,0 +1,139 @@
+# syntax=docker/dockerfile:1
+#
+# UU-Mamba GPU image: `uumamba serve` on port 8000 by default; every other `uumamba` command
+# (train, predict, evaluate, export-slicer) by naming it after the image.
+#
+#   docker build --build-arg TORCH_CUDA_ARCH_LIST="8.0;9.0" -t uumamba:gpu .
+#   docker run --gpus all -p 8000:8000 -v "$PWD/runs:/models" uumamba:gpu
+#
+# Stage "build" compiles the mamba-ssm and causal-conv1d CUDA extensions against the exact
+# torch build the runtime stage installs: a wheel compiled against another torch fails at
+# import with "undefined symbol". The packages' FORCE_BUILD switches stop their setup.py from
+# fetching prebuilt binaries, --no-build-isolation makes them compile against the torch
+# installed here (not a fresh one in an isolated build env), and only the GPU architectures
+# named by TORCH_CUDA_ARCH_LIST are compiled (all of them takes over an hour).
+
+# Versions shared by both stages. torch must satisfy pyproject.toml's "torch>=2.2"; its cu124
+# wheels match the CUDA 12.4 images below. mamba-ssm / causal-conv1d are the gpu extra's
+# packages (pyproject: mamba-ssm>=2.2, causal-conv1d>=1.4); these releases' sdists ship the
+# CUDA sources (some earlier ones on PyPI do not).
+ARG TORCH_VERSION=2.6.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+ARG MAMBA_SSM_VERSION=2.2.6.post3
+ARG CAUSAL_CONV1D_VERSION=1.5.3.post1
+
+############################ build: CUDA toolkit, torch, extension wheels ####################
+FROM nvidia/cuda:12.4.1-devel-ubuntu22.04 AS build
+
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+ARG MAMBA_SSM_VERSION
+ARG CAUSAL_CONV1D_VERSION
+# Compute capabilities to compile for: 8.0 A100, 8.6 RTX 30xx / A40, 8.9 L4 / RTX 40xx,
+# 9.0 H100 / H200. Fewer = faster build.
+ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;9.0"
+# Parallel nvcc jobs; each can take several GB of RAM.
+ARG MAX_JOBS=4
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-dev python3-venv build-essential \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+RUN pip install --no-cache-dir pip==24.3.1 setuptools==75.6.0 wheel==0.45.1 packaging==24.2 ninja==1.11.1.3 \
+ && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+ENV TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
+    MAX_JOBS=${MAX_JOBS} \
+    MAMBA_FORCE_BUILD=TRUE \
+    CAUSAL_CONV1D_FORCE_BUILD=TRUE
+
+# Both setup.py files hard-code a -gencode list (sm_53 ... sm_120); torch's extension builder
+# ignores TORCH_CUDA_ARCH_LIST whenever such flags are present. Replace those appends with
+# `pass` so the architectures come from the build argument, and fail if any remain.
+WORKDIR /src
+RUN pip download --no-cache-dir --no-deps --no-binary :all: --no-build-isolation -d /src/sdist \
+        "causal-conv1d==${CAUSAL_CONV1D_VERSION}" "mamba-ssm==${MAMBA_SSM_VERSION}" \
+ && for archive in /src/sdist/*.tar.gz; do tar -xzf "${archive}" -C /src; done \
+ && sed -i -E 's/cc_flag\.append\("(-gencode|arch=compute_[0-9a-z]+,code=sm_[0-9a-z]+)"\)/pass/' /src/*/setup.py \
+ && if grep -n 'arch=compute_' /src/*/setup.py; then echo "unpatched -gencode flags" >&2; exit 1; fi \
+ && pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels \
+        "/src/causal_conv1d-${CAUSAL_CONV1D_VERSION}" "/src/mamba_ssm-${MAMBA_SSM_VERSION}"
+
+############################ runtime: CUDA runtime, torch, wheels, uumamba[gpu] #############
+FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04 AS runtime
+
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+ARG MAMBA_SSM_VERSION
+ARG CAUSAL_CONV1D_VERSION
+
+LABEL org.opencontainers.image.title="uumamba" \
+      org.opencontainers.image.description="UU-Mamba cardiovascular segmentation: CLI and REST service (GPU)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# gcc and Python headers: Triton (used by mamba-ssm's fused kernels) compiles a small launcher
+# the first time a kernel runs.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# The same torch the extensions were compiled against, pinned for every later install.
+COPY --from=build /wheels /wheels
+RUN echo "torch==${TORCH_VERSION}" > /opt/constraints.txt \
+ && pip install --no-cache-dir pip==24.3.1 \
+ && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
+        "mamba-ssm==${MAMBA_SSM_VERSION}" "causal-conv1d==${CAUSAL_CONV1D_VERSION}"
+
+# The package with its gpu extra; the extra's two packages are already installed from /wheels
+# (found there again through --find-links), their pure-Python dependencies come from PyPI.
+WORKDIR /opt/uumamba
+COPY . /opt/uumamba
+RUN pip install --no-cache-dir --constraint /opt/constraints.txt --find-links /wheels "/opt/uumamba[gpu]" \
+ && python -c "import torch, selective_scan_cuda, causal_conv1d_cuda; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
+ && rm -rf /wheels
+
+# Non-root user "uumamba", UID/GID 1000 (numeric below, so runtimes can check it is not root).
+RUN groupadd --gid 1000 uumamba \
+ && useradd --create-home --uid 1000 --gid 1000 --shell /bin/bash uumamba \
+ && mkdir -p /models \
+ && chown uumamba:uumamba /models
+
+# Caches under /tmp so any --user UID (matching a mounted folder's owner) can write them.
+ENV UUMAMBA_MODEL=/models/model \
+    UUMAMBA_HOST=0.0.0.0 \
+    UUMAMBA_PORT=8000 \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    NUMBA_CACHE_DIR=/tmp/numba \
+    TRITON_CACHE_DIR=/tmp/triton
+
+USER 1000:1000
+WORKDIR /home/uumamba
+VOLUME ["/models"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('UUMAMBA_PORT', '8000'), timeout=4)"]
+
+ENTRYPOINT ["uumamba"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--model", "/models/model"]
