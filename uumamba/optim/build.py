@@ -1,0 +1,91 @@
+"""Build the optimizer from the ``optim`` config section: sam | asam | sgd | adamw."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from uumamba.config import OptimConfig
+from uumamba.errors import ConfigError
+from uumamba.optim.sam import DEFAULT_RHO_ASAM, DEFAULT_RHO_SAM, SAM
+
+_BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
+}
+
+
+def param_groups(model: nn.Module, loss_module: nn.Module | None) -> list[dict[str, Any]]:
+    """Two groups: the model's trainable parameters, then the loss's (sigma) with
+    ``weight_decay = 0`` (decaying log sigma^2 towards 0 would bias the learned weights).
+    The loss group is omitted when the loss has no trainable parameters.
+
+    Raises:
+        ValueError: the model has no trainable parameters, or a parameter is in both.
+    """
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    if not model_params:
+        raise ValueError("model has no trainable parameters")
+    groups: list[dict[str, Any]] = [{"params": model_params}]
+    if loss_module is not None:
+        loss_params = [p for p in loss_module.parameters() if p.requires_grad]
+        shared = {id(p) for p in model_params} & {id(p) for p in loss_params}
+        if shared:
+            raise ValueError(f"{len(shared)} parameter(s) belong to both the model and the loss")
+        if loss_params:
+            groups.append({"params": loss_params, "weight_decay": 0.0})
+    return groups
+
+
+def _base_kwargs(base: str, cfg: OptimConfig) -> dict[str, Any]:
+    if base == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
+            raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
+        return dict(
+            lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_optimizer(
+    optim_cfg: OptimConfig, model: nn.Module, loss_module: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """Optimizer over the model's and the loss's parameters (see :func:`param_groups`).
+
+    - ``sam`` / ``asam``: :class:`uumamba.optim.SAM` wrapping ``optim.base`` (``sgd``: SGD with
+      ``momentum`` (0.99) and Nesterov as in nnU-Net / UU-Mamba; ``adamw``), ``rho`` from the
+      config or 0.05 (SAM) / 0.5 (ASAM).
+    - ``sgd`` / ``adamw``: the plain torch optimizer.
+
+    ``lr``, ``weight_decay`` (0 for the loss group) come from the config; schedule the lr with
+    :class:`uumamba.optim.PolyLRScheduler`.
+
+    Raises:
+        ConfigError: invalid settings (negative lr / rho / weight_decay, Nesterov without
+            momentum), naming the key.
+    """
+    if optim_cfg.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {optim_cfg.lr}")
+    if optim_cfg.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {optim_cfg.weight_decay}")
+    if optim_cfg.rho is not None and optim_cfg.rho < 0:
+        raise ConfigError(f"optim.rho must be >= 0, got {optim_cfg.rho}")
+    try:
+        groups = param_groups(model, loss_module)
+    except ValueError as exc:
+        raise ConfigError(f"optim: {exc}") from None
+    if optim_cfg.name in ("sam", "asam"):
+        adaptive = optim_cfg.name == "asam"
+        rho = optim_cfg.rho
+        if rho is None:
+            rho = DEFAULT_RHO_ASAM if adaptive else DEFAULT_RHO_SAM
+        return SAM(
+            groups,
+            _BASE_CLASSES[optim_cfg.base],
+            rho=rho,
+            adaptive=adaptive,
+            **_base_kwargs(optim_cfg.base, optim_cfg),
+        )
+    return _BASE_CLASSES[optim_cfg.name](groups, **_base_kwargs(optim_cfg.name, optim_cfg))
