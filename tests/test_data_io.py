@@ -1,0 +1,147 @@
+"""Image IO: geometry in LPS for every format, writers that keep the reference's geometry."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from uumamba.data.io import read_geometry, read_image, write_image, write_mask
+from uumamba.errors import DataError
+
+
+def _oblique_affine() -> np.ndarray:
+    """RAS affine: rotation about z, anisotropic spacing (0.9, 1.3, 6.0) mm, flipped x."""
+    t = 0.4
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-0.9, 1.3, 6.0])
+    affine[:3, 3] = [12.5, -40.0, 7.25]
+    return affine
+
+
+@pytest.fixture()
+def reference(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    img = nib.Nifti1Image(rng.normal(size=(11, 9, 5)).astype(np.float32), None)
+    img.header.set_qform(_oblique_affine(), code=1)
+    sform = _oblique_affine()
+    sform[:3, 3] += [0.5, 0.0, 0.0]  # distinct sform, to see that both are kept
+    img.header.set_sform(sform, code=2)
+    path = tmp_path / "ref.nii.gz"
+    nib.save(img, str(path))
+    return path
+
+
+def test_nifti_geometry_is_lps(reference: Path) -> None:
+    array, geom = read_image(reference)
+    assert array.shape == (11, 9, 5) and array.dtype == np.float32
+    # nibabel's affine is the sform (code 2); LPS negates the first two world axes
+    sform = nib.load(str(reference)).header.get_sform()
+    np.testing.assert_allclose(nib.load(str(reference)).affine, sform)
+    np.testing.assert_allclose(geom.origin, [-sform[0, 3], -sform[1, 3], sform[2, 3]], atol=1e-5)
+    np.testing.assert_allclose(geom.spacing, [0.9, 1.3, 6.0], rtol=1e-6)
+    np.testing.assert_allclose(geom.affine_ras(), sform, atol=1e-5)
+    # the same geometry SimpleITK reports from an NRRD written from it
+    itk = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+    itk.SetSpacing(geom.spacing)
+    itk.SetOrigin(geom.origin)
+    itk.SetDirection(np.asarray(geom.direction).ravel().tolist())
+    sitk.WriteImage(itk, str(reference.with_name("same.nrrd")))
+    array2, geom2 = read_image(reference.with_name("same.nrrd"))
+    np.testing.assert_array_equal(array2, array)
+    assert geom2.mismatch(geom) == []
+
+
+@pytest.mark.parametrize("fmt", [None, "nii", "nrrd", "mha"])
+def test_write_mask_round_trip(reference: Path, tmp_path: Path, fmt: str | None) -> None:
+    rng = np.random.default_rng(1)
+    mask = rng.integers(0, 4, size=(11, 9, 5)).astype(np.int64)
+    out = write_mask(mask, reference, tmp_path / "pred", format=fmt)
+    expected_suffix = {None: ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}[fmt]
+    assert out.name == "pred" + expected_suffix
+    back, geom = read_image(out)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, mask)
+    assert geom.mismatch(read_geometry(reference)) == []
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_write_mask_nifti_keeps_qform_and_sform(reference: Path, tmp_path: Path) -> None:
+    scaled_ref = tmp_path / "scaled_ref.nii.gz"
+    raw = bytearray(gzip.decompress(reference.read_bytes()))
+    raw[112:116] = np.float32(2.0).tobytes()  # scl_slope: the reference's values are scaled
+    scaled_ref.write_bytes(gzip.compress(bytes(raw)))
+    assert nib.load(str(scaled_ref)).dataobj.slope == 2.0
+    out = write_mask(np.ones((11, 9, 5), np.uint8) * 3, scaled_ref, tmp_path / "m.nii.gz")
+    hdr = nib.load(str(out)).header
+    ref_hdr = nib.load(str(scaled_ref)).header
+    q, qcode = hdr.get_qform(coded=True)
+    s, scode = hdr.get_sform(coded=True)
+    np.testing.assert_allclose(q, ref_hdr.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(s, ref_hdr.get_sform(), atol=1e-6)
+    assert (int(qcode), int(scode)) == (1, 2)
+    assert not np.allclose(q, s)  # the two differ in the reference, and still do
+    assert hdr.get_data_dtype() == np.uint8
+    assert np.asanyarray(nib.load(str(out)).dataobj).max() == 3  # no scaling applied
+
+
+def test_cross_format_and_float_maps(reference: Path, tmp_path: Path) -> None:
+    mask = (np.arange(11 * 9 * 5).reshape(11, 9, 5) % 3).astype(np.uint8)
+    nrrd = write_mask(mask, reference, tmp_path / "m.nrrd")
+    nii = write_mask(mask, nrrd, tmp_path / "back.nii.gz")  # NRRD reference -> NIfTI output
+    back, geom = read_image(nii)
+    np.testing.assert_array_equal(back, mask)
+    assert geom.mismatch(read_geometry(reference)) == []
+    probs = np.stack([mask == k for k in range(3)], axis=-1).astype(np.float32) * 0.5
+    for name in ("p.nii.gz", "p.mha"):
+        out = write_image(probs, reference, tmp_path / name)
+        arr, g = read_image(out)
+        assert arr.shape == (11, 9, 5, 3) and arr.dtype == np.float32
+        np.testing.assert_allclose(arr, probs)
+        assert g.mismatch(read_geometry(reference)) == []
+
+
+def test_writer_errors(reference: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not match the voxel grid"):
+        write_mask(np.zeros((11, 9, 4), np.uint8), reference, tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="non-integer"):
+        write_mask(np.full((11, 9, 5), 0.5), reference, tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="do not fit uint8"):
+        write_mask(np.full((11, 9, 5), 300), reference, tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="does not match format 'nrrd'"):
+        write_mask(np.zeros((11, 9, 5), np.uint8), reference, tmp_path / "x.nii.gz", format="nrrd")
+    with pytest.raises(ValueError, match="format='png'"):
+        write_mask(np.zeros((11, 9, 5), np.uint8), reference, tmp_path / "x", format="png")
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_mask_for_4d_reference(tmp_path: Path) -> None:
+    ref = tmp_path / "cine.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4, 3), np.float32), _oblique_affine()), str(ref))
+    out = write_mask(np.ones((6, 5, 4), np.uint8), ref, tmp_path / "frame.nii.gz")
+    back, geom = read_image(out)
+    assert back.shape == (6, 5, 4)
+    assert geom.mismatch(read_geometry(ref)) == []
+
+
+def test_truncated_and_missing_files(reference: Path, tmp_path: Path) -> None:
+    data = reference.read_bytes()
+    truncated = tmp_path / "trunc.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="trunc.nii.gz"):
+        read_image(truncated)
+    not_gzip = tmp_path / "junk.nii.gz"
+    not_gzip.write_bytes(gzip.compress(b"not a nifti header" * 3))
+    with pytest.raises(DataError, match="junk.nii.gz"):
+        read_image(not_gzip)
+    with pytest.raises(DataError, match="nope.mha"):
+        read_image(tmp_path / "nope.mha")
+    bad_mha = tmp_path / "bad.mha"
+    bad_mha.write_text("ObjectType = Image\nNDims = 3\n")
+    with pytest.raises(DataError, match="bad.mha"):
+        read_image(bad_mha)

@@ -1,0 +1,276 @@
+"""Integrity check of a dataset: read every case once and report every problem at once.
+
+``uumamba check-data DIR`` and training both run :func:`check_dataset` before anything else,
+so a truncated ``.nii.gz`` or a mislabelled volume fails in seconds, not hours into training.
+Each file is read completely (full decompression). Problems found:
+
+errors
+    unreadable / truncated files; image-label shape mismatch; spacing, origin or direction
+    mismatch beyond ``dataset.spatial_tolerance`` (relative); channels of a multi-channel case
+    that disagree; label values that are not integers (float labels, or labels scaled by a
+    NIfTI ``scl_slope`` that read back as 0.999) or not declared (``dataset.labels`` or the
+    dataset's own metadata, ``ignore_label`` included); NaN / Inf voxels; 4D images (unless
+    ``dataset.split_4d``); 2D images given to a 3D model; no labels declared at all.
+warnings
+    empty label maps (background only); 4D images that will be split into frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from uumamba.config import Config, DatasetConfig
+from uumamba.data.io import Geometry, is_nifti, read_image
+from uumamba.data.layouts import Case, DatasetIndex, discover
+from uumamba.errors import DataError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of the check.
+
+    Attributes:
+        severity: ``error`` (training would fail or learn garbage) or ``warning``.
+        file: the file (or folder) concerned.
+        message: what is wrong, with the values found.
+    """
+
+    severity: Literal["error", "warning"]
+    file: str
+    message: str
+
+
+@dataclass
+class CheckReport:
+    """All problems of a dataset, in the order found.
+
+    Attributes:
+        problems: every :class:`Problem`.
+        n_cases: labelled cases checked. n_test_images: unlabelled images checked.
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    n_cases: int = 0
+    n_test_images: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        """The problems of severity ``error``."""
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """The problems of severity ``warning``."""
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def fatal(self) -> bool:
+        """True when at least one problem is an error."""
+        return bool(self.errors)
+
+    def summary(self) -> str:
+        """One line: counts of cases, errors and warnings."""
+        return (f"checked {self.n_cases} cases and {self.n_test_images} test images: "
+                f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+
+    def format(self) -> str:
+        """Plain-text report: one ``SEVERITY file: message`` line per problem, then the summary."""
+        lines = [f"{p.severity.upper():7s} {p.file}: {p.message}" for p in self.problems]
+        return "\n".join(lines + [self.summary()])
+
+    def raise_if_fatal(self) -> None:
+        """Raise :class:`DataError` with the formatted report when there is an error."""
+        if self.fatal:
+            raise DataError("dataset integrity check failed:\n" + self.format())
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def error(self, file: Path | str, message: str) -> None:
+        self.problems.append(Problem("error", str(file), message))
+
+    def warning(self, file: Path | str, message: str) -> None:
+        self.problems.append(Problem("warning", str(file), message))
+
+
+def _scl_note(path: Path) -> str:
+    """Mention a NIfTI intensity scaling that explains non-integer label values."""
+    if not is_nifti(path):
+        return ""
+    try:  # nibabel moves scl_slope / scl_inter from the header into the data proxy
+        proxy = nib.load(str(path)).dataobj
+        slope, inter = float(proxy.slope), float(proxy.inter)
+    except Exception:  # the header was readable a moment ago; keep the main message
+        return ""
+    if slope != 1 or inter != 0:
+        return f" (the header scales values: scl_slope={slope:g}, scl_inter={inter:g})"
+    return ""
+
+
+def _label_values(label: np.ndarray) -> np.ndarray:
+    """Distinct values of a label map (fast path for non-negative integer arrays)."""
+    if np.issubdtype(label.dtype, np.integer) and label.size and label.min() >= 0:
+        return np.flatnonzero(np.bincount(label.ravel()))
+    return np.unique(label)
+
+
+def _check_geometry(out: _Collector, path: Path, geom: Geometry, ref: Geometry,
+                    ref_name: str, tol: float) -> None:
+    for name in geom.mismatch(ref, rtol=tol, atol=tol):
+        if name == "shape":
+            out.error(path, f"shape {geom.spatial_shape} differs from {ref_name} "
+                            f"{ref.spatial_shape}")
+        else:
+            mine = np.round(np.asarray(getattr(geom, name)), 5).tolist()
+            theirs = np.round(np.asarray(getattr(ref, name)), 5).tolist()
+            out.error(path, f"{name} {mine} differs from {ref_name} {theirs} "
+                            f"(tolerance {tol:g})")
+
+
+def _check_image(out: _Collector, path: Path, array: np.ndarray, dataset_cfg: DatasetConfig, spatial_dims: int) -> bool:
+    """Dimension and finiteness checks of one image; False when it cannot be used further."""
+    usable = True
+    if array.ndim == 4:
+        if dataset_cfg.split_4d:
+            out.warning(path, f"4D image {array.shape}: will be split into "
+                              f"{array.shape[3]} 3D frames")
+        else:
+            out.error(path, f"4D image {array.shape}; give 3D volumes or set "
+                            "dataset.split_4d: true to split the frames")
+            usable = False
+    elif array.ndim not in (2, 3):
+        out.error(path, f"unsupported image shape {array.shape} (expected 3D)")
+        usable = False
+    if spatial_dims == 3 and (array.ndim == 2 or (array.ndim >= 3 and 1 in array.shape[:3])):
+        out.error(path, f"2D image {array.shape} given to a 3D model (model.spatial_dims: 3); "
+                        "use a 2D model or 3D volumes")
+    if np.issubdtype(array.dtype, np.floating):
+        n_bad = int(np.count_nonzero(~np.isfinite(array)))
+        if n_bad:
+            out.error(path, f"{n_bad} NaN / Inf voxel(s)")
+    return usable
+
+
+def _check_label(out: _Collector, path: Path, label: np.ndarray, declared: set[int] | None) -> None:
+    if np.issubdtype(label.dtype, np.floating):
+        finite = np.isfinite(label)
+        if not finite.all():
+            out.error(path, f"{int((~finite).sum())} NaN / Inf voxel(s) in the label map")
+            label = label[finite]
+        fractional = label != np.round(label)
+        if fractional.any():
+            examples = np.unique(label[fractional])[:3]
+            out.error(path, "label values are not integers, e.g. "
+                            f"{', '.join(f'{v:.6g}' for v in examples)}{_scl_note(path)}")
+            return
+    values = [int(v) for v in _label_values(label)]
+    if declared is not None:
+        unknown = sorted(set(values) - declared)
+        if unknown:
+            out.error(path, f"label values {unknown} are not declared (declared: "
+                            f"{sorted(declared)})")
+    if values and max(values) == 0:
+        out.warning(path, "label map is empty (background only)")
+
+
+def _check_case(out: _Collector, case: Case, dataset_cfg: DatasetConfig, spatial_dims: int,
+                declared: set[int] | None) -> None:
+    ref_geom: Geometry | None = None
+    for c, image_path in enumerate(case.images):
+        try:
+            array, geom = read_image(image_path)
+        except DataError as exc:
+            out.error(image_path, str(exc).removeprefix(f"{image_path}: "))
+            continue
+        if not _check_image(out, image_path, array, dataset_cfg, spatial_dims):
+            continue
+        if ref_geom is None:
+            ref_geom = geom
+        elif c > 0:
+            _check_geometry(out, image_path, geom, ref_geom, f"channel 0 ({case.images[0].name})",
+                            dataset_cfg.spatial_tolerance)
+        del array
+    if case.label is None:
+        return
+    try:
+        label, label_geom = read_image(case.label)
+    except DataError as exc:
+        out.error(case.label, str(exc).removeprefix(f"{case.label}: "))
+        return
+    _check_label(out, case.label, label, declared)
+    if ref_geom is not None:
+        _check_geometry(out, case.label, label_geom, ref_geom,
+                        f"image {case.images[0].name}", dataset_cfg.spatial_tolerance)
+
+
+def check_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, spatial_dims: int) -> CheckReport:
+    """Read every case of ``index`` completely and collect all problems.
+
+    Args:
+        index: cases from :func:`uumamba.data.layouts.discover`.
+        dataset_cfg: ``dataset`` config section (labels, tolerance, split_4d, ignore_label).
+        spatial_dims: ``model.spatial_dims`` (2D images are an error for 3D models).
+
+    Returns:
+        A :class:`CheckReport`; it never raises for bad data.
+    """
+    out = _Collector()
+    labels = dataset_cfg.labels or index.labels
+    declared: set[int] | None = None
+    if labels:
+        declared = set(labels) | ({dataset_cfg.ignore_label} if dataset_cfg.ignore_label is not None else set())
+    else:
+        out.error(index.root, "no label names declared: set dataset.labels in the config "
+                              "(the dataset has no dataset.json labels)")
+    for case in index.cases:
+        _check_case(out, case, dataset_cfg, spatial_dims, declared)
+    for case in index.test_images:
+        _check_case(out, case, dataset_cfg, spatial_dims, declared)
+    return CheckReport(out.problems, len(index.cases), len(index.test_images))
+
+
+def print_report(report: CheckReport, console: Console | None = None) -> None:
+    """Print a report as a rich table followed by the summary line."""
+    console = console or Console()
+    if report.problems:
+        table = Table(show_lines=False)
+        table.add_column("severity")
+        table.add_column("file", overflow="fold")
+        table.add_column("problem", overflow="fold")
+        for p in report.problems:
+            style = "bold red" if p.severity == "error" else "yellow"
+            table.add_row(f"[{style}]{p.severity}[/{style}]", p.file, p.message)
+        console.print(table)
+    style = "bold red" if report.fatal else "green"
+    console.print(f"[{style}]{report.summary()}[/{style}]")
+
+
+def run_check_data(data_dir: str | Path, cfg: Config) -> int:
+    """``uumamba check-data``: discover, check, print; return the exit status.
+
+    Discovery problems (no recognised layout, missing files) are printed as an error too; no
+    exception escapes for bad data.
+
+    Returns:
+        1 when any problem is an error, else 0.
+    """
+    console = Console()
+    try:
+        index = discover(data_dir, cfg.dataset.layout)
+    except DataError as exc:
+        print_report(CheckReport([Problem("error", str(data_dir), str(exc))]), console)
+        return 1
+    console.print(f"{data_dir}: layout '{index.layout}', {len(index.cases)} labelled cases, "
+                  f"{len(index.test_images)} test images")
+    report = check_dataset(index, cfg.dataset, cfg.model.spatial_dims)
+    print_report(report, console)
+    return 1 if report.fatal else 0

@@ -1,0 +1,317 @@
+"""Reading and writing volumes with their geometry (NIfTI, NRRD, MetaImage).
+
+Axis convention: arrays are indexed ``(x, y, z)`` — the order of nibabel's ``get_fdata()``
+and of the NIfTI / ITK index (i, j, k); this is ``SimpleITK.GetArrayFromImage`` transposed.
+4D images read as ``(x, y, z, t)``, multi-component (vector) images as ``(x, y, z, c)``.
+
+Geometry is reported in LPS world coordinates (the ITK / DICOM convention), whatever the
+format: for NIfTI the RAS affine nibabel reports (sform when its code is set, else qform) is
+converted by negating the first two world axes. NIfTI is read with nibabel (the reader MONAI's
+``NibabelReader`` uses, so geometry and transforms agree); NRRD and MetaImage with SimpleITK.
+
+Writers take an array in a reference image's voxel grid and give it the reference's geometry:
+NIfTI by copying the reference's header (qform and sform, codes included), NRRD / MHA by
+setting the reference's origin, spacing and direction (what ``CopyInformation`` copies). Files
+are written under a temporary name (:func:`uumamba.utils.atomic_path`), read back and compared
+to the reference's geometry before they replace ``out_path``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from uumamba.data.layouts import split_suffix
+from uumamba.errors import DataError
+from uumamba.utils import atomic_path
+
+#: Output formats accepted by the writers, with their file endings.
+FORMATS: dict[str, str] = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}
+_FORMAT_OF_SUFFIX = {".nii.gz": "nii.gz", ".nii": "nii", ".nrrd": "nrrd", ".nhdr": "nrrd",
+                     ".mha": "mha", ".mhd": "mha"}
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of an image in LPS world coordinates (ITK convention).
+
+    Attributes:
+        shape: array shape in ``(x, y, z[, t or c])`` order (2D images: ``(x, y)``).
+        spacing: voxel size in mm along x, y, z (3 values; 1.0 for a missing third axis).
+        origin: world position (mm, LPS) of the centre of voxel (0, 0, 0).
+        direction: 3x3 matrix whose columns are the LPS directions of the x, y, z axes.
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, float, float], ...]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The first (up to three) axes of ``shape``: the spatial grid."""
+        return self.shape[:3]
+
+    def affine_lps(self) -> np.ndarray:
+        """4x4 voxel-index -> LPS-mm matrix (float64)."""
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(self.direction) * np.asarray(self.spacing)[None, :]
+        affine[:3, 3] = self.origin
+        return affine
+
+    def affine_ras(self) -> np.ndarray:
+        """4x4 voxel-index -> RAS-mm matrix (float64), as nibabel / MONAI use it."""
+        return _LPS_FROM_RAS @ self.affine_lps()
+
+    @classmethod
+    def from_affine_ras(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
+        """Geometry from a 4x4 RAS affine (nibabel convention) and an array shape."""
+        lps = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        spacing = np.where(spacing > 0, spacing, 1.0)
+        direction = lps[:3, :3] / spacing[None, :]
+        return cls(tuple(int(s) for s in shape), _tuple(spacing), _tuple(lps[:3, 3]),
+                   tuple(_tuple(row) for row in direction))
+
+    def mismatch(self, other: Geometry, rtol: float = 1e-5, atol: float = 1e-5) -> list[str]:
+        """Names of the fields (``shape``, ``spacing``, ``origin``, ``direction``) that differ.
+
+        Spacing and origin compare with ``np.allclose(rtol, atol)`` (mm); direction with
+        ``atol`` only (unitless); shape compares the spatial axes exactly.
+        """
+        out = []
+        if self.spatial_shape != other.spatial_shape:
+            out.append("shape")
+        if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=atol):
+            out.append("spacing")
+        origin_tol = atol + rtol * max(1.0, float(np.max(np.abs(self.origin))))
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=origin_tol):
+            out.append("origin")
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=max(atol, rtol)):
+            out.append("direction")
+        return out
+
+
+def _tuple(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True for ``.nii`` / ``.nii.gz`` file names."""
+    return split_suffix(Path(path))[1] in (".nii", ".nii.gz")
+
+
+def format_of(path: str | Path) -> str:
+    """Output format name (key of :data:`FORMATS`) matching a file's ending.
+
+    Raises:
+        ValueError: the ending is not a supported image ending.
+    """
+    suffix = split_suffix(Path(path))[1]
+    if suffix not in _FORMAT_OF_SUFFIX:
+        raise ValueError(f"{path}: unsupported image file ending (expected one of "
+                         f"{', '.join(_FORMAT_OF_SUFFIX)})")
+    return _FORMAT_OF_SUFFIX[suffix]
+
+
+def _sitk_geometry(spacing, origin, direction, shape) -> Geometry:
+    """Geometry from SimpleITK header values of any dimension (first 3 axes kept)."""
+    dim = len(spacing)
+    d3 = np.eye(3)
+    full = np.asarray(direction, dtype=np.float64).reshape(dim, dim)
+    k = min(dim, 3)
+    d3[:k, :k] = full[:k, :k]
+    sp = np.ones(3)
+    sp[:k] = spacing[:k]
+    org = np.zeros(3)
+    org[:k] = origin[:k]
+    return Geometry(tuple(int(s) for s in shape), _tuple(sp), _tuple(org),
+                    tuple(_tuple(row) for row in d3))
+
+
+def _sitk_xyz_shape(size: tuple[int, ...], components: int) -> tuple[int, ...]:
+    return tuple(size) + ((components,) if components > 1 else ())
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """Read only the header of an image and return its :class:`Geometry`.
+
+    Raises:
+        DataError: the file is missing or its header cannot be read (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        if is_nifti(path):
+            img = nib.load(str(path))
+            return Geometry.from_affine_ras(img.affine, img.shape)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        shape = _sitk_xyz_shape(reader.GetSize(), reader.GetNumberOfComponents())
+        return _sitk_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), shape)
+    except Exception as exc:  # nibabel / ITK raise many types for a broken header
+        raise DataError(f"{path}: cannot read image header: {exc}") from None
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a whole image (fully decompressed) and its geometry.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` file.
+
+    Returns:
+        ``(array, geometry)``: array indexed ``(x, y, z[, t|c])``; dtype as stored on disk,
+        or floating point when a NIfTI ``scl_slope`` / ``scl_inter`` applies (so a scaled
+        label map can read back as 0.999 — the integrity check reports that).
+
+    Raises:
+        DataError: the file is missing, unreadable, or truncated (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        if is_nifti(path):
+            img = nib.load(str(path), mmap=False)
+            array = np.asanyarray(img.dataobj)  # reads and decompresses everything
+            return np.asarray(array), Geometry.from_affine_ras(img.affine, array.shape)
+        img = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(img)
+        components = img.GetNumberOfComponentsPerPixel()
+        spatial = img.GetDimension()
+        order = tuple(reversed(range(spatial))) + ((spatial,) if components > 1 else ())
+        array = array.transpose(order)
+        return array, _sitk_geometry(img.GetSpacing(), img.GetOrigin(), img.GetDirection(),
+                                     array.shape)
+    except Exception as exc:  # EOFError / zlib.error / RuntimeError for truncated files
+        raise DataError(f"{path}: cannot read image (corrupt or truncated?): "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
+def _resolve_output(reference_path: Path, out_path: Path, format: str | None) -> tuple[Path, str]:
+    """Pick the output format and make ``out_path`` end with its suffix."""
+    if format is None:
+        has_suffix = split_suffix(out_path)[1] in _FORMAT_OF_SUFFIX
+        fmt = format_of(out_path if has_suffix else reference_path)
+    elif format.lstrip(".") in FORMATS:
+        fmt = format.lstrip(".")
+    else:
+        raise ValueError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
+    stem, suffix = split_suffix(out_path)
+    if not suffix:
+        return out_path.with_name(out_path.name + FORMATS[fmt]), fmt
+    if _FORMAT_OF_SUFFIX.get(suffix) != fmt or suffix in (".nhdr", ".mhd"):
+        raise ValueError(f"out_path={out_path}: ending '{suffix}' does not match format '{fmt}'")
+    return out_path, fmt
+
+
+def _write(array: np.ndarray, dtype: np.dtype, reference_path: str | Path,
+           out_path: str | Path, format: str | None) -> Path:
+    """Shared writer of :func:`write_mask` and :func:`write_image`."""
+    reference_path, out_path = Path(reference_path), Path(out_path)
+    ref_geom = read_geometry(reference_path)
+    if array.shape[:3] != ref_geom.spatial_shape or array.ndim not in (3, 4):
+        raise ValueError(f"array shape {array.shape} does not match the voxel grid "
+                         f"{ref_geom.spatial_shape} of {reference_path} (expected (x, y, z) "
+                         "or (x, y, z, c))")
+    out_path, fmt = _resolve_output(reference_path, out_path, format)
+    data = np.ascontiguousarray(array.astype(dtype, copy=False))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        if fmt in ("nii", "nii.gz"):
+            _write_nifti(data, reference_path, ref_geom, tmp)
+        else:
+            _write_sitk(data, ref_geom, tmp)
+        written = read_geometry(tmp)
+        bad = ref_geom.mismatch(written)
+        if bad:
+            raise RuntimeError(f"{out_path}: written {', '.join(bad)} differ from the reference "
+                               f"{reference_path} ({written} vs {ref_geom})")
+    return out_path
+
+
+def _write_nifti(data: np.ndarray, reference_path: Path, ref_geom: Geometry, tmp: Path) -> None:
+    if is_nifti(reference_path):
+        header = nib.load(str(reference_path)).header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(None, None)  # no scaling: values are written as they are
+        header["cal_min"], header["cal_max"] = 0, 0
+        header.set_intent("none")
+        img = nib.Nifti1Image(data, None, header=header)  # affine None keeps qform and sform
+    else:
+        affine = ref_geom.affine_ras()
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_qform(affine, code=1)
+        img.header.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(tmp))
+
+
+def _write_sitk(data: np.ndarray, ref_geom: Geometry, tmp: Path) -> None:
+    if data.ndim == 4:
+        img = sitk.GetImageFromArray(data.transpose(2, 1, 0, 3), isVector=True)
+    else:
+        img = sitk.GetImageFromArray(data.transpose(2, 1, 0))
+    img.SetSpacing(ref_geom.spacing)
+    img.SetOrigin(ref_geom.origin)
+    img.SetDirection(tuple(np.asarray(ref_geom.direction).ravel().tolist()))
+    sitk.WriteImage(img, str(tmp), useCompression=True)
+
+
+def write_mask(mask: np.ndarray, reference_path: str | Path, out_path: str | Path,
+               format: str | None = None) -> Path:
+    """Write a label map in a reference image's voxel grid with the reference's geometry.
+
+    Args:
+        mask: ``(x, y, z)`` integer (or bool) array, values 0..255, in the reference's grid.
+        reference_path: image whose geometry the mask takes (3D, or 4D: its first 3 axes).
+        out_path: output file; the format's ending is appended when it has none.
+        format: ``nii.gz`` | ``nii`` | ``nrrd`` | ``mha``; default: ``out_path``'s ending
+            when it has an image ending, else the reference's format.
+
+    Returns:
+        The path written. NIfTI output copies the reference's header (qform and sform with
+        their codes; datatype uint8; scl_slope / scl_inter reset); NRRD / MHA get the
+        reference's origin, spacing and direction. Written atomically.
+
+    Raises:
+        ValueError: wrong shape, non-integer or out-of-range values, unknown format, or an
+            ending that contradicts ``format``.
+        DataError: the reference cannot be read.
+        RuntimeError: the file read back has a different geometry from the reference.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be (x, y, z); got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+            if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
+                raise ValueError(f"mask has non-integer values (dtype {mask.dtype})")
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError(f"mask values {mask.min()}..{mask.max()} do not fit uint8")
+    return _write(mask, np.dtype(np.uint8), reference_path, out_path, format)
+
+
+def write_image(array: np.ndarray, reference_path: str | Path, out_path: str | Path,
+                dtype: np.dtype | type = np.float32, format: str | None = None) -> Path:
+    """Write a float map (probabilities, entropy) in a reference image's voxel grid.
+
+    Args:
+        array: ``(x, y, z)`` or ``(x, y, z, c)`` (channel last: NIfTI 4D / ITK vector image).
+        reference_path, out_path, format: as :func:`write_mask`.
+        dtype: on-disk dtype (default float32).
+
+    Returns:
+        The path written (atomically; geometry verified as in :func:`write_mask`).
+
+    Raises:
+        ValueError, DataError, RuntimeError: as :func:`write_mask`.
+    """
+    return _write(np.asarray(array), np.dtype(dtype), reference_path, out_path, format)
