@@ -190,6 +190,16 @@ class TrainConfig(_Section):
     deterministic: bool = True
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, v: Any) -> Any:
+        # YAML reads an unquoted `off` / `on` as a boolean.
+        if v is False:
+            return "off"
+        if v is True:
+            return "auto"
+        return v
+
 
 class InferenceConfig(_Section):
     """Sliding-window inference settings (see :mod:`uumamba.inference`).

@@ -1,0 +1,210 @@
+"""Load test of the REST service: a real ``uumamba serve`` on loopback, concurrent clients.
+
+Starts the server as a subprocess on 127.0.0.1 (a free port), waits for ``/readyz``, then sends
+``--requests`` segmentations from ``--clients`` concurrent httpx clients, alternating the
+synchronous ``POST /v1/segment`` and the job flow (``POST /v1/jobs`` -> poll -> result). Prints
+p50 / p95 latency (end to end; for jobs, submission to downloaded result), throughput, peak and
+post-warm-up server RSS (psutil when installed, else ``/proc/PID/status``), counts by status
+code, 5xx and lost jobs (accepted with 202 but never finished with a downloadable result).
+
+Usage::
+
+    python benchmarks/bench_service.py                      # tiny model trained on the fly
+    python benchmarks/bench_service.py --model runs/acdc --input case.nii.gz --device cuda
+
+Targets: no 5xx, no lost job, memory flat after the first requests (the RSS growth between
+the end of warm-up and the end is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (psutil if installed, else /proc)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except ImportError:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every ``interval_s`` seconds; ``peak`` and ``last`` in MiB."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval_s = pid, interval_s
+        self.peak = self.last = 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.last = rss_mb(self.pid)
+            except (OSError, ValueError):
+                return
+            self.peak = max(self.peak, self.last)
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def one_request(base: str, payload: bytes, name: str, use_job: bool, timeout: float) -> tuple[str, float, bool]:
+    """Run one segmentation; returns (outcome status code as text, seconds, job_lost)."""
+    start = time.perf_counter()
+    files = {"file": (name, payload, "application/octet-stream")}
+    with httpx.Client(base_url=base, timeout=timeout) as c:
+        if not use_job:
+            r = c.post("/v1/segment", files=files)
+            return str(r.status_code), time.perf_counter() - start, False
+        r = c.post("/v1/jobs", files=files)
+        if r.status_code != 202:
+            return str(r.status_code), time.perf_counter() - start, False
+        job = r.json()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s = c.get(job["status_url"])
+            if s.status_code != 200:
+                return f"job-status-{s.status_code}", time.perf_counter() - start, True
+            if s.json()["status"] in ("done", "failed"):
+                break
+            time.sleep(0.05)
+        else:
+            return "job-timeout", time.perf_counter() - start, True
+        res = c.get(job["result_url"])
+        c.delete(job["status_url"])
+        lost = res.status_code != 200 or not res.content
+        return f"job-{res.status_code}", time.perf_counter() - start, lost
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="model folder (default: train a tiny one)")
+    parser.add_argument("--input", type=Path, help="volume to upload (default: a synthetic case)")
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=1, help="UUMAMBA_WORKERS_PER_DEVICE")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (model, server log)")
+    args = parser.parse_args(argv)
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    model_dir = args.model
+    if model_dir is None:
+        from uumamba_service.testing import build_tiny_model
+
+        print("training a tiny model ...", flush=True)
+        model_dir = build_tiny_model(scratch)
+    upload = args.input
+    if upload is None:
+        upload = next(iter(sorted((model_dir.parent / "data" / "images").glob("*.nii.gz"))), None)
+        if upload is None:
+            from uumamba.data.synthetic import write_synthetic_dataset
+
+            upload = sorted((write_synthetic_dataset(scratch / "data", n_cases=1) / "images").glob("*"))[0]
+    payload = upload.read_bytes()
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "UUMAMBA_MAX_QUEUE": str(max(args.clients * 2, 8)),
+           "UUMAMBA_WORKERS_PER_DEVICE": str(args.workers), "UUMAMBA_REQUEST_TIMEOUT_S": str(args.timeout)}
+    log_path = scratch / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uumamba.cli", "serve", "--model", str(model_dir),
+                                 "--host", "127.0.0.1", "--port", str(port), "--device", args.device],
+                                env=env, stdout=log, stderr=log)
+    sampler = RssSampler(proc.pid)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                print(log_path.read_text()[-3000:])
+                raise SystemExit(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() - t0 > 300:
+                raise SystemExit("server not ready after 300 s")
+            time.sleep(0.2)
+        print(f"server ready in {time.monotonic() - t0:.1f} s (pid {proc.pid}, {base}); "
+              f"upload {upload.name} {len(payload) / 1024:.0f} KiB; "
+              f"{args.requests} requests, {args.clients} clients", flush=True)
+        sampler.start()
+        rss_idle = rss_mb(proc.pid)
+        results: list[tuple[str, float, bool]] = []
+        rss_after_warmup = None
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(args.clients) as ex:
+            futures = [ex.submit(one_request, base, payload, upload.name, i % 2 == 1, args.timeout)
+                       for i in range(args.requests)]
+            for fut in cf.as_completed(futures):
+                results.append(fut.result())
+                if len(results) == args.clients:
+                    rss_after_warmup = rss_mb(proc.pid)
+        wall = time.perf_counter() - start
+        rss_end = rss_mb(proc.pid)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    finally:
+        sampler.stop()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if args.keep:
+            print(f"scratch folder kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    latencies = sorted(r[1] for r in results)
+    codes = collections.Counter(r[0] for r in results)
+    lost = sum(r[2] for r in results)
+    n_5xx = sum(n for code, n in codes.items() if code.removeprefix("job-").startswith("5"))
+    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
+    print(f"latency p50 {statistics.median(latencies):.3f} s, p95 {p95:.3f} s, "
+          f"min {latencies[0]:.3f} s, max {latencies[-1]:.3f} s")
+    print(f"throughput {len(results) / wall:.2f} requests/s ({len(results)} in {wall:.1f} s)")
+    print(f"server RSS: idle {rss_idle:.0f} MiB, after first {args.clients} requests "
+          f"{rss_after_warmup or float('nan'):.0f} MiB, end {rss_end:.0f} MiB, peak {sampler.peak:.0f} MiB "
+          f"(growth after warm-up {rss_end - (rss_after_warmup or rss_end):+.0f} MiB)")
+    print("status codes: " + ", ".join(f"{code}: {n}" for code, n in sorted(codes.items())))
+    print(f"5xx: {n_5xx}, lost jobs: {lost}, server exit code: {proc.returncode}")
+    queue_lines = [line for line in metrics.splitlines() if line.startswith("uumamba_queue_depth")]
+    print("server metrics at end: " + "; ".join(queue_lines))
+    return 1 if n_5xx or lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

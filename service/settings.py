@@ -1,0 +1,79 @@
+"""Service configuration: one typed settings object read from arguments or ``UUMAMBA_*`` variables.
+
+Every field can be given to :class:`ServiceSettings` directly or through the environment with
+the ``UUMAMBA_`` prefix (``UUMAMBA_MAX_UPLOAD_MB=256``, ``UUMAMBA_API_KEY=...``,
+``UUMAMBA_CORS_ORIGINS=https://viewer.example.org,https://pacs.example.org``). Arguments win
+over the environment, as in pydantic-settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of the REST inference service.
+
+    Attributes:
+        model_dir: trained model folder (``config.yaml``, ``plans.json``, ``fold_K/``), as
+            written by ``uumamba train``.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` for the predictor.
+        folds: folds to ensemble (``None``: every fold present in the model folder).
+        api_key: when set, every endpoint except ``/healthz`` and ``/readyz`` requires the
+            header ``X-API-Key`` with this value (compared in constant time).
+        max_upload_mb: largest accepted upload in MiB (the multipart body, so the file plus a
+            few hundred bytes of form headers); larger uploads get 413 before being buffered.
+        max_queue: requests allowed to wait for a worker (synchronous requests and jobs
+            together); one more is answered 429 with ``Retry-After``.
+        workers_per_device: inferences run at the same time (threads sharing one model).
+        request_timeout_s: seconds a synchronous ``/v1/segment`` request may wait and run
+            before the answer is 504 (jobs have no timeout; poll them).
+        job_ttl_s: seconds a finished job (and its result file) is kept before it expires.
+        cors_origins: origins allowed by CORS; empty (the default) disables CORS entirely.
+        tmp_dir: parent folder for uploads and results (``None``: the system temp folder).
+        retry_after_s: value of the ``Retry-After`` header on 429 / 503 answers (seconds).
+        warmup: before reporting ready, segment one synthetic volume of the patch size, so
+            that one-time costs (numba compilation of the CPU scan, cuDNN autotuning) are not
+            paid by the first request.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="UUMAMBA_", extra="ignore")
+
+    model_dir: Path
+    device: str = "auto"
+    folds: Annotated[list[str] | None, NoDecode] = None
+    api_key: SecretStr | None = None
+    max_upload_mb: float = Field(default=512.0, gt=0)
+    max_queue: int = Field(default=8, ge=0)
+    workers_per_device: int = Field(default=1, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    job_ttl_s: float = Field(default=3600.0, gt=0)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    tmp_dir: Path | None = None
+    retry_after_s: int = Field(default=5, ge=1)
+    warmup: bool = True
+
+    @field_validator("cors_origins", "folds", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        """Accept ``"a,b"`` (environment style) as well as a list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        """An empty ``UUMAMBA_API_KEY`` means no key, not a key that is the empty string."""
+        if isinstance(value, str) and not value:
+            return None
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes (MiB, 1024 * 1024)."""
+        return int(self.max_upload_mb * 1024 * 1024)
