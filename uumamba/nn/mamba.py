@@ -1,0 +1,189 @@
+"""The Mamba (S6) sequence block, parameter-compatible with ``mamba_ssm.Mamba``.
+
+Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (2023), Sec. 3
+and Algorithm 2. The block owns the parameters; the recurrence itself is
+:func:`uumamba.nn.ops.selective_scan.selective_scan`, so the same weights run on the CUDA
+kernels of mamba-ssm, the fused CPU kernel or the portable PyTorch scan.
+
+Parameter names, shapes and initialisation mirror ``mamba_ssm.modules.mamba_simple.Mamba``
+(in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so a ``state_dict`` trained with
+mamba-ssm on a GPU loads here with ``strict=True`` and back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uumamba.nn.ops.selective_scan import resolve_scan_backend, selective_scan
+
+
+def _causal_conv1d_cuda():
+    """Return ``causal_conv1d.causal_conv1d_fn`` or None when the package is not importable."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # ImportError, or a CUDA/ABI error raised while loading the extension
+        return None
+    return causal_conv1d_fn
+
+
+class Mamba(nn.Module):
+    """Mamba block: gated selective state-space layer over a token sequence.
+
+    Input ``(B, L, d_model)`` float tensor, output ``(B, L, d_model)`` in the input's dtype.
+    With ``d_inner = expand * d_model`` the forward pass is (mamba-ssm's reference path):
+
+    1. ``in_proj``: ``(B, L, d_model) -> (B, 2*d_inner, L)``, split into ``x`` and the gate
+       ``z``;
+    2. causal depthwise convolution of ``x`` (width ``d_conv``), then SiLU
+       (``causal_conv1d_fn`` when the scan backend is ``cuda`` and causal-conv1d imports,
+       else ``F.conv1d`` with ``d_conv - 1`` padding, cropped to the first ``L`` outputs);
+    3. ``x_proj``: per position ``dt`` (rank ``dt_rank``), ``B`` and ``C`` (``d_state`` each);
+    4. ``dt_proj`` weight only: ``delta_raw = W_dt dt``; its bias enters the scan as
+       ``delta_bias`` with ``delta_softplus=True``;
+    5. selective scan with ``A = -exp(A_log)``, skip ``D`` and gate ``silu(z)``;
+    6. ``out_proj``: ``(B, L, d_inner) -> (B, L, d_model)``.
+
+    Parameters (names and shapes exactly as ``mamba_ssm.Mamba``):
+        ``in_proj.weight`` (2*d_inner, d_model); ``conv1d.weight`` (d_inner, 1, d_conv),
+        ``conv1d.bias`` (d_inner,); ``x_proj.weight`` (dt_rank + 2*d_state, d_inner);
+        ``dt_proj.weight`` (d_inner, dt_rank), ``dt_proj.bias`` (d_inner,);
+        ``A_log`` (d_inner, d_state); ``D`` (d_inner,); ``out_proj.weight`` (d_model, d_inner).
+
+    Initialisation (as mamba-ssm): ``A_log[d, n] = log(n + 1)`` (S4D-real), ``D = 1``,
+    ``dt_proj.bias = softplus^-1(dt)`` with ``dt`` log-uniform in ``[dt_min, dt_max]`` and
+    floored at ``dt_init_floor``; ``dt_proj.weight`` uniform in ``±dt_rank^-0.5 * dt_scale``
+    (or constant for ``dt_init="constant"``); the other layers keep PyTorch's defaults.
+    ``A_log`` and ``D`` carry ``_no_weight_decay = True`` as in mamba-ssm.
+
+    Args:
+        d_model: token (channel) dimension.
+        d_state: SSM state size N per channel (default 16).
+        d_conv: width of the causal depthwise convolution (default 4).
+        expand: ``d_inner = expand * d_model`` (default 2).
+        dt_rank: rank of the ``dt`` projection; ``"auto"`` = ``ceil(d_model / 16)``.
+        dt_min, dt_max: range of the initial step size ``dt`` (default 0.001, 0.1).
+        dt_init: ``"random"`` or ``"constant"`` initialisation of ``dt_proj.weight``.
+        dt_scale: scale of the ``dt_proj.weight`` initialisation (default 1.0).
+        dt_init_floor: lower bound of the initial ``dt`` (default 1e-4).
+        conv_bias: bias in ``conv1d`` (default True).
+        bias: bias in ``in_proj`` and ``out_proj`` (default False).
+        scan_backend: ``"auto" | "cuda" | "cpu" | "torch"``, resolved per call by
+            :func:`uumamba.nn.ops.selective_scan.resolve_scan_backend` from the input's device
+            (env ``UUMAMBA_SCAN_BACKEND`` overrides ``auto``).
+
+    Raises:
+        ValueError: a size argument is not a positive integer, ``dt_min``/``dt_max`` are not
+            ``0 < dt_min <= dt_max``, or ``dt_init`` is unknown (messages name the argument).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
+                            ("expand", expand)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Mamba: {name} must be a positive integer, got {value!r}")
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        if not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank < 1:
+            raise ValueError(f"Mamba: dt_rank must be 'auto' or a positive integer, got {dt_rank!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv,
+                                groups=self.d_inner, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self._init_ssm(dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+
+    @torch.no_grad()
+    def _init_ssm(self, dt_min: float, dt_max: float, dt_init: str, dt_scale: float,
+                  dt_init_floor: float) -> None:
+        """mamba-ssm's initialisation of ``dt_proj``, ``A_log`` and ``D`` (see class doc)."""
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
+        # Inverse of softplus: softplus(dt + log(1 - exp(-dt))) == dt.
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+        states = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(states).expand(self.d_inner, -1))
+        self.A_log._no_weight_decay = True
+        self.D.fill_(1.0)
+        self.D._no_weight_decay = True
+
+    def _conv_silu(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """Causal depthwise conv + SiLU of ``x`` (B, d_inner, L) -> (B, d_inner, L)."""
+        if backend == "cuda":
+            causal_conv1d_fn = _causal_conv1d_cuda()
+            if causal_conv1d_fn is not None:
+                weight = self.conv1d.weight.squeeze(1)
+                return causal_conv1d_fn(x, weight, self.conv1d.bias, activation="silu")
+        length = x.shape[-1]
+        return F.silu(self.conv1d(x)[..., :length])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, L, d_model)`` -> ``(B, L, d_model)``.
+
+        Raises:
+            ValueError: the input is not 3-D or its last dimension is not ``d_model``.
+        """
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(
+                f"Mamba: expected input of shape (batch, length, {self.d_model}), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        backend = resolve_scan_backend(self.scan_backend, hidden_states.device)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        x = self._conv_silu(x.contiguous(), backend)  # (B, d_inner, L)
+
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2*d_state)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()  # (B, d_inner, L)
+        b = b.transpose(1, 2).contiguous()  # (B, d_state, L)
+        c = c.transpose(1, 2).contiguous()
+
+        y = selective_scan(
+            x, delta, -torch.exp(self.A_log.float()), b, c,
+            D=self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, backend=backend,
+        )
+        return self.out_proj(y.transpose(1, 2))
