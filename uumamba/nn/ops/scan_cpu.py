@@ -1,0 +1,332 @@
+"""Fused multi-threaded CPU selective scan (numba), forward and backward.
+
+Same recurrence and shapes as :func:`uumamba.nn.ops.selective_scan.selective_scan`. The design
+follows mamba-ssm's CUDA kernel (``selective_scan_fwd_kernel`` / ``selective_scan_bwd_kernel``)
+translated to CPU threads:
+
+* forward: one task per (batch, channel). The state h (d_state values) lives in a local
+  array; delta + bias, softplus, the D skip and the silu(z) gate are applied inside the loop.
+  Only the state entering every chunk of ``CHUNK`` positions is stored, (batch, d_inner,
+  n_chunks, d_state), never (batch, d_inner, L, d_state).
+* backward: one task per (batch, group of channels). For each channel the chunks are visited
+  last to first; inside a chunk the states are recomputed from the saved boundary state into a
+  (CHUNK + 1, d_state) buffer, then the reverse scan runs
+  ``g_t = dL/dh_t = C_t * dy_t + exp(delta_{t+1} A) * g_{t+1}`` and produces the gradients of
+  u, delta, A, B, C, D, z and delta_bias. B and C are shared by all channels: every channel
+  group accumulates into its own (L, d_state) partial buffer, and the partials are summed
+  afterwards, so no task races and nothing of size (batch, d_inner, d_state, L) is allocated.
+
+Kernels are compiled on first use (``cache=True`` keeps the machine code on disk for later
+processes) for float32, and for float64 if float64 inputs arrive. Thread count follows
+``torch.get_num_threads()``. Calls are serialised by a lock because numba's workqueue
+threading layer must not be entered from two Python threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+__all__ = ["CHUNK", "selective_scan_cpu"]
+
+CHUNK = 256  # positions between saved states; the backward recomputes inside each chunk
+_LOCK = threading.Lock()
+
+
+# 2^f = sum_j (ln 2)^j / j! * f^j on |f| <= 1/2; degree 7 leaves a relative error < 1e-8,
+# below float32 rounding. Used for float32 only; float64 kernels call math.exp.
+_LN2 = math.log(2.0)
+_P = [np.float32(_LN2**j / math.factorial(j)) for j in range(8)]
+_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7 = _P
+_LOG2E = np.float32(1.0 / _LN2)
+_ROUND = np.float32(12582912.0)  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds v to an integer
+_EXP2_MIN = np.float32(-126.0)
+_EXP2_MAX = np.float32(127.0)
+
+
+@njit(fastmath=False, cache=True)
+def _exp_into(x, out, bits, bits_as_float, n, precise):
+    """out[:n] = exp(x[:n]) for 1-D arrays. ``precise`` (float64 kernels): libm exp. Otherwise
+    a vectorisable float32 exp: x / ln 2 = k + f with integer k and |f| <= 1/2,
+    2^f by its degree-7 Taylor polynomial, 2^k built in the exponent bits of ``bits`` (int32)
+    whose float32 view is ``bits_as_float``; arguments below -126 ln 2 give ~1e-38, not 0."""
+    if precise:
+        for k in range(n):
+            out[k] = math.exp(x[k])
+        return
+    for k in range(n):
+        v = x[k] * _LOG2E
+        if v < _EXP2_MIN:
+            v = _EXP2_MIN
+        if v > _EXP2_MAX:
+            v = _EXP2_MAX
+        whole = (v + _ROUND) - _ROUND
+        f = v - whole
+        p = _P7 * f + _P6
+        p = p * f + _P5
+        p = p * f + _P4
+        p = p * f + _P3
+        p = p * f + _P2
+        p = p * f + _P1
+        p = p * f + _P0
+        bits[k] = (np.int32(whole) + np.int32(127)) * np.int32(8388608)
+        out[k] = p
+    for k in range(n):
+        out[k] = out[k] * bits_as_float[k]
+
+
+@njit(fastmath=False, cache=True)
+def _softplus(x):
+    """log(1 + exp(x)), identity above 20 (mamba-ssm / torch threshold)."""
+    if x <= 20.0:
+        return math.log1p(math.exp(x))
+    return x
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _scan_fwd_kernel(u, delta, A, Bt, Ct, D, z, bias, softplus, has_z, chunk, out, states):
+    """Forward scan. u, delta, z, out: (b, d, L); A: (d, n); Bt, Ct: (b, L, n) (transposed B, C);
+    D, bias: (d,); states: (b, d, ceil(L / chunk), n), written with the state entering each
+    chunk. ``out`` receives y * silu(z) (or y)."""
+    batch, d_inner, length = u.shape
+    n = A.shape[1]
+    precise = states.itemsize == 8  # float64 kernels use libm exp
+    for job in prange(batch * d_inner):
+        bi = job // d_inner
+        di = job % d_inner
+        h = np.zeros(n, dtype=states.dtype)
+        arg = np.empty(n, dtype=states.dtype)
+        decay = np.empty(n, dtype=states.dtype)
+        bits = np.empty(n, dtype=np.int32)
+        bits_as_float = bits.view(np.float32)
+        A_d = A[di]
+        for t in range(length):
+            if t % chunk == 0:
+                states[bi, di, t // chunk, :] = h
+            dt = delta[bi, di, t] + bias[di]
+            if softplus:
+                dt = _softplus(dt)
+            ut = u[bi, di, t]
+            dtu = dt * ut
+            B_t = Bt[bi, t]
+            C_t = Ct[bi, t]
+            for k in range(n):
+                arg[k] = dt * A_d[k]
+            _exp_into(arg, decay, bits, bits_as_float, n, precise)
+            for k in range(n):
+                h[k] = decay[k] * h[k] + dtu * B_t[k]
+            y = 0.0
+            for k in range(n):
+                y += h[k] * C_t[k]
+            y += D[di] * ut
+            if has_z:
+                zt = z[bi, di, t]
+                y *= zt / (1.0 + math.exp(-zt))
+            out[bi, di, t] = y
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _scan_bwd_kernel(
+    u, delta, A, Bt, Ct, D, z, bias, softplus, has_z, chunk, states, dout, n_groups,
+    du_out, ddelta_out, dz_out, dA_part, dD_part, dbias_part, dB_part, dC_part,
+):
+    """Backward scan. Inputs as :func:`_scan_fwd_kernel` plus dout (b, d, L). Writes du_out,
+    ddelta_out (gradient w.r.t. the raw delta), dz_out: (b, d, L); per (batch, channel)
+    partials dA_part (b, d, n), dD_part, dbias_part (b, d); per (batch, channel group)
+    partials dB_part, dC_part (b, n_groups, L, n). Partials are summed by the caller."""
+    batch, d_inner, length = u.shape
+    n = A.shape[1]
+    n_chunks = states.shape[2]
+    precise = states.itemsize == 8  # float64 kernels use libm exp
+    for job in prange(batch * n_groups):
+        bi = job // n_groups
+        grp = job % n_groups
+        d_start = grp * d_inner // n_groups
+        d_stop = (grp + 1) * d_inner // n_groups
+        hbuf = np.empty((chunk + 1, n), dtype=states.dtype)  # h_{t-1} at row i, h_t at row i + 1
+        abuf = np.empty((chunk, n), dtype=states.dtype)  # exp(delta_t * A)
+        dtbuf = np.empty(chunk, dtype=states.dtype)
+        ybuf = np.empty(chunk, dtype=np.float64)
+        arg = np.empty(n, dtype=states.dtype)
+        bits = np.empty(n, dtype=np.int32)
+        bits_as_float = bits.view(np.float32)
+        g_next = np.zeros(n, dtype=states.dtype)  # exp(delta_{t+1} A) * g_{t+1}
+        g = np.empty(n, dtype=states.dtype)  # dL/dh_t
+        d_log_a = np.empty(n, dtype=states.dtype)  # dL/d(delta_t * A)
+        dA_acc = np.zeros(n, dtype=np.float64)
+        dB_g = dB_part[bi, grp]
+        dC_g = dC_part[bi, grp]
+        for di in range(d_start, d_stop):
+            g_next[:] = 0.0
+            dA_acc[:] = 0.0
+            dD_acc = 0.0
+            dbias_acc = 0.0
+            A_d = A[di]
+            for c in range(n_chunks - 1, -1, -1):
+                t0 = c * chunk
+                steps = min(length - t0, chunk)
+                hbuf[0, :] = states[bi, di, c, :]
+                for i in range(steps):  # recompute states of this chunk
+                    t = t0 + i
+                    dt = delta[bi, di, t] + bias[di]
+                    if softplus:
+                        dt = _softplus(dt)
+                    dtbuf[i] = dt
+                    dtu = dt * u[bi, di, t]
+                    B_t = Bt[bi, t]
+                    C_t = Ct[bi, t]
+                    for k in range(n):
+                        arg[k] = dt * A_d[k]
+                    a_i = abuf[i]
+                    _exp_into(arg, a_i, bits, bits_as_float, n, precise)
+                    h_prev = hbuf[i]
+                    h_i = hbuf[i + 1]
+                    for k in range(n):
+                        h_i[k] = a_i[k] * h_prev[k] + dtu * B_t[k]
+                    y = 0.0
+                    for k in range(n):
+                        y += h_i[k] * C_t[k]
+                    ybuf[i] = y + D[di] * u[bi, di, t]
+                for i in range(steps - 1, -1, -1):  # reverse scan
+                    t = t0 + i
+                    ut = u[bi, di, t]
+                    dt = dtbuf[i]
+                    dy = dout[bi, di, t] * 1.0
+                    if has_z:
+                        zt = z[bi, di, t]
+                        sig = 1.0 / (1.0 + math.exp(-zt))
+                        dz_out[bi, di, t] = dy * ybuf[i] * sig * (1.0 + zt * (1.0 - sig))
+                        dy = dy * zt * sig
+                    dD_acc += dy * ut
+                    dtu = dt * ut
+                    B_t = Bt[bi, t]
+                    C_t = Ct[bi, t]
+                    dB_t = dB_g[t]
+                    dC_t = dC_g[t]
+                    a_i = abuf[i]
+                    h_prev = hbuf[i]
+                    h_i = hbuf[i + 1]
+                    for k in range(n):
+                        g[k] = g_next[k] + dy * C_t[k]
+                    for k in range(n):
+                        dC_t[k] += dy * h_i[k]
+                        dB_t[k] += g[k] * dtu
+                        d_log_a[k] = g[k] * h_prev[k] * a_i[k]
+                        dA_acc[k] += d_log_a[k] * dt
+                        g_next[k] = g[k] * a_i[k]
+                    d_dtu = 0.0  # dL/d(delta_t * u_t)
+                    d_dt = 0.0  # dL/d(delta_t) through the decay
+                    for k in range(n):
+                        d_dtu += g[k] * B_t[k]
+                        d_dt += d_log_a[k] * A_d[k]
+                    d_dt += d_dtu * ut
+                    du_out[bi, di, t] = d_dtu * dt + dy * D[di]
+                    if softplus:
+                        raw = delta[bi, di, t] + bias[di]
+                        if raw <= 20.0:
+                            d_dt *= 1.0 / (1.0 + math.exp(-raw))
+                    ddelta_out[bi, di, t] = d_dt
+                    dbias_acc += d_dt
+            for k in range(n):
+                dA_part[bi, di, k] = dA_acc[k]
+            dD_part[bi, di] = dD_acc
+            dbias_part[bi, di] = dbias_acc
+
+
+def _numba_threads() -> int:
+    """Threads for the kernels: torch's setting, capped by numba's pool size."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """autograd wrapper around the fused kernels; all tensors already contiguous, one dtype."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, has_z):
+        batch, d_inner, length = u.shape
+        n = A.shape[1]
+        n_chunks = max(1, -(-length // CHUNK))
+        Bt = B.transpose(1, 2).contiguous()
+        Ct = C.transpose(1, 2).contiguous()
+        out = torch.empty_like(u)
+        states = u.new_empty(batch, d_inner, n_chunks, n)
+        with _LOCK:
+            _numba_threads()
+            _scan_fwd_kernel(
+                *_np(u, delta, A, Bt, Ct, D, z, delta_bias), bool(delta_softplus), bool(has_z),
+                CHUNK, *_np(out, states),
+            )
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, states)
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.has_z = bool(has_z)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, Bt, Ct, D, z, delta_bias, states = ctx.saved_tensors
+        batch, d_inner, length = u.shape
+        n = A.shape[1]
+        dout = dout.to(u.dtype).contiguous()
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(u)
+        dz = torch.zeros_like(z)
+        dA = u.new_empty(batch, d_inner, n)
+        dD = u.new_empty(batch, d_inner)
+        dbias = u.new_empty(batch, d_inner)
+        with _LOCK:
+            n_groups = min(d_inner, _numba_threads())
+            dB = u.new_zeros(batch, n_groups, length, n)
+            dC = u.new_zeros(batch, n_groups, length, n)
+            _scan_bwd_kernel(
+                *_np(u, delta, A, Bt, Ct, D, z, delta_bias), ctx.delta_softplus, ctx.has_z,
+                CHUNK, *_np(states, dout), n_groups,
+                *_np(du, ddelta, dz, dA, dD, dbias, dB, dC),
+            )
+        dB = dB.sum(1).transpose(1, 2)
+        dC = dC.sum(1).transpose(1, 2)
+        return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), None, None
+
+
+def _np(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Zero-copy numpy views of contiguous CPU tensors (detached)."""
+    return [t.detach().numpy() for t in tensors]
+
+
+def selective_scan_cpu(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+) -> torch.Tensor:
+    """Fused numba selective scan on CPU tensors, autograd-capable.
+
+    Shapes as :func:`uumamba.nn.ops.selective_scan.selective_scan`: u, delta, z
+    (batch, d_inner, L); A (d_inner, d_state); B, C (batch, d_state, L); D, delta_bias
+    (d_inner,). Computes in float32 (float64 when an input is float64); returns
+    (batch, d_inner, L) in that dtype. Gradients reach every input that requires them, in the
+    input's own dtype. Extra memory: (batch, d_inner, ceil(L / CHUNK), d_state) saved states,
+    plus 2 * (batch, threads, L, d_state) partial B / C gradients in backward.
+
+    Raises:
+        ValueError: a tensor is not on the CPU.
+
+    Source: mamba-ssm's selective_scan_fwd / bwd CUDA kernels (chunked states, recomputation,
+    reverse scan), Gu & Dao 2023 Algorithm 2.
+    """
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    for name, t in zip(names, tensors, strict=True):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"selective_scan_cpu: {name} is on device '{t.device}', not the CPU")
+    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    d_inner = u.shape[1]
+    u, delta, A, B, C = (t.to(dtype).contiguous() for t in (u, delta, A, B, C))
+    D = u.new_zeros(d_inner) if D is None else D.to(dtype).contiguous()
+    delta_bias = u.new_zeros(d_inner) if delta_bias is None else delta_bias.to(dtype).contiguous()
+    has_z = z is not None
+    z = z.to(dtype).contiguous() if has_z else u.new_zeros(1, 1, 1)
+    return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), has_z)
