@@ -25,6 +25,7 @@ threading layer must not be entered from two Python threads at once.
 from __future__ import annotations
 
 import math
+import contextlib
 import threading
 
 import numba
@@ -245,6 +246,23 @@ def _numba_threads() -> int:
     return threads
 
 
+@contextlib.contextmanager
+def _kernel_launch():
+    """Serialise kernel launches and keep torch's intra-op thread count as it was.
+
+    When numba's threading layer is OpenMP, its first parallel launch resets the process-wide
+    OpenMP thread count (which torch shares) to numba's pool size; restoring it keeps CPU runs
+    reproducible and stops oversubscription.
+    """
+    torch_threads = torch.get_num_threads()
+    with _LOCK:
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     """autograd wrapper around the fused kernels; all tensors already contiguous, one dtype."""
 
@@ -257,7 +275,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         Ct = C.transpose(1, 2).contiguous()
         out = torch.empty_like(u)
         states = u.new_empty(batch, d_inner, n_chunks, n)
-        with _LOCK:
+        with _kernel_launch():
             _numba_threads()
             _scan_fwd_kernel(
                 *_np(u, delta, A, Bt, Ct, D, z, delta_bias), bool(delta_softplus), bool(has_z),
@@ -280,7 +298,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dA = u.new_empty(batch, d_inner, n)
         dD = u.new_empty(batch, d_inner)
         dbias = u.new_empty(batch, d_inner)
-        with _LOCK:
+        with _kernel_launch():
             n_groups = min(d_inner, _numba_threads())
             dB = u.new_zeros(batch, n_groups, length, n)
             dC = u.new_zeros(batch, n_groups, length, n)

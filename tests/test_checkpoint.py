@@ -1,0 +1,100 @@
+"""Checkpoint files: atomic writes, complete keys, clear errors, RNG round trip."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from uumamba.engine.checkpoint import (
+    CHECKPOINT_KEYS,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from uumamba.errors import DataError
+
+
+def _state(weight: float = 1.0) -> dict:
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    state = {k: None for k in CHECKPOINT_KEYS}
+    state.update(model=model.state_dict(), optimizer=opt.state_dict(), epoch=3, iteration=30,
+                 rng=capture_rng_state(), config={"train": {"seed": 1}}, fold="0",
+                 finished=False, best_metric=0.5, metric_history=[{"epoch": 1}],
+                 splits=[{"train": ["a"], "val": ["b"]}])
+    return state
+
+
+def test_round_trip_keeps_every_key_and_tensor(tmp_path):
+    state = _state(2.0)
+    path = save_checkpoint(tmp_path / "sub" / "checkpoint_latest.pt", state)
+    loaded = load_checkpoint(path)
+    assert set(CHECKPOINT_KEYS) <= set(loaded)
+    assert torch.equal(loaded["model"]["weight"], state["model"]["weight"])
+    buf = loaded["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(buf, state["optimizer"]["state"][0]["momentum_buffer"])
+    assert loaded["iteration"] == 30 and loaded["best_metric"] == 0.5
+    # no temporary file left beside the checkpoint
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint_latest.pt"]
+
+
+def test_incomplete_state_is_refused_before_writing(tmp_path):
+    state = _state()
+    del state["scheduler"]
+    with pytest.raises(ValueError, match="scheduler"):
+        save_checkpoint(tmp_path / "c.pt", state)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    first = _state(1.0)
+    path = save_checkpoint(tmp_path / "c.pt", first)
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _state(5.0))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["weight"], first["model"]["weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_missing_truncated_and_foreign_files_raise_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    good = save_checkpoint(tmp_path / "good.pt", _state())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    with pytest.raises(DataError, match="missing keys"):
+        load_checkpoint(foreign)
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path):
+    random.seed(3)
+    np.random.seed(3)  # noqa: NPY002 - the global generator is what is checkpointed
+    torch.manual_seed(3)
+    state = _state()
+    state["rng"] = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(2))  # noqa: NPY002
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    random.random(), np.random.rand(), torch.rand(5)  # noqa: NPY002 - move them on
+    restore_rng_state(load_checkpoint(path)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))  # noqa: NPY002
+    assert again[0] == expected[0] and again[1] == expected[1]
+    assert torch.equal(again[2], expected[2])

@@ -1,0 +1,195 @@
+"""Device selection and multi-process training with ``torch.distributed``.
+
+The same ``uumamba train`` command runs single-process or under
+``torchrun --nproc_per_node N`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``). Under torchrun each process joins one process group
+(``nccl`` on CUDA, ``gloo`` on CPU), wraps the network and the loss's trainable σ in
+:class:`~torch.nn.parallel.DistributedDataParallel` (gradients averaged across ranks, so all
+ranks keep identical weights), and draws its own training patches (per-rank seeding, see
+:mod:`uumamba.engine.train`). Only rank 0 writes files and logs. This mirrors the behaviour of
+nnU-Net's DDP training (one process per GPU, per-process batch, rank 0 logs).
+
+Multi-node runs need the model folder on a filesystem all nodes share.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from uumamba.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process runs and which rank it is.
+
+    Attributes:
+        rank / world_size / local_rank: from torchrun's environment (0 / 1 / 0 alone).
+        device: the torch device this rank computes on (``cuda:LOCAL_RANK`` under torchrun).
+        owns_group: True when :func:`init_distributed` created the process group (and
+            :func:`cleanup` therefore destroys it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only rank that writes files and prints."""
+        return self.rank == 0
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a :class:`torch.device`.
+
+    ``auto`` is CUDA when available, else CPU. Under torchrun, ``cuda`` means
+    ``cuda:LOCAL_RANK``.
+
+    Raises:
+        UserError: an unknown device string, or CUDA requested where none is available.
+    """
+    text = str(device).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {device}: CUDA is not available (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda}); use --device cpu"
+            )
+        if text == "cuda":
+            return torch.device("cuda", local_rank)
+        try:
+            return torch.device(text)
+        except RuntimeError:
+            pass
+    raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str | torch.device = "auto", timeout_minutes: float = 60.0) -> DistContext:
+    """Resolve the device and, under torchrun (``WORLD_SIZE`` > 1), join the process group.
+
+    Uses ``env://`` initialisation (``MASTER_ADDR`` / ``MASTER_PORT`` / ``RANK`` /
+    ``WORLD_SIZE``), backend ``nccl`` on CUDA and ``gloo`` on CPU. An already initialised
+    default group is reused (and left alone by :func:`cleanup`).
+
+    Args:
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        timeout_minutes: collective timeout (rank 0 validates while others may wait).
+
+    Raises:
+        UserError: see :func:`resolve_device`.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistContext(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+        owns = True
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                       owns_group=owns)
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext, find_unused_parameters: bool = True) -> nn.Module:
+    """Wrap ``module`` in DistributedDataParallel when distributed and it has trainable
+    parameters; otherwise return it unchanged.
+
+    DDP broadcasts rank 0's parameters at construction and averages gradients in every
+    backward pass (both passes of SAM), so the ranks stay bit-identical.
+    ``find_unused_parameters`` defaults to True for the network because a deep-supervision
+    head weighted 0 may not enter the loss graph; the loss's σ are always used (pass False).
+    """
+    if not ctx.enabled or not any(p.requires_grad for p in module.parameters()):
+        return module
+    kwargs: dict[str, Any] = {"find_unused_parameters": find_unused_parameters}
+    if ctx.device.type == "cuda":
+        kwargs["device_ids"] = [ctx.device.index]
+        kwargs["output_device"] = ctx.device.index
+    return nn.parallel.DistributedDataParallel(module, **kwargs)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The underlying module of a DDP wrapper (or ``module`` itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for all ranks (no-op when not distributed)."""
+    if ctx.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself when not distributed)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` alone)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (``flags`` itself when alone)."""
+    if not ctx.enabled:
+        return list(flags)
+    dev = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def cleanup(ctx: DistContext, wait: bool = True) -> None:
+    """Barrier (when ``wait``), then destroy the process group if :func:`init_distributed`
+    created it. Pass ``wait=False`` on an error path, where other ranks may never arrive."""
+    if ctx.enabled and ctx.owns_group and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
