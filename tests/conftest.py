@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see uumamba/__init__.py
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACDC_DIR = Path(os.environ.get("UUMAMBA_ACDC_DIR", REPO_ROOT.parent / "shared" / "data" / "ACDC"))

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from fastapi.testclient import TestClient
+
+from uumamba.data.synthetic import make_synthetic_case
+from uumamba.errors import UserError
 from uumamba_service.app import create_app, serve_from_cli
 from uumamba_service.observability import JsonFormatter, logger
 from uumamba_service.settings import ServiceSettings
 from uumamba_service.testing import build_tiny_model
 from uumamba_service.worker import InferencePool, QueueFull
-
-from uumamba.data.synthetic import make_synthetic_case
-from uumamba.errors import UserError
 
 RNG = np.random.default_rng(0)
 SHAPE = (40, 44, 6)

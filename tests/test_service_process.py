@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
+
 from uumamba_service.testing import build_tiny_model
 
 

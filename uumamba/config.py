@@ -165,6 +165,10 @@ class TrainConfig(_Section):
     Attributes:
         epochs / iterations_per_epoch: length of the run.
         time_limit_minutes: stop (and save) after this wall time; ``None`` = no limit.
+        schedule_by_time: with a time limit, the poly learning-rate decay advances by the
+            larger of the iteration fraction and the elapsed fraction of the time budget, so
+            the rate anneals within the budget (not reproducible step for step; off by
+            default).
         val_every: validate every N epochs (and at the end).
         n_folds / seed: patient-grouped k-fold split.
         foreground_oversample: fraction of patches centred on a random foreground class.
@@ -179,6 +183,7 @@ class TrainConfig(_Section):
     epochs: int = 100
     iterations_per_epoch: int = 250
     time_limit_minutes: float | None = None
+    schedule_by_time: bool = False
     val_every: int = 5
     n_folds: int = 5
     seed: int = 12345

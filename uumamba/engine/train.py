@@ -723,6 +723,9 @@ def _train_iteration(run: _Run, parts: Components, loop: LoopState, batch: dict[
                         scaler=parts.scaler, autocast_dtype=parts.autocast_dtype,
                         grad_clip=run.cfg.optim.grad_clip, device_type=dev.type)
     parts.scheduler.step()
+    limit = run.cfg.train.time_limit_minutes
+    if limit and run.cfg.train.schedule_by_time:
+        parts.scheduler.set_time_progress((time.monotonic() - run.t_call) / (limit * 60.0))
     loop.iteration += 1
     loop.epoch.losses.append(float(res.loss))
     loop.epoch.grad_norms.append(float(res.grad_norm))

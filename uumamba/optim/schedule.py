@@ -58,14 +58,30 @@ class PolyLRScheduler:
             group.setdefault("initial_lr", group["lr"])
         self.base_lrs = [float(group["initial_lr"]) for group in optimizer.param_groups]
         self.last_iter = 0
+        self.progress_floor = 0.0
         self._apply()
 
     def factor(self, t: int) -> float:
-        """Multiplier of lr0 at iteration t (0-based)."""
+        """Multiplier of lr0 at iteration t (0-based).
+
+        The decay's progress is ``max((t - W) / (T - W), progress_floor)``; the floor is 0
+        unless :meth:`set_time_progress` raised it (time-budgeted runs).
+        """
         if t < self.warmup_iters:
             return (t + 1) / self.warmup_iters
         progress = (t - self.warmup_iters) / (self.total_iters - self.warmup_iters)
+        progress = max(progress, self.progress_floor)
         return max(0.0, 1.0 - progress) ** self.exponent
+
+    def set_time_progress(self, fraction: float) -> None:
+        """Let a wall-time budget drive the decay: progress is at least ``fraction`` of it.
+
+        For runs bounded by ``train.time_limit_minutes``, so the learning rate reaches ~0 when
+        the budget ends instead of stopping mid-schedule. Never moves progress backwards.
+        """
+        self.progress_floor = min(1.0, max(self.progress_floor, float(fraction)))
+        if self.last_iter >= self.warmup_iters:
+            self._apply()
 
     def _apply(self) -> None:
         factor = self.factor(self.last_iter)
@@ -89,6 +105,7 @@ class PolyLRScheduler:
             "total_iters": self.total_iters,
             "exponent": self.exponent,
             "warmup_iters": self.warmup_iters,
+            "progress_floor": self.progress_floor,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -109,4 +126,5 @@ class PolyLRScheduler:
             )
         self.base_lrs = base_lrs
         self.last_iter = int(state_dict["last_iter"])
+        self.progress_floor = float(state_dict.get("progress_floor", 0.0))
         self._apply()

@@ -24,8 +24,8 @@ threading layer must not be entered from two Python threads at once.
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 import threading
 
 import numba
