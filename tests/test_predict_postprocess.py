@@ -1,0 +1,81 @@
+"""Largest-connected-component postprocessing and the per-class decision (nnU-Net style)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from uumamba.inference.postprocess import (
+    apply_postprocessing,
+    determine_postprocessing,
+    largest_component,
+    load_postprocessing,
+    save_postprocessing,
+)
+
+LABELS = {0: "background", 1: "A", 2: "B"}
+
+
+def _ref():
+    ref = np.zeros((24, 24, 6), np.uint8)
+    ref[2:10, 2:10, 1:5] = 1  # one blob of A
+    ref[14:20, 14:20, 1:5] = 2  # B: two separate real parts
+    ref[2:6, 16:20, 1:5] = 2
+    return ref
+
+
+def test_largest_component_full_connectivity():
+    m = np.zeros((6, 6, 3), bool)
+    m[0:2, 0:2, 0] = True  # 4 voxels
+    m[2, 2, 1] = True  # touches the first blob only diagonally (26-connectivity)
+    m[4:6, 4:6, 2] = True  # 4 voxels, separate (diagonal gap of two)
+    out = largest_component(m)
+    assert out.sum() == 5 and out[2, 2, 1] and not out[5, 5, 2]
+    assert not largest_component(np.zeros((3, 3, 3), bool)).any()
+
+
+def test_apply_removes_islands_only_for_listed_labels():
+    pred = _ref()
+    pred[20:22, 2:4, 3] = 1  # island of A
+    out = apply_postprocessing(pred, {"largest_component_labels": [1]})
+    assert out.dtype == pred.dtype
+    assert (out[20:22, 2:4, 3] == 0).all()
+    np.testing.assert_array_equal(out, _ref())  # B's two real parts untouched
+    np.testing.assert_array_equal(apply_postprocessing(pred, None), pred)
+
+
+def test_determine_enables_where_dice_improves():
+    refs, preds = [], []
+    for k in range(3):
+        ref = _ref()
+        pred = ref.copy()
+        pred[20 - k : 22, 2:4, 2:4] = 1  # false-positive islands of A
+        refs.append(ref)
+        preds.append(pred)
+    spec = determine_postprocessing(preds, refs, LABELS)
+    # A: removing the islands raises Dice; B: LCC would delete a real part, lowering Dice.
+    assert spec["largest_component_labels"] == [1]
+    assert spec["dice_after"]["A"] == pytest.approx(1.0)
+    assert spec["dice_before"]["A"] < 1.0
+    assert spec["dice_after"]["B"] < spec["dice_before"]["B"] == pytest.approx(1.0)
+    assert spec["n_cases"] == 3
+    with pytest.raises(ValueError, match="equally many"):
+        determine_postprocessing(preds, refs[:2], LABELS)
+
+
+def test_save_and_load_intersection_of_folds(tmp_path):
+    f0, f1 = tmp_path / "fold_0", tmp_path / "fold_1"
+    f0.mkdir()
+    f1.mkdir()
+    save_postprocessing({"largest_component_labels": [1, 2], "dice_before": {"A": float("nan")}}, f0)
+    assert json.loads((f0 / "postprocessing.json").read_text())["dice_before"]["A"] is None
+    save_postprocessing({"largest_component_labels": [2]}, f1)
+    assert load_postprocessing(tmp_path, [f0])["largest_component_labels"] == [1, 2]
+    assert load_postprocessing(tmp_path, [f0, f1])["largest_component_labels"] == [2]
+    f2 = tmp_path / "fold_2"
+    f2.mkdir()
+    assert load_postprocessing(tmp_path, [f0, f2]) is None  # no file: nothing enabled
+    (tmp_path / "postprocessing.json").write_text(json.dumps({"largest_component_labels": [1]}))
+    assert load_postprocessing(tmp_path, [f0, f2])["largest_component_labels"] == [1]
