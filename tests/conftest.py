@@ -28,3 +28,13 @@ def acdc_dir() -> Path:
     if not ACDC_DIR.is_dir() or not any(ACDC_DIR.glob("patient*")):
         pytest.skip(f"real ACDC data not found at {ACDC_DIR} (see shared/data/README.md)")
     return ACDC_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module: the same float reductions in every run compared
+    (results depend on the thread count) and less contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -156,3 +156,18 @@ def test_real_acdc(acdc_dir: Path) -> None:
     for case in index.cases:
         assert case.label is not None and case.label.name == f"{case.id}_gt.nii.gz"
         assert case.id.startswith(case.group + "_frame")
+
+
+@pytest.mark.parametrize("style", ["value_to_name", "name_to_value"])
+def test_plain_folder_reads_optional_dataset_json(tmp_path: Path, style: str) -> None:
+    _nii(tmp_path / "images" / "a.nii.gz")
+    _nii(tmp_path / "labels" / "a.nii.gz", dtype=np.uint8)
+    pairs = {0: "background", 1: "coronary artery"}
+    labels = ({str(k): v for k, v in pairs.items()} if style == "value_to_name"
+              else {v: k for k, v in pairs.items()})
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels,
+                                                       "channel_names": {"0": "CT"}}))
+    index = discover(tmp_path)
+    assert index.layout == "folder"
+    assert index.labels == pairs
+    assert index.modality == "CT"

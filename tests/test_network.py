@@ -187,6 +187,7 @@ def _plans(spatial_dims: int) -> SimpleNamespace:
         spatial_dims=spatial_dims,
         num_input_channels=2,
         labels={0: "background", 1: "RV", 2: "MYO", 3: "LV"},
+        num_classes=4,
         strides=[[1] * spatial_dims, [2] * spatial_dims, [1] + [2] * (spatial_dims - 1)],
         kernel_sizes=[[3] * spatial_dims] * 3,
     )

@@ -258,3 +258,18 @@ def test_parity_with_mamba_ssm(options):
             assert _rel_err(g, expected[name].double()) <= 1e-3, (backend, name)
     cpu_out = selective_scan(**inputs, backend="cpu")
     assert _rel_err(cpu_out, ref_out.cpu().double()) <= 1e-4
+
+
+def test_cpu_kernel_keeps_torch_thread_count():
+    """numba's OpenMP launch must not change torch's intra-op thread count (reproducibility,
+    no oversubscription)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        u = torch.randn(1, 4, 8, requires_grad=True)
+        y = selective_scan(u, torch.rand(1, 4, 8), -torch.rand(4, 2), torch.randn(1, 2, 8),
+                           torch.randn(1, 2, 8), backend="cpu")
+        y.sum().backward()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from uumamba.config import config_from_dict, load_config
 from uumamba.data.plan import Plans
@@ -26,17 +25,9 @@ SETTINGS = ["train.epochs=2", "train.iterations_per_epoch=15", "train.time_limit
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread (after the numba scan's OpenMP start, which resets the count)."""
-    from uumamba.nn.ops.selective_scan import selective_scan
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    before = torch.get_num_threads()
-    selective_scan(torch.randn(1, 2, 4), torch.rand(1, 2, 4), -torch.rand(2, 2),
-                   torch.randn(1, 2, 4), torch.randn(1, 2, 4), backend="cpu")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")

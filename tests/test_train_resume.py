@@ -25,25 +25,7 @@ SETTINGS = ["train.epochs=2", "train.iterations_per_epoch=2", "train.val_every=1
 TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-def _warm_up_cpu_scan() -> None:
-    """Run the numba scan kernel once: its OpenMP pool start resets torch's thread count to
-    NUMBA_NUM_THREADS, which must happen before the thread count is fixed below."""
-    from uumamba.nn.ops.selective_scan import selective_scan
-
-    u = torch.randn(1, 2, 4)
-    selective_scan(u, torch.rand(1, 2, 4), -torch.rand(2, 2), torch.randn(1, 2, 4),
-                   torch.randn(1, 2, 4), backend="cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: faster on a shared 2-core machine, and the same in every run compared
-    (float reductions depend on the thread count)."""
-    before = torch.get_num_threads()
-    _warm_up_cpu_scan()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

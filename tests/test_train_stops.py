@@ -26,17 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.time_limit_minutes=null", "inference.sw_batch_size=16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread (after the numba scan's OpenMP start, which resets the count)."""
-    from uumamba.nn.ops.selective_scan import selective_scan
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    before = torch.get_num_threads()
-    selective_scan(torch.randn(1, 2, 4), torch.rand(1, 2, 4), -torch.rand(2, 2),
-                   torch.randn(1, 2, 4), torch.randn(1, 2, 4), backend="cpu")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +81,11 @@ def test_time_limit_validates_saves_and_marks_finished(data_dir, tmp_path):
     assert (fold_dir / "checkpoint_best.pt").is_file()
     for png in ("progress.png", "validation_overlay.png"):
         assert (fold_dir / png).read_bytes()[:4] == b"\x89PNG"
+    # the final validation decided the postprocessing for the predictor
+    spec = json.loads((fold_dir / "postprocessing.json").read_text())
+    assert spec["n_cases"] == len(ckpt["splits"][1]["val"])
+    assert set(spec["dice_before"]) == {"RV", "MYO", "LV"}
+    assert set(spec["largest_component_labels"]) <= {1, 2, 3}
     again = run_fold(cfg, data_dir, tmp_path, fold="1", resume=True, device="cpu",
                      progress=False)
     assert again.reason == "already_finished"

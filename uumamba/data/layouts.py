@@ -345,7 +345,28 @@ def _discover_folder(root: Path) -> DatasetIndex:
                         f"{root / 'images'} ({len(orphans)} such label file(s))")
     cases = [Case(s, s, [p], labels[s]) for s, p in sorted(images.items()) if s in labels]
     tests = [Case(s, s, [p], None) for s, p in sorted(images.items()) if s not in labels]
-    return DatasetIndex(root, "folder", cases, None, None, tests)
+    names, modality = _optional_metadata(root / "dataset.json")
+    return DatasetIndex(root, "folder", cases, names, modality, tests)
+
+
+def _optional_metadata(path: Path) -> tuple[dict[int, str] | None, str | None]:
+    """Labels and modality from an optional ``dataset.json`` beside a plain folder layout.
+
+    ``labels`` may map value -> name (MSD) or name -> value (nnU-Net v2); the modality is
+    taken from ``modality`` / ``channel_names`` when its first channel says CT or MR(I).
+    """
+    if not path.is_file():
+        return None, None
+    data = _read_json(path)
+    raw = data.get("labels")
+    labels = None
+    if isinstance(raw, dict) and raw:
+        by_value = all(str(k).lstrip("-").isdigit() for k in raw)
+        labels = _int_labels(raw, path, name_to_value=not by_value)
+    channels = data.get("modality") or data.get("channel_names") or {}
+    first = str(next(iter(channels.values()), "")).upper() if isinstance(channels, dict) else ""
+    modality = "CT" if first.startswith("CT") else "MRI" if first.startswith("MR") else None
+    return labels, modality
 
 
 _DETECTORS = (

@@ -103,6 +103,7 @@ from uumamba.engine.checkpoint import (
 from uumamba.engine.step import training_step
 from uumamba.engine.validate import ValidationResult, summarise, validate
 from uumamba.errors import ConfigError, DataError, UserError
+from uumamba.inference.postprocess import determine_postprocessing, save_postprocessing
 from uumamba.losses import build_loss
 from uumamba.nn import build_network
 from uumamba.optim import PolyLRScheduler, build_optimizer
@@ -669,25 +670,37 @@ def _save(run: _Run, parts: Components, loop: LoopState, finished: bool,
     save_checkpoint(run.fold_dir / LATEST, state)
 
 
-def _validate(run: _Run, parts: Components) -> ValidationResult:
-    """Each rank validates its share of the cases; results are gathered on every rank."""
+def _validate(run: _Run, parts: Components, final: bool = False) -> ValidationResult:
+    """Each rank validates its share of the cases; results are gathered on every rank.
+
+    The final validation also decides the postprocessing (largest connected component per
+    class where it raises the validation Dice, nnU-Net's rule) from the main rank's cases and
+    writes ``postprocessing.json`` into the fold folder for the predictor.
+    """
     part = validate(parts.model, run.val_set, run.val_case_ids, run.prepared.plans,
                     run.cfg.inference, run.ctx.device, ignore_label=run.cfg.dataset.ignore_label,
-                    overlay_case=0 if run.ctx.is_main else None)
+                    overlay_case=0 if run.ctx.is_main else None, keep_masks=final)
     per_case = {k: v for d in ddp.gather_objects(part.per_case, run.ctx) for k, v in d.items()}
     dice, mean = summarise(per_case, run.foreground_names())
+    if final and run.ctx.is_main and part.masks:
+        preds, refs = zip(*part.masks.values(), strict=True)
+        spec = determine_postprocessing(list(preds), list(refs), run.prepared.plans.labels)
+        save_postprocessing(spec, run.fold_dir)
     return ValidationResult(dice=dice, mean_dice=mean, per_case=per_case,
                             overlay=part.overlay, seconds=part.seconds)
 
 
-def _end_epoch(run: _Run, parts: Components, loop: LoopState, partial: bool) -> bool:
+def _end_epoch(run: _Run, parts: Components, loop: LoopState, partial: bool,
+               final: bool = False) -> bool:
     """Validate when due, append the epoch's record, call the loggers; True when the
-    validation mean Dice improved on the best so far."""
+    validation mean Dice improved on the best so far. ``final``: the run ends after this
+    epoch (the validation then also decides the postprocessing)."""
     tc = run.cfg.train
     it = loop.iteration
     epoch = (it - 1) // tc.iterations_per_epoch + 1
     due = run.val_set is not None and (epoch % tc.val_every == 0 or it >= run.total or partial)
-    result = _validate(run, parts) if due else None
+    final = final or it >= run.total
+    result = _validate(run, parts, final=final) if due else None
     finite = [x for x in loop.epoch.losses if math.isfinite(x)]
     norms = [x for x in loop.epoch.grad_norms if math.isfinite(x)]
     record = {
@@ -775,7 +788,8 @@ def _loop(run: _Run, parts: Components, loop: LoopState, loader: DataLoader,
                               it, loop.best_metric)
         if boundary or time_up:
             stop_early = time_up and it < run.total
-            improved = _end_epoch(run, parts, loop, partial=stop_early and not boundary)
+            improved = _end_epoch(run, parts, loop, partial=stop_early and not boundary,
+                                  final=stop_early)
             _save(run, parts, loop, finished=it >= run.total or stop_early, best=improved)
             if stop_early:
                 run.console.print(f"time limit of {limit} min reached at iteration {it}")

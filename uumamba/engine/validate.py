@@ -56,6 +56,9 @@ class ValidationResult:
         per_case: case id -> class name -> Dice.
         overlay: a slice of the first case for the overlay picture (None without cases).
         seconds: wall time of the validation.
+        masks: case id -> (prediction, reference) uint8 label maps in the preprocessed grid;
+            filled only when :func:`validate` is asked to keep them (final validation, for the
+            postprocessing decision).
     """
 
     dice: dict[str, float]
@@ -63,6 +66,7 @@ class ValidationResult:
     per_case: dict[str, dict[str, float]] = field(default_factory=dict)
     overlay: OverlaySlice | None = None
     seconds: float = 0.0
+    masks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int],
@@ -135,7 +139,7 @@ def _overlay_slice(case_id: str, image: torch.Tensor, label: np.ndarray, pred: n
 @torch.no_grad()
 def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any,
              inference_cfg: Any, device: torch.device, *, ignore_label: int | None = None,
-             overlay_case: int | None = 0) -> ValidationResult:
+             overlay_case: int | None = 0, keep_masks: bool = False) -> ValidationResult:
     """Predict every case of ``dataset`` with sliding windows and score Dice per class.
 
     Args:
@@ -149,6 +153,7 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
         device: where to run the network (autocast on CUDA is the sliding window's).
         ignore_label: reference value excluded from the scores.
         overlay_case: index of the case whose slice is returned for the overlay (None: none).
+        keep_masks: also return every case's predicted and reference label maps.
 
     Returns:
         :class:`ValidationResult` (Dice per foreground class name, mean, per case).
@@ -169,6 +174,7 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
     model.eval()
     per_case: dict[str, dict[str, float]] = {}
     overlay = None
+    masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         for i, case_id in enumerate(case_ids):
             item = dataset[i]
@@ -181,6 +187,8 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
             pred = probs[0].argmax(0).cpu().numpy().astype(np.int64)
             scores = dice_per_class(pred, label, foreground, ignore_label)
             per_case[str(case_id)] = {labels[k]: v for k, v in scores.items()}
+            if keep_masks:
+                masks[str(case_id)] = (pred.astype(np.uint8), label.astype(np.uint8))
             if overlay_case is not None and i == overlay_case:
                 axis = int(slice_axis) if slice_axis is not None else int(np.argmin(label.shape))
                 overlay = _overlay_slice(str(case_id), image, label, pred, axis)
@@ -188,4 +196,4 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
         model.train(was_training)
     dice, mean = summarise(per_case, names)
     return ValidationResult(dice=dice, mean_dice=mean, per_case=per_case, overlay=overlay,
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, masks=masks)

@@ -223,8 +223,9 @@ def build_network(model_cfg: ModelConfig, plans: Plans) -> UMamba:
     ``model_cfg.name`` picks the Mamba placement (``umamba_bot`` -> bottleneck, ``umamba_enc``
     -> encoder, ``unet`` -> none); channel rule, blocks, deep supervision and Mamba settings
     come from ``model_cfg``. From the plan (``uumamba.data.plan.Plans``, read duck-typed):
-    ``spatial_dims``, ``num_input_channels`` -> ``in_channels``, ``len(labels)`` (background
-    included) -> ``out_channels``, ``strides`` and ``kernel_sizes`` per stage.
+    ``spatial_dims``, ``num_input_channels`` -> ``in_channels``, ``num_classes`` (highest label
+    value + 1, so output channel k is label value k even for non-consecutive labels) ->
+    ``out_channels``, ``strides`` and ``kernel_sizes`` per stage.
 
     Raises:
         ValueError: ``model_cfg.spatial_dims`` differs from ``plans.spatial_dims``, the model
@@ -241,7 +242,7 @@ def build_network(model_cfg: ModelConfig, plans: Plans) -> UMamba:
     return UMamba(
         spatial_dims=plans.spatial_dims,
         in_channels=plans.num_input_channels,
-        out_channels=len(plans.labels),
+        out_channels=plans.num_classes,
         features=model_cfg.features,
         strides=plans.strides,
         kernel_sizes=plans.kernel_sizes,

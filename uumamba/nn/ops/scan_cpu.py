@@ -274,7 +274,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         Bt = B.transpose(1, 2).contiguous()
         Ct = C.transpose(1, 2).contiguous()
         out = torch.empty_like(u)
-        states = u.new_empty(batch, d_inner, n_chunks, n)
+        states = u.new_empty((batch, d_inner, n_chunks, n))
         with _kernel_launch():
             _numba_threads()
             _scan_fwd_kernel(
@@ -295,13 +295,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
         du = torch.empty_like(u)
         ddelta = torch.empty_like(u)
         dz = torch.zeros_like(z)
-        dA = u.new_empty(batch, d_inner, n)
-        dD = u.new_empty(batch, d_inner)
-        dbias = u.new_empty(batch, d_inner)
+        dA = u.new_empty((batch, d_inner, n))
+        dD = u.new_empty((batch, d_inner))
+        dbias = u.new_empty((batch, d_inner))
         with _kernel_launch():
             n_groups = min(d_inner, _numba_threads())
-            dB = u.new_zeros(batch, n_groups, length, n)
-            dC = u.new_zeros(batch, n_groups, length, n)
+            dB = u.new_zeros((batch, n_groups, length, n))
+            dC = u.new_zeros((batch, n_groups, length, n))
             _scan_bwd_kernel(
                 *_np(u, delta, A, Bt, Ct, D, z, delta_bias), ctx.delta_softplus, ctx.has_z,
                 CHUNK, *_np(states, dout), n_groups,
@@ -346,5 +346,5 @@ def selective_scan_cpu(
     D = u.new_zeros(d_inner) if D is None else D.to(dtype).contiguous()
     delta_bias = u.new_zeros(d_inner) if delta_bias is None else delta_bias.to(dtype).contiguous()
     has_z = z is not None
-    z = z.to(dtype).contiguous() if has_z else u.new_zeros(1, 1, 1)
+    z = z.to(dtype).contiguous() if has_z else u.new_zeros((1, 1, 1))
     return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), has_z)
