@@ -285,12 +285,25 @@ def test_cli_export_slicer_with_mha_mask(tmp_path):
     assert [s["name"] for s in seg["segments"]] == ["RV", "MYO", "LV"]
 
 
-def test_cli_warns_when_mask_geometry_differs(tmp_path, capsys):
+def test_cli_refuses_a_mask_off_the_reference_grid(tmp_path):
     from uumamba.export.slicer import export_from_cli
 
     reference = _reference(tmp_path, "nifti_oblique")
     mask_path = tmp_path / "mask.nii.gz"
     nib.save(nib.Nifti1Image(_mask(), np.eye(4)), str(mask_path))
+    with pytest.raises(UserError, match="mask.nii.gz does not lie on the grid"):
+        export_from_cli(mask_path, reference, tmp_path / "w.seg.nrrd", None)
+    assert not (tmp_path / "w.seg.nrrd").exists()
+
+
+def test_cli_warns_when_mask_geometry_differs_slightly(tmp_path, capsys):
+    from uumamba.export.slicer import export_from_cli
+
+    reference = _reference(tmp_path, "nifti_oblique")
+    affine = nib.load(str(reference)).affine.copy()
+    affine[:3, 3] += 0.01  # 0.017 mm: header rounding, well under half a voxel
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(_mask(), affine), str(mask_path))
     export_from_cli(mask_path, reference, tmp_path / "w.seg.nrrd", None)
     captured = capsys.readouterr()
     assert "warning:" in captured.err and "mask.nii.gz" in captured.err

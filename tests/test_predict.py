@@ -267,10 +267,15 @@ def test_cli_folder_skips_bad_file(model_dir, tmp_path):
                      inputs / f"{name}.nii.gz")
     good = (inputs / "a_0000.nii.gz").read_bytes()
     (inputs / "broken_0000.nii.gz").write_bytes(good[: len(good) // 2])  # truncated gzip
+    with_nan = rng.normal(size=(20, 18, 4)).astype(np.float32)
+    with_nan[3, 4, 1] = np.nan
+    _write_nifti(with_nan, _affine("lps", (1.5, 1.5, 8.0)), inputs / "nan_0000.nii.gz")
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=r"1 of 3 input\(s\) failed.*broken_0000\.nii\.gz"):
+    with pytest.raises(UserError, match=r"2 of 4 input\(s\) failed") as err:
         predict_from_cli(model_dir, inputs, out, folds="0", uncertainty=True, out_format="nrrd",
                          device="cpu")
+    assert "broken_0000.nii.gz: " in str(err.value) and "corrupt or truncated" in str(err.value)
+    assert "nan_0000.nii.gz: " in str(err.value) and "NaN" in str(err.value)
     assert sorted(p.name for p in out.iterdir()) == [
         "a.nrrd", "a_entropy.nrrd", "a_volumes.json", "b.nrrd", "b_entropy.nrrd", "b_volumes.json",
     ]
@@ -295,3 +300,28 @@ def test_cli_single_file_seg_nrrd_and_probabilities(model_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-4)
     with pytest.raises(UserError, match="--format"):
         predict_from_cli(model_dir, path, out, out_format="png", device="cpu")
+
+
+def test_cli_refuses_to_write_into_the_input_folder(tmp_path):
+    from uumamba.inference.predict import _check_output_dir
+
+    images = tmp_path / "images"
+    images.mkdir()
+    scan = images / "a.nii.gz"
+    scan.write_bytes(b"")
+    with pytest.raises(UserError, match="is the input folder"):
+        _check_output_dir(scan, images)
+    with pytest.raises(UserError, match="is the input folder"):
+        _check_output_dir(images, tmp_path / "images" / ".." / "images")
+    with pytest.raises(UserError, match="not a folder"):
+        _check_output_dir(images, scan)
+    _check_output_dir(images, tmp_path / "pred")  # a separate folder is fine
+
+
+def test_cases_with_colliding_names_are_refused(tmp_path):
+    from uumamba.inference.predict import _input_cases
+
+    for name in ("good.nrrd", "good.mha"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(UserError, match="both be written as case 'good'"):
+        _input_cases(tmp_path, 1)

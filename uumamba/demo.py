@@ -94,11 +94,12 @@ def run_demo(
 
     from uumamba.engine.train import train_fold
     from uumamba.evaluation.evaluate import evaluate_folders, print_summary, write_summary
-    from uumamba.inference.predict import predict_from_cli
+    from uumamba.inference.predict import predict_from_cli, resolve_device
 
     if n_cases < 2:
         raise UserError(f"--cases {n_cases}: the demo needs at least 2 training cases")
     cfg = demo_config(minutes)
+    resolve_device(device)  # a bad --device fails before anything is written
     if output is not None and any(Path(output, "model").glob("fold_*/checkpoint_*.pt")):
         raise UserError(f"{Path(output, 'model')} already holds a trained model; choose another "
                         "--output or delete that folder")

@@ -266,12 +266,13 @@ def export_from_cli(
 
     Returns:
         The written path. Prints one summary line; prints a warning to stderr when the mask
-        file's own geometry places voxels more than 1e-3 mm from the reference's (the
-        reference geometry is used).
+        file's own geometry places voxels more than 1e-3 mm (but at most half a voxel) from
+        the reference's (the reference geometry is used).
 
     Raises:
-        UserError: a file is missing or unreadable (message names it), shapes differ, or
-            ``labels`` is malformed.
+        UserError: a file is missing or unreadable (message names it), shapes differ, the
+            mask's voxels lie more than half a voxel away from the reference's, or ``labels``
+            is malformed.
     """
     mask_path, reference_path = Path(mask), Path(reference)
     array = read_mask(mask_path)
@@ -282,6 +283,13 @@ def export_from_cli(
         )
     _, mask_grid = read_grid(mask_path)
     offset = _max_voxel_offset_mm(shape, mask_grid, reference_grid)
+    half_voxel = 0.5 * float(min(np.linalg.norm(reference_grid[:3, :3], axis=0)))
+    if offset > half_voxel:
+        raise UserError(
+            f"mask {mask_path} does not lie on the grid of reference {reference_path}: voxel "
+            f"centres up to {offset:.3g} mm apart (more than half a voxel, {half_voxel:.3g} mm); "
+            "is it the mask of another image?"
+        )
     if offset > GEOMETRY_TOLERANCE_MM:
         print(
             f"warning: mask {mask_path} geometry differs from reference {reference_path} "

@@ -45,7 +45,7 @@ from uumamba.data.io import Geometry, format_of, read_geometry, read_image, writ
 from uumamba.data.layouts import IMAGE_SUFFIXES, split_suffix
 from uumamba.data.plan import Plans
 from uumamba.data.transforms import inference_transforms
-from uumamba.errors import UserError
+from uumamba.errors import DataError, UserError
 from uumamba.inference.postprocess import apply_postprocessing, load_postprocessing
 from uumamba.inference.sliding import sliding_window_probabilities
 from uumamba.utils import atomic_path
@@ -349,8 +349,15 @@ class Predictor:
     def _predict_volume(self, paths: list[Path], geometry: Geometry, tta: bool | None,
                         want_probabilities: bool, want_entropy: bool) -> Prediction:
         use_tta = self.tta if tta is None else bool(tta)
-        data = self.transforms({"image": [str(p) for p in paths]})
+        try:
+            data = self.transforms({"image": [str(p) for p in paths]})
+        except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+            raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc)}); "
+                            "is the file corrupt or truncated?") from None
         image = data["image"]
+        if not bool(torch.isfinite(image.as_tensor() if hasattr(image, "as_tensor") else image).all()):
+            raise DataError(f"{paths[0]}: the image contains NaN or infinite voxel values; "
+                            "fix or mask them before segmenting (see `uumamba check-data`)")
         probs = self.ensemble_probabilities(image[None], tta=use_tta)
         probs_orig = self.invert(probs[0], data)
         expected = tuple(geometry.shape[:3])
@@ -402,6 +409,14 @@ class Predictor:
         return arr / np.maximum(arr.sum(axis=0, keepdims=True), 1e-8)
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception of a chain (MONAI's transform wrappers hide the reader's)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 # ----------------------------------------------------------------------------------------
 # uumamba predict
 
@@ -431,8 +446,27 @@ def _input_cases(input_path: Path, n_channels: int) -> list[tuple[str, list[Path
         if not m and n_channels > 1:
             raise UserError(f"{f}: the model takes {n_channels} channels; name the files "
                             "CASE_0000, CASE_0001, ... (nnU-Net convention)")
-        groups.setdefault(case, {})[channel] = f
+        previous = groups.setdefault(case, {}).get(channel)
+        if previous is not None:
+            raise UserError(f"{f} and {previous} would both be written as case '{case}'; "
+                            "rename one of them")
+        groups[case][channel] = f
     return [(case, [chans[c] for c in sorted(chans)]) for case, chans in sorted(groups.items())]
+
+
+def _check_output_dir(input_path: Path, output_dir: Path) -> None:
+    """Refuse an output folder that is a file or the input's own folder (masks named like
+    their images would overwrite the scans).
+
+    Raises:
+        UserError: naming ``--output`` and the reason.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output {output_dir}: exists and is not a folder")
+    input_dir = input_path if input_path.is_dir() else input_path.parent
+    if output_dir.exists() and output_dir.resolve() == input_dir.resolve():
+        raise UserError(f"--output {output_dir} is the input folder: masks would overwrite the "
+                        "input images; choose another folder")
 
 
 def _mask_suffix(reference: Path, out_format: str | None) -> tuple[str, str | None]:
@@ -516,6 +550,7 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
     if out_format is not None and out_format.lstrip(".") not in OUTPUT_FORMATS:
         raise UserError(f"--format {out_format}: expected one of {', '.join(OUTPUT_FORMATS)}")
     out_format = out_format.lstrip(".") if out_format else None
+    _check_output_dir(Path(input_path), Path(output_dir))
     predictor = Predictor.from_model_dir(model_dir, folds=folds, device=device,
                                          tta=True if tta else None)
     cases = _input_cases(Path(input_path), predictor.plans.num_input_channels)
