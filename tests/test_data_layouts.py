@@ -133,8 +133,15 @@ def test_plain_folder_mixed_formats(tmp_path: Path) -> None:
     assert [c.id for c in index.test_images] == ["c", "d"]
     assert index.labels is None and index.modality is None
     _nii(tmp_path / "labels" / "zz.nii.gz")
-    with pytest.raises(DataError, match="zz.nii.gz"):
-        discover(tmp_path)
+    index = discover(tmp_path)  # an orphan label is a problem to report, not a stop
+    assert [(p.name, "without a matching image" in m) for p, m in index.orphans] == [
+        ("zz.nii.gz", True)]
+    from uumamba.config import DatasetConfig
+    from uumamba.data.check import check_dataset
+
+    report = check_dataset(index, DatasetConfig(labels={0: "bg", 1: "fg"}), 3)
+    assert report.fatal
+    assert any(p.file.endswith("zz.nii.gz") and p.severity == "error" for p in report.problems)
 
 
 def test_unknown_folder_names_it(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ class PlanConfig(_Section):
 
     target_spacing: list[float] | None = None
     patch_size: list[int] | None = None
-    batch_size: int | None = None
+    batch_size: int | None = Field(None, ge=1)
     normalization: Literal["zscore", "ct"] | None = None
     memory_budget_mb: float = 2000.0
     max_patch_size: list[int] | None = None
@@ -94,9 +94,9 @@ class ModelConfig(_Section):
     n_blocks_per_stage: int | list[int] = 1
     n_conv_per_stage_decoder: int = 1
     deep_supervision: bool = True
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
+    d_state: int = Field(16, ge=1)
+    d_conv: int = Field(4, ge=1)
+    expand: int = Field(2, ge=1)
     scan_backend: Literal["auto", "cuda", "cpu", "torch"] = "auto"
 
 
@@ -133,14 +133,14 @@ class OptimConfig(_Section):
 
     name: Literal["sam", "asam", "sgd", "adamw"] = "sam"
     base: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
+    lr: float = Field(0.01, gt=0)
     momentum: float = 0.99
     nesterov: bool = True
     weight_decay: float = 3e-5
-    rho: float | None = None
-    grad_clip: float = 12.0
+    rho: float | None = Field(None, ge=0)
+    grad_clip: float = Field(12.0, ge=0)
     poly_exponent: float = 0.9
-    warmup_iterations: int = 0
+    warmup_iterations: int = Field(0, ge=0)
 
 
 class AugmentationConfig(_Section):
@@ -180,18 +180,18 @@ class TrainConfig(_Section):
         deterministic: seeded, deterministic algorithms (CPU runs are reproducible).
     """
 
-    epochs: int = 100
-    iterations_per_epoch: int = 250
-    time_limit_minutes: float | None = None
+    epochs: int = Field(100, ge=1)
+    iterations_per_epoch: int = Field(250, ge=1)
+    time_limit_minutes: float | None = Field(None, gt=0)
     schedule_by_time: bool = False
-    val_every: int = 5
-    n_folds: int = 5
+    val_every: int = Field(5, ge=1)
+    n_folds: int = Field(5, ge=2)
     seed: int = 12345
-    foreground_oversample: float = 0.33
+    foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
     cache: Literal["memory", "disk", "none"] = "memory"
-    num_workers: int = 2
+    num_workers: int = Field(2, ge=0)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    max_nonfinite_steps: int = 25
+    max_nonfinite_steps: int = Field(25, ge=0)
     deterministic: bool = True
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 
@@ -217,11 +217,11 @@ class InferenceConfig(_Section):
         nsd_tolerance_mm: tolerance of the normalised surface distance in evaluation.
     """
 
-    overlap: float = 0.5
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
     gaussian: bool = True
     tta: bool = False
-    sw_batch_size: int = 2
-    nsd_tolerance_mm: float = 2.0
+    sw_batch_size: int = Field(2, ge=1)
+    nsd_tolerance_mm: float = Field(2.0, gt=0)
 
 
 class Config(_Section):

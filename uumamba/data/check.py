@@ -231,6 +231,8 @@ def check_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, spatial_dims:
     else:
         out.error(index.root, "no label names declared: set dataset.labels in the config "
                               "(the dataset has no dataset.json labels)")
+    for path, message in index.orphans:
+        out.error(path, message)
     for case in index.cases:
         _check_case(out, case, dataset_cfg, spatial_dims, declared)
     for case in index.test_images:

@@ -97,6 +97,8 @@ class DatasetIndex:
             ``None`` when the layout does not define them.
         modality: ``"MRI"`` / ``"CT"`` when the layout says, else ``None``.
         test_images: unlabelled cases (``label`` is ``None``), sorted by id.
+        orphans: files of the layout that belong to no case (e.g. a label without an image);
+            :func:`uumamba.data.check.check_dataset` reports each as an error.
     """
 
     root: Path
@@ -105,6 +107,7 @@ class DatasetIndex:
     labels: dict[int, str] | None = None
     modality: str | None = None
     test_images: list[Case] = field(default_factory=list)
+    orphans: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def num_channels(self) -> int:
@@ -339,14 +342,12 @@ def _is_folder(root: Path) -> bool:
 def _discover_folder(root: Path) -> DatasetIndex:
     labels = {split_suffix(p)[0]: p for p in _image_files(root / "labels")}
     images = {split_suffix(p)[0]: p for p in _image_files(root / "images")}
-    orphans = sorted(set(labels) - set(images))
-    if orphans:
-        raise DataError(f"{labels[orphans[0]]}: label without a matching image in "
-                        f"{root / 'images'} ({len(orphans)} such label file(s))")
+    orphans = [(labels[s], f"label without a matching image in {root / 'images'}")
+               for s in sorted(set(labels) - set(images))]
     cases = [Case(s, s, [p], labels[s]) for s, p in sorted(images.items()) if s in labels]
     tests = [Case(s, s, [p], None) for s, p in sorted(images.items()) if s not in labels]
     names, modality = _optional_metadata(root / "dataset.json")
-    return DatasetIndex(root, "folder", cases, names, modality, tests)
+    return DatasetIndex(root, "folder", cases, names, modality, tests, orphans)
 
 
 def _optional_metadata(path: Path) -> tuple[dict[int, str] | None, str | None]:
