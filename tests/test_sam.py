@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from uumamba.config import OptimConfig
+from uumamba.config import OptimConfig, load_config
 from uumamba.errors import ConfigError
 from uumamba.losses import UncertaintyWeightedLoss
 from uumamba.optim import SAM, PolyLRScheduler, build_optimizer
@@ -327,8 +327,11 @@ def test_build_optimizer_variants_and_sigma_group():
         OptimConfig(name="adamw"), model, UncertaintyWeightedLoss(3, name="fixed")
     )
     assert type(adamw) is torch.optim.AdamW and len(adamw.param_groups) == 1
-    with pytest.raises(ConfigError, match="optim.rho"):
-        build_optimizer(OptimConfig(rho=-1.0), model, loss)
+    with pytest.raises(ConfigError, match="optim.rho"):  # the schema refuses it first
+        load_config(None, ["optim.rho=-1.0"])
+    unchecked = OptimConfig.model_construct(**{**OptimConfig().model_dump(), "rho": -1.0})
+    with pytest.raises(ConfigError, match="optim.rho"):  # and so does the builder
+        build_optimizer(unchecked, model, loss)
     with pytest.raises(ConfigError, match="momentum"):
         build_optimizer(OptimConfig(name="sgd", momentum=0.0, nesterov=True), model, loss)
 
