@@ -325,3 +325,14 @@ def test_cases_with_colliding_names_are_refused(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     with pytest.raises(UserError, match="both be written as case 'good'"):
         _input_cases(tmp_path, 1)
+
+
+def test_device_names_are_checked_like_train():
+    from uumamba.inference.predict import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda")

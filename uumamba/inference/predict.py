@@ -83,20 +83,16 @@ class Prediction:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available else ``cpu``; otherwise ``torch.device(device)``.
+    """``auto`` -> ``cuda`` when available else ``cpu``; the engine's rule
+    (:func:`uumamba.engine.distributed.resolve_device`), so every command reads ``--device``
+    alike.
 
     Raises:
         UserError: CUDA was asked for but is not available, or the name is not a device.
     """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"--device {device!r}: not a torch device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use cpu")
-    return dev
+    from uumamba.engine.distributed import resolve_device as _resolve
+
+    return _resolve(device)
 
 
 def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
