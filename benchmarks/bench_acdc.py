@@ -7,7 +7,7 @@ preprocessing included), on the training cases of our fold 0 (patient-grouped sp
 strides), the same MONAI training transforms (patch sampling, augmentation) and the same
 inference (sliding window, Gaussian blending, inversion to the original grid). They differ in:
 
-- UU-Mamba: our network, SAM and the uncertainty-weighted loss of the config
+- UU-Mamba: our network, the optimizer and the uncertainty-weighted loss of the config
   (``configs/acdc_cpu.yaml``), trained by ``uumamba.engine.train.train_fold``;
 - DynUNet: ``monai.networks.nets.DynUNet`` with the plan's kernels and strides and the
   config's feature widths, instance norm, deep supervision, Dice + CE, SGD (lr 0.01,
