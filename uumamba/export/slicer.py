@@ -19,64 +19,34 @@ from pathlib import Path
 
 import numpy as np
 
+from uumamba.data.io import is_nifti, read_geometry
 from uumamba.errors import UserError
 from uumamba.export.colors import assign_colors
 from uumamba.export.labels import resolve_labels
 from uumamba.export.terminology import lookup_terminology
 from uumamba.utils import atomic_path
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SEG_SUFFIX = ".seg.nrrd"
 GEOMETRY_TOLERANCE_MM = 1e-3
 """Largest voxel-centre offset (mm) between a mask and its reference accepted silently."""
-
-
-def _is_nifti(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
 def read_grid(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """Voxel grid of an image file: spatial shape (x, y, z) and the 4x4 voxel -> LPS matrix.
 
     ``ijk_to_lps @ [i, j, k, 1]`` is the LPS position in mm of voxel (i, j, k)'s centre. Only
-    the header is read. 4D images give their first three (spatial) axes.
+    the header is read (:func:`uumamba.data.io.read_geometry`). 4D images give their first
+    three (spatial) axes.
 
     Raises:
         UserError: the file does not exist, cannot be read as an image, or has fewer than 3
             dimensions.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image {path} does not exist")
-    try:
-        if _is_nifti(path):
-            import nibabel as nib
-
-            image = nib.load(str(path))
-            shape = tuple(int(s) for s in image.shape)
-            ijk_to_lps = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)
-        else:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            dim = reader.GetDimension()
-            shape = tuple(int(s) for s in reader.GetSize())
-            if dim < 3:
-                raise UserError(f"image {path} is {dim}D; a 3D volume is needed")
-            direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)
-            ijk_to_lps = np.eye(4)
-            ijk_to_lps[:3, :3] = direction[:3, :3] * np.asarray(reader.GetSpacing())[:3]
-            ijk_to_lps[:3, 3] = np.asarray(reader.GetOrigin())[:3]
-    except UserError:
-        raise
-    except Exception as exc:  # nibabel / ITK raise many types for unreadable files
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    geometry = read_geometry(path)
+    shape = geometry.shape
     if len(shape) < 3:
         raise UserError(f"image {path} has shape {shape}; a 3D volume is needed")
-    return (shape[0], shape[1], shape[2]), ijk_to_lps
+    return (shape[0], shape[1], shape[2]), geometry.affine_lps()
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -93,7 +63,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"mask {path} does not exist")
     try:
-        if _is_nifti(path):
+        if is_nifti(path):
             import nibabel as nib
 
             array = np.asanyarray(nib.load(str(path)).dataobj)
