@@ -90,25 +90,22 @@ def _strip_path(message: str, path: Path) -> str:
     return message.replace(str(path), "upload").replace(str(path.parent), "")
 
 
-def volume_summary(mask: np.ndarray, spacing: tuple[float, ...], labels: dict[int, str],
-                   tta: bool) -> VolumeSummary:
-    """Voxel counts and volumes (mL = voxels * prod(spacing mm) / 1000) of every foreground label.
+def volume_summary(prediction, tta: bool) -> VolumeSummary:
+    """The JSON answer's per-class voxel counts and volumes, taken from the prediction.
 
     Args:
-        mask: (x, y, z) integer label map.
-        spacing: voxel spacing in mm.
-        labels: value -> name, background (0) included; absent values count 0.
+        prediction: a :class:`uumamba.inference.predict.Prediction`; its ``voxel_counts`` and
+            ``volumes_ml`` (mL = voxels * prod(spacing mm) / 1000, every foreground label,
+            absent ones 0) were computed by the predictor from the mask it returned.
+        tta: whether mirroring test-time augmentation was used.
     """
-    voxel_ml = float(math.prod(float(s) for s in spacing)) / 1000.0
-    counts = np.bincount(np.asarray(mask).ravel().astype(np.int64), minlength=max(labels, default=0) + 1)
-    names = {value: name for value, name in labels.items() if value != 0}
-    voxel_counts = {name: int(counts[value]) for value, name in names.items()}
+    spacing = [float(s) for s in prediction.geometry.spacing]
     return VolumeSummary(
-        shape=[int(s) for s in mask.shape],
-        spacing_mm=[float(s) for s in spacing],
-        voxel_volume_ml=voxel_ml,
-        voxel_counts=voxel_counts,
-        volumes_ml={name: n * voxel_ml for name, n in voxel_counts.items()},
+        shape=[int(s) for s in prediction.mask.shape],
+        spacing_mm=spacing,
+        voxel_volume_ml=float(math.prod(spacing)) / 1000.0,
+        voxel_counts=dict(prediction.voxel_counts),
+        volumes_ml=dict(prediction.volumes_ml),
         tta=tta,
     )
 
@@ -140,7 +137,7 @@ def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat,
         out_dir: existing private folder for the result (``mask.nii.gz`` / ``mask.seg.nrrd``).
         fmt: output format.
         tta: per-request mirroring TTA; ``None`` uses the model's default ``tta_default``.
-        labels: label value -> name for the Slicer segment names and the summary.
+        labels: label value -> name for the Slicer segment names.
         report: progress callback, ``report(stage, fraction)``.
 
     Raises:
@@ -151,8 +148,7 @@ def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat,
     prediction = predict(predictor, upload, tta)
     report("writing", 0.9)
     mask = np.asarray(prediction.mask, dtype=np.uint8)
-    summary = volume_summary(mask, tuple(prediction.geometry.spacing), labels,
-                             tta_default if tta is None else tta)
+    summary = volume_summary(prediction, tta_default if tta is None else tta)
     out_path: Path | None = None
     if fmt is OutputFormat.nii_gz:
         from uumamba.data.io import write_mask
