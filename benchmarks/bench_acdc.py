@@ -13,9 +13,18 @@ inference (sliding window, Gaussian blending, inversion to the original grid). T
   config's feature widths, instance norm, deep supervision, Dice + CE, SGD (lr 0.01,
   Nesterov momentum 0.99, poly schedule) — nnU-Net's recipe, in a plain loop.
 
-Then both predict the validation cases of fold 0 and are scored (Dice, HD95, NSD);
-the per-class Dice and the foreground mean of both are printed and written to
-``OUTPUT/bench_acdc.json``.
+Then both predict the validation cases of fold 0 without postprocessing and are scored (Dice,
+HD95, NSD) — the ``raw`` result. The largest-connected-component postprocessing is then
+decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
+model's own validation masks in the original grid), applied and scored again — the
+``postprocessed`` result. Note that this decision is made on the cases it is scored on
+(as nnU-Net decides it on its cross-validation predictions); the raw scores carry no such
+selection. Per-class Dice and the foreground mean of both models, raw and postprocessed, are
+printed and written to ``OUTPUT/bench_acdc.json``.
+
+When ``train.schedule_by_time`` is set (configs/acdc_cpu.yaml), the DynUNet's poly schedule
+is annealed over the same wall-time budget and its loop runs until the budget is spent (not
+until ``epochs x iterations_per_epoch``), as ours does.
 
 Usage::
 
@@ -74,8 +83,9 @@ def build_dynunet(plans, features: list[int] | None) -> nn.Module:
     return _DeepSupervisionList(net)
 
 
-def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: torch.device) -> nn.Module:
-    """Train the DynUNet on fold 0's training cases of ``model_dir``'s splits for ``minutes``."""
+def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: torch.device) -> tuple[nn.Module, int]:
+    """Train the DynUNet on fold 0's training cases of ``model_dir``'s splits for ``minutes``;
+    return the network (eval mode) and the number of iterations run."""
     from torch.utils.data import DataLoader, RandomSampler
 
     from uumamba.config import LossConfig, OptimConfig
@@ -96,6 +106,8 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     cases = [c for c in index.cases if c.id in train_ids]
     dataset = make_dataset(cases, training_transforms(plans, cfg.train), cache=cfg.train.cache)
     total = cfg.train.epochs * cfg.train.iterations_per_epoch
+    if cfg.train.schedule_by_time:  # stop on time only, like train_fold; never run dry
+        total = max(total, 1_000_000)
     loader = DataLoader(dataset, batch_size=plans.batch_size,
                         sampler=RandomSampler(dataset, replacement=True,
                                               num_samples=total * plans.batch_size),
@@ -125,22 +137,56 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
         if time.monotonic() - t0 > minutes * 60:
             break
     print(f"  dynunet: {it} iterations in {time.monotonic() - t0:.0f} s", flush=True)
-    return model.net.eval()
+    return model.net.eval(), it
 
 
 def predict_and_score(predictor, val_cases, out_dir: Path, labels, tolerance_mm: float) -> dict:
-    """Predict every validation case into ``out_dir`` and evaluate against its label."""
-    from uumamba.evaluation.evaluate import evaluate_pairs, write_summary
-    from uumamba.inference.predict import write_prediction
+    """Predict every validation case, score it raw and with postprocessing decided by one rule.
 
-    pairs = []
+    The predictor's own postprocessing is switched off; the raw masks go to ``out_dir/raw``.
+    Then :func:`determine_postprocessing` (nnU-Net's largest-component rule) is run on those
+    masks against the references (original grid), the chosen filtering is applied and the
+    masks are written to ``out_dir/postprocessed`` and scored again.
+
+    Returns ``{"raw": summary, "postprocessed": summary, "postprocessing": spec}``.
+    """
+    from dataclasses import replace
+
+    from uumamba.evaluation.evaluate import _read_labels, evaluate_pairs, write_summary
+    from uumamba.inference.postprocess import apply_postprocessing, determine_postprocessing
+    from uumamba.inference.predict import label_volumes, write_prediction
+
+    predictor.postprocessing = None
+    preds = []
     for case in val_cases:
         pred = predictor.predict_file(case.images)
-        written = write_prediction(pred, case.id, case.images[0], out_dir, labels)
-        pairs.append((case.id, written[0], case.label))
-    summary = evaluate_pairs(pairs, labels, tolerance_mm)
-    write_summary(summary, out_dir)
-    return summary
+        path = write_prediction(pred, case.id, case.images[0], out_dir / "raw", labels)[0]
+        preds.append((case, pred, path))
+    raw_masks = [_read_labels(path)[0] for _, _, path in preds]
+    refs = [_read_labels(case.label)[0] for case, _, _ in preds]
+    spec = determine_postprocessing(raw_masks, refs, labels)
+    pairs_raw, pairs_post = [], []
+    for case, pred, path in preds:
+        mask = apply_postprocessing(pred.mask, spec)
+        counts, volumes = label_volumes(mask, pred.geometry.spacing, labels)
+        post = replace(pred, mask=mask, voxel_counts=counts, volumes_ml=volumes)
+        written = write_prediction(post, case.id, case.images[0], out_dir / "postprocessed", labels)
+        pairs_raw.append((case.id, path, case.label))
+        pairs_post.append((case.id, written[0], case.label))
+    result = {"postprocessing": spec}
+    for key, pairs in (("raw", pairs_raw), ("postprocessed", pairs_post)):
+        result[key] = evaluate_pairs(pairs, labels, tolerance_mm)
+        write_summary(result[key], out_dir / key)
+    return result
+
+
+def _iterations_done(model_dir: Path) -> int | None:
+    """Iterations of fold 0 from the last line of its ``metrics.jsonl`` (None if absent)."""
+    path = model_dir / "fold_0" / "metrics.jsonl"
+    if not path.exists():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]).get("iteration") if lines else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     console.rule(f"DynUNet (nnU-Net-like), {args.minutes:g} min")
     t = time.monotonic()
-    dynunet = train_dynunet(cfg, args.data, ours_dir, args.minutes, device)
+    dynunet, dyn_iterations = train_dynunet(cfg, args.data, ours_dir, args.minutes, device)
     dyn_train_s = time.monotonic() - t
 
     index = layouts.discover(args.data, layout=cfg.dataset.layout)
@@ -195,33 +241,43 @@ def main(argv: list[str] | None = None) -> dict:
     console.rule(f"Evaluating on {len(val_cases)} validation cases of fold 0")
     s_ours = predict_and_score(ours, val_cases, args.output / "pred_uumamba", labels, tol)
     s_dyn = predict_and_score(theirs, val_cases, dyn_dir / "predictions", labels, tol)
-    print_summary(s_ours, title="UU-Mamba")
-    print_summary(s_dyn, title="DynUNet")
+    for key in ("raw", "postprocessed"):
+        print_summary(s_ours[key], title=f"UU-Mamba ({key})")
+        print_summary(s_dyn[key], title=f"DynUNet ({key})")
 
-    table = Table(title=f"ACDC fold 0 validation Dice ({len(val_cases)} cases, "
+    table = Table(title=f"ACDC fold 0 validation Dice ({len(val_cases)} volumes, "
                         f"{args.minutes:g} min each, {args.threads} threads)")
     table.add_column("class")
-    table.add_column("UU-Mamba", justify="right")
-    table.add_column("DynUNet", justify="right")
+    for name in ("UU-Mamba", "DynUNet"):
+        table.add_column(f"{name} raw", justify="right")
+        table.add_column(f"{name} post", justify="right")
 
     def f(v: float) -> str:
         return "n/a" if v is None or math.isnan(v) else f"{v:.4f}"
 
-    for key, m in s_ours["mean"].items():
-        table.add_row(m["name"], f(m["Dice"]), f(s_dyn["mean"][key]["Dice"]))
-    table.add_row("foreground mean", f(s_ours["foreground_mean"]["Dice"]),
-                  f(s_dyn["foreground_mean"]["Dice"]), style="bold")
+    def row(s: dict, key: str | None) -> list[str]:
+        return [f((s[k]["mean"][key] if key else s[k]["foreground_mean"])["Dice"])
+                for k in ("raw", "postprocessed")]
+
+    for key, m in s_ours["raw"]["mean"].items():
+        table.add_row(m["name"], *row(s_ours, key), *row(s_dyn, key))
+    table.add_row("foreground mean", *row(s_ours, None), *row(s_dyn, None), style="bold")
     console.print(table)
+
+    def scores(s: dict) -> dict:
+        return {k: {**{m["name"]: m["Dice"] for m in s[k]["mean"].values()},
+                    "foreground_mean": s[k]["foreground_mean"]["Dice"],
+                    "foreground_mean_HD95_mm": s[k]["foreground_mean"].get("HD95")}
+                for k in ("raw", "postprocessed")}
 
     result = {
         "data": str(args.data), "minutes": args.minutes, "threads": args.threads,
         "config": str(args.config), "val_cases": sorted(val_ids),
         "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
-        "dice": {
-            name: {**{m["name"]: m["Dice"] for m in s["mean"].values()},
-                   "foreground_mean": s["foreground_mean"]["Dice"]}
-            for name, s in (("uumamba", s_ours), ("dynunet", s_dyn))
-        },
+        "iterations": {"uumamba": _iterations_done(ours_dir), "dynunet": dyn_iterations},
+        "dice": {"uumamba": scores(s_ours), "dynunet": scores(s_dyn)},
+        "postprocessing_labels": {"uumamba": s_ours["postprocessing"]["largest_component_labels"],
+                                  "dynunet": s_dyn["postprocessing"]["largest_component_labels"]},
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "bench_acdc.json").write_text(json.dumps(result, indent=2))

@@ -3,7 +3,8 @@
 Methods (same inputs: delta_softplus, delta_bias, D and the silu(z) gate on every method):
 
 * ``cpu``     - uumamba's fused numba kernels (``backend="cpu"``).
-* ``torch``   - uumamba's chunked, checkpointed PyTorch scan (``backend="torch"``).
+* ``torch``   - uumamba's pure-PyTorch scan: blocked cumulative sums, chunked, hand-written
+  recomputing backward (``backend="torch"``).
 * ``loop``    - per-step loop: exp(delta A) and delta B u materialised as (batch, d_inner, L,
   d_state), one vectorised step per position over ``unbind`` views, ``stack``, autograd (the
   form of mamba-ssm's ``selective_scan_ref``).

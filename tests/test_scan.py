@@ -25,6 +25,7 @@ from uumamba.nn.ops import (
 # the package re-exports the function under the submodule's name, so fetch modules explicitly
 scan_cpu = importlib.import_module("uumamba.nn.ops.scan_cpu")
 scan_mod = importlib.import_module("uumamba.nn.ops.selective_scan")
+scan_torch = importlib.import_module("uumamba.nn.ops.scan_torch")
 
 BACKENDS = ["cpu", "torch"]
 OPTION_SETS = {
@@ -114,8 +115,8 @@ def test_forward_option_mixes(backend, options):
 def small_chunks(monkeypatch):
     """Chunks of a few positions, so short sequences cross several chunk / sub-block edges."""
     monkeypatch.setattr(scan_cpu, "CHUNK", 8)
-    monkeypatch.setattr(scan_mod, "TORCH_CHUNK", 8)
-    monkeypatch.setattr(scan_mod, "_SUB_BLOCK", 3)
+    monkeypatch.setattr(scan_torch, "TORCH_CHUNK", 8)
+    monkeypatch.setattr(scan_torch, "_BLOCK_MAX", 4)
 
 
 def _grads(fn, inputs, grad_out):
@@ -139,6 +140,34 @@ def test_gradients_match_reference(backend, options, small_chunks):
     for name, g in got.items():
         assert g is not None and g.dtype == torch.float32, name
         assert _rel_err(g, expected[name]) <= 2e-4, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_step", [12.0, 150.0])
+def test_strong_decay_forward_and_gradients(backend, max_step, small_chunks):
+    """Step sizes far above Mamba's init (max delta * |A| of 12 and 150 per step): the torch
+    backend then shortens its blocks to 4 positions and, for 150, floors log-decays at -16;
+    both backends must still match the reference in value and gradient."""
+    inputs = make_inputs(157, **OPTION_SETS["plain"], seed=4)
+    inputs["delta"] = inputs["delta"] * (max_step / inputs["delta"].max() / inputs["A"].abs().max())
+    block, floored = scan_torch._block_length(inputs["delta"].transpose(1, 2), inputs["A"])
+    assert block == 4 and floored == (max_step > 16)
+    grad_out = torch.randn(2, 6, 157, generator=torch.Generator().manual_seed(5))
+    expected = _grads(reference_scan, {k: v.double() if isinstance(v, torch.Tensor) else v
+                                       for k, v in inputs.items()}, grad_out.double())
+    got = _grads(functools.partial(selective_scan, backend=backend), inputs, grad_out)
+    for name, g in got.items():
+        tol = 1e-4 if name == "A" else 2e-5  # A's gradient sums products of tiny decays
+        assert _rel_err(g, expected[name]) <= tol, name
+    with torch.no_grad():
+        out = selective_scan(**inputs, backend=backend)
+    assert _rel_err(out, reference_scan(**inputs)) <= 1e-5
+
+
+def test_empty_sequence():
+    inputs = make_inputs(0, **OPTION_SETS["all"])
+    for backend in BACKENDS:
+        assert selective_scan(**inputs, backend=backend).shape == (2, 6, 0)
 
 
 @pytest.mark.parametrize("fn", [selective_scan_torch, selective_scan_cpu],

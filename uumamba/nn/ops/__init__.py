@@ -3,7 +3,8 @@
 ``selective_scan`` dispatches to one of three backends (see
 :func:`uumamba.nn.ops.selective_scan.resolve_scan_backend`): ``cuda`` (mamba-ssm, lazy import),
 ``cpu`` (fused numba kernels, :mod:`uumamba.nn.ops.scan_cpu`, compiled on first use) and
-``torch`` (pure PyTorch, chunked and checkpointed).
+``torch`` (pure PyTorch, :mod:`uumamba.nn.ops.scan_torch`: blocked cumulative sums, chunked,
+recomputing backward).
 """
 
 from uumamba.nn.ops.selective_scan import (

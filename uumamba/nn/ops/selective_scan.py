@@ -17,11 +17,9 @@ Backends (see :func:`resolve_scan_backend`):
 
 * ``cuda``  - mamba-ssm's fused CUDA kernel, imported lazily, only for CUDA tensors.
 * ``cpu``   - fused multi-threaded numba kernels (:mod:`uumamba.nn.ops.scan_cpu`).
-* ``torch`` - pure PyTorch, any device: the sequence is split into chunks of 256-4096
-  positions (``TORCH_CHUNK``, or sized to the tensor width); each chunk is one checkpointed function, so only the chunk
-  boundary states (batch, d_inner, d_state) are kept for backward. Inside a chunk the linear
-  recurrence is solved by a blocked parallel scan (vectorised over sub-blocks, no per-position
-  autograd nodes) with a hand-written reverse-scan backward.
+* ``torch`` - pure PyTorch, any device (:mod:`uumamba.nn.ops.scan_torch`): blocks of up to
+  64 positions solved in closed form by cumulative sums, chunks of blocks whose entry states
+  alone are kept for a recomputing, hand-written backward (no per-position autograd nodes).
 
 The scan always computes in float32 (float64 inputs stay float64 on the torch backend), with
 autocast disabled: fp16 overflow inside the scan is a known cause of NaN losses in U-Mamba
@@ -35,12 +33,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from uumamba.nn.ops.scan_torch import scan_core_torch
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
-    "TORCH_CHUNK",
     "cuda_backend_status",
     "resolve_scan_backend",
     "selective_scan",
@@ -50,18 +48,6 @@ __all__ = [
 
 BACKENDS = ("auto", "cuda", "cpu", "torch")
 ENV_VAR = "UUMAMBA_SCAN_BACKEND"
-# Positions per checkpointed chunk of the torch backend. None: the largest power of two in
-# [256, 4096] whose (batch, d_inner, chunk, d_state) tensors hold at most _CHUNK_ELEMENTS.
-TORCH_CHUNK: int | None = None
-_CHUNK_ELEMENTS = 1 << 23
-# Positions per sub-block inside a chunk. Small on purpose: the in-block steps are large
-# multi-threaded ops, the per-sub-block carry steps touch only (batch, d_inner, d_state) and
-# run inline, so few large ops keep thread synchronisation (costly on busy CPUs) rare.
-_SUB_BLOCK = 8
-# Decays exp(delta * A) below exp(-60) ~ 1e-26 are raised to it: the change in y is below
-# 1e-26 * |h|, and it keeps float32 products out of the denormal range (100x slower on CPUs).
-_LOG_DECAY_MIN = -60.0
-
 
 # --------------------------------------------------------------------------------------------
 # Backend selection
@@ -280,136 +266,19 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 # --------------------------------------------------------------------------------------------
 
 
-def _blocked_scan(a, log_a, x, h0, reverse=False):
-    """Solve h_t = a_t * h_{t-1} + x_t along dim 2 of (batch, d_inner, T, d_state) tensors.
-
-    ``a = exp(log_a)``; ``h0`` (batch, d_inner, d_state) is the state before the first
-    position (after the last one when ``reverse``; then h_t = a_t * h_{t+1} + x_t). No
-    autograd. The T positions are split into sub-blocks of ``_SUB_BLOCK``: one vectorised pass
-    per in-block position computes every sub-block's local scan at once, the decay from each
-    sub-block's start is exp(cumsum(log_a)) (clamped at ``_LOG_DECAY_MIN`` so no product
-    underflows into slow denormals), a short pass over sub-blocks carries the states, and one
-    fused multiply-add applies the carries: O(T) work in ``_SUB_BLOCK`` large vectorised
-    steps plus ``T / _SUB_BLOCK`` small ones.
-
-    Returns h, (batch, d_inner, T, d_state).
-    """
-    b, d, T, n = a.shape
-    K = min(T, _SUB_BLOCK)
-    M = -(-T // K)
-    pad = M * K - T
-    if pad:  # a = 1 (log_a = 0), x = 0 leaves the state unchanged, in either direction
-        a = F.pad(a, (0, 0, 0, pad), value=1.0)
-        log_a = F.pad(log_a, (0, 0, 0, pad))
-        x = F.pad(x, (0, 0, 0, pad))
-    a5 = a.reshape(b, d, M, K, n)
-    x5 = x.reshape(b, d, M, K, n)
-    log_p = log_a.reshape(b, d, M, K, n).cumsum(dim=3)
-    if reverse:  # sum over positions k..K-1 of each sub-block
-        log_p = log_p[:, :, :, -1:] - log_p + log_a.reshape(b, d, M, K, n)
-    P = log_p.clamp_min_(_LOG_DECAY_MIN).exp_()  # decay from the sub-block's entry to k
-    h = torch.empty_like(x5)
-    order = range(K - 1, -1, -1) if reverse else range(K)
-    first, *rest = order
-    h[:, :, :, first] = x5[:, :, :, first]
-    prev = first
-    for k in rest:
-        torch.addcmul(x5[:, :, :, k], a5[:, :, :, k], h[:, :, :, prev], out=h[:, :, :, k])
-        prev = k
-    last = prev
-    carry = torch.empty(b, d, M, 1, n, dtype=h.dtype, device=h.device)  # state entering block
-    state = h0
-    for m in range(M - 1, -1, -1) if reverse else range(M):
-        carry[:, :, m, 0] = state
-        state = torch.addcmul(h[:, :, m, last], P[:, :, m, last], state)
-    h.addcmul_(P, carry)
-    h = h.reshape(b, d, M * K, n)
-    return h[:, :, :T] if pad else h
-
-
-class _LinearScan(torch.autograd.Function):
-    """h_t = exp(log_a_t) * h_{t-1} + x_t over dim 2 of (batch, d_inner, T, d_state), h_{-1} = h0.
-
-    Backward is the reverse scan g_t = dh_t + a_{t+1} g_{t+1}; then dx = g,
-    d(log_a)_t = g_t * h_{t-1} * a_t, dh0 = a_0 * g_0 (the adjoint of a first-order linear
-    recurrence, as in mamba-ssm's backward kernel).
-    """
-
-    @staticmethod
-    def forward(ctx, log_a, x, h0):
-        a = log_a.exp()
-        h = _blocked_scan(a, log_a, x, h0)
-        ctx.save_for_backward(a, log_a, h, h0)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        a, log_a, h, h0 = ctx.saved_tensors
-        a_next = torch.cat([a[:, :, 1:], torch.ones_like(a[:, :, :1])], dim=2)
-        log_a_next = torch.cat([log_a[:, :, 1:], torch.zeros_like(log_a[:, :, :1])], dim=2)
-        g = _blocked_scan(
-            a_next, log_a_next, grad_h.contiguous(), torch.zeros_like(h0), reverse=True
-        )
-        h_prev = torch.cat([h0[:, :, None], h[:, :, :-1]], dim=2)
-        return g * h_prev * a, g, a[:, :, 0] * g[:, :, 0]
-
-
-def _scan_chunk(u, delta, A, B, C, h0):
-    """Selective scan of one chunk without D / z: returns y (batch, d_inner, T) and the last
-    state (batch, d_inner, d_state). u, delta (batch, d_inner, T); A (d_inner, d_state);
-    B, C (batch, d_state, T); h0 (batch, d_inner, d_state)."""
-    # log-decay clamped at _LOG_DECAY_MIN: exp(-60) ~ 1e-26 instead of a denormal or zero
-    log_a = (delta[..., None] * A[None, :, None, :]).clamp_min(_LOG_DECAY_MIN)  # (b, d, T, n)
-    x = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (b, d, T, n)
-    h = _LinearScan.apply(log_a, x, h0)
-    y = (h * C.transpose(1, 2)[:, None]).sum(-1)
-    return y, h[:, :, -1].clone()  # a copy: a view would keep the chunk's h alive
-
-
-def _auto_chunk(elements_per_position: int) -> int:
-    """Largest power of two in [256, 4096] with chunk * elements_per_position <= 2^23."""
-    chunk = 4096
-    while chunk > 256 and chunk * elements_per_position > _CHUNK_ELEMENTS:
-        chunk //= 2
-    return chunk
-
-
-def selective_scan_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk_size=None
-):
-    """Pure-PyTorch selective scan, autograd-capable, any device.
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Pure-PyTorch selective scan, autograd-capable, any device (:mod:`.scan_torch`).
 
     Shapes as :func:`selective_scan`; returns (batch, d_inner, L) in float32 (float64 when an
-    input is float64). The sequence is processed in chunks of ``chunk_size`` (default
-    ``TORCH_CHUNK``, else sized to about 2^23 elements per (batch, d_inner, chunk, d_state)
-    tensor) positions, each wrapped in ``torch.utils.checkpoint`` when gradients are
-    needed, so peak memory is O(batch * d_inner * L + batch * d_inner * chunk * d_state)
-    instead of O(batch * d_inner * L * d_state).
+    input is float64). The scan runs in blocks solved by cumulative sums and chunks whose
+    entry states alone are kept for backward, so peak memory is O(batch * d_inner * L) plus
+    a few buffers of about 2^20 elements, never O(batch * d_inner * L * d_state).
     """
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C, D, z, delta_bias = (
         None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)
     )
-    batch, d_inner, length = u.shape
-    chunk = int(chunk_size or TORCH_CHUNK or _auto_chunk(batch * d_inner * A.shape[1]))
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    state = u.new_zeros(batch, d_inner, A.shape[1])
-    need_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (u, delta, A, B, C)
-    )
-    ys = [u.new_zeros(batch, d_inner, 0)]
-    # split (not per-chunk slicing): its backward concatenates the chunk gradients once
-    # instead of scattering every chunk into a full-length zero tensor.
-    pieces = (t.split(chunk, dim=2) for t in (u, delta, B, C))
-    for u_c, delta_c, B_c, C_c in zip(*pieces, strict=True):
-        args = (u_c, delta_c, A, B_c, C_c, state)
-        if need_grad:
-            y, state = checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y, state = _scan_chunk(*args)
-        ys.append(y)
-    y = torch.cat(ys, dim=2)
-    return _finish_output(y, u, D, z)
-
+    y = scan_core_torch(u.transpose(1, 2), delta.transpose(1, 2), A,
+                        B.transpose(1, 2), C.transpose(1, 2))
+    return _finish_output(y.transpose(1, 2), u, D, z)
