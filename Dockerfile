@@ -132,8 +132,11 @@ WORKDIR /home/uumamba
 VOLUME ["/models"]
 EXPOSE 8000
 
+# /readyz, not /healthz: a model that failed to load (corrupt checkpoint, wrong folder) keeps
+# the process alive but cannot serve, and Docker should show the container as unhealthy.
+# The start period covers model loading (readyz answers 503 "loading" until then).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('UUMAMBA_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('UUMAMBA_PORT', '8000'), timeout=4)"]
 
 ENTRYPOINT ["uumamba"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--model", "/models/model"]

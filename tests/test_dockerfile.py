@@ -203,14 +203,15 @@ def test_runtime_user_port_volume_and_environment():
     assert env["UUMAMBA_PORT"] == "8000" and env["UUMAMBA_HOST"] == "0.0.0.0"
 
 
-def test_healthcheck_hits_healthz_with_python_only():
+def test_healthcheck_hits_readyz_with_python_only():
+    """Readiness, not liveness: a container whose model failed to load must turn unhealthy."""
     (check,) = RUNTIME.all("HEALTHCHECK")
-    assert "/healthz" in check and "urllib.request" in check and "curl" not in check
+    assert "/readyz" in check and "urllib.request" in check and "curl" not in check
     command = json.loads(check[check.index("CMD") + 3:].strip())
     assert command[:2] == ["python", "-c"]
     compile(command[2], "healthcheck", "exec")
     service_sources = "".join(p.read_text() for p in (ROOT / "service").glob("*.py"))
-    assert '"/healthz"' in service_sources
+    assert '"/readyz"' in service_sources
 
 
 def test_entrypoint_is_the_console_script_and_cmd_serves_the_mounted_model():
