@@ -171,3 +171,15 @@ def test_errors(tmp_path):
     _save(_plate(), tmp_path / "g" / "a.nii.gz", spacing=(1.0, 1.0, 5.0))
     with pytest.raises(UserError, match="spacing"):
         evaluate_folders(tmp_path / "p", tmp_path / "g", LABELS)
+
+
+def test_cli_refuses_an_output_that_is_a_file_before_scoring(folders, tmp_path, monkeypatch):
+    pred_dir, gt_dir = folders
+    target = tmp_path / "summary.txt"
+    target.write_text("keep me")
+    scored = []
+    monkeypatch.setattr("uumamba.evaluation.evaluate.evaluate_folders",
+                        lambda *a, **k: scored.append(a))
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        evaluate_from_cli(pred_dir, gt_dir, target, Config())
+    assert scored == [] and target.read_text() == "keep me"

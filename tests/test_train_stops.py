@@ -127,3 +127,24 @@ def test_consecutive_nonfinite_losses_stop_with_a_clear_error(data_dir, tmp_path
     assert ckpt["epoch_state"]["nonfinite"] == 3
     for name, value in ckpt["model"].items():  # every step skipped: weights untouched
         assert torch.equal(value, initial.state[name]), name
+
+
+def test_cli_refuses_a_model_folder_inside_the_dataset(data_dir, tmp_path):
+    """Run through the real CLI: one-line error, exit 1, nothing written into the data."""
+    before = sorted(p.name for p in data_dir.rglob("*"))
+    for output in (data_dir, data_dir / "model"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "uumamba.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
+             "--data", str(data_dir), "--output", str(output)],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert "inside the dataset folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in data_dir.rglob("*")) == before
+
+
+def test_bad_plan_leaves_no_empty_model_folder(data_dir, tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", BASE + ["plan.patch_size=[7]"])
+    out = tmp_path / "model"
+    with pytest.raises(Exception, match="patch_size"):
+        run_fold(cfg, data_dir, out, fold=0)
+    assert not out.exists()

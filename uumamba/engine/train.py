@@ -276,7 +276,6 @@ def prepare_model_folder(cfg: Config, data_dir: Path, output_dir: Path, fold: st
     """
     index = layouts.discover(data_dir, layout=cfg.dataset.layout)
     _check(index, cfg, console)
-    output_dir.mkdir(parents=True, exist_ok=True)
     plans_path = output_dir / "plans.json"
     if saved is not None:
         plans = Plans.model_validate(saved["plans"])
@@ -285,6 +284,7 @@ def prepare_model_folder(cfg: Config, data_dir: Path, output_dir: Path, fold: st
         console.print(f"using the existing plan {plans_path}")
     else:
         plans = plan_dataset(index, cfg.dataset, cfg.plan, cfg.model)
+    output_dir.mkdir(parents=True, exist_ok=True)  # only once the plan stands: no empty folder
     if saved is None:
         _write_config(cfg, output_dir)
     if not plans_path.is_file():
@@ -968,6 +968,23 @@ def train_fold(cfg: Config, data_dir: str | Path, output_dir: str | Path, fold: 
     return run_fold(cfg, data_dir, output_dir, fold, resume, device, **kwargs).fold_dir
 
 
+def check_output_dir(data_dir: Path, output_dir: Path) -> None:
+    """Refuse a model folder that is a file, the dataset folder or inside it: the run's
+    ``dataset.json``, ``plans.json`` and ``fold_*`` would be mixed into the dataset (and a
+    ``dataset.json`` there can change which layout is detected next time).
+
+    Raises:
+        UserError: naming ``--output`` and the reason.
+    """
+    output_dir, data_dir = Path(output_dir), Path(data_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output {output_dir}: exists and is not a folder")
+    out, data = output_dir.resolve(), data_dir.resolve()
+    if out == data or data in out.parents:
+        raise UserError(f"--output {output_dir} is inside the dataset folder {data_dir}: the model "
+                        "files would be written into the dataset; choose a folder outside it")
+
+
 def train_from_cli(cfg: Config, data_dir: Path, output_dir: Path, fold: str, resume: bool,
                    device: str) -> None:
     """``uumamba train``: run :func:`run_fold`; a signal stop exits with 128 + signal number.
@@ -976,6 +993,7 @@ def train_from_cli(cfg: Config, data_dir: Path, output_dir: Path, fold: str, res
         UserError: propagated to the CLI (one line, exit status 1).
         SystemExit: 130 after SIGINT, 143 after SIGTERM (checkpoint saved).
     """
+    check_output_dir(data_dir, output_dir)
     result = run_fold(cfg, data_dir, output_dir, fold, resume, device)
     if result.signal is not None:
         raise SystemExit(128 + int(result.signal))

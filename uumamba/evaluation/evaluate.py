@@ -388,7 +388,8 @@ def evaluate_from_cli(pred_dir: Path, gt_dir: Path, output_dir: Path | None, cfg
     stderr (and in the summary) but do not fail the command.
 
     Raises:
-        UserError / DataError: as :func:`evaluate_folders`.
+        UserError / DataError: as :func:`evaluate_folders`; UserError when ``output_dir``
+            exists and is not a folder (checked before any scoring).
     """
     labels = cfg.dataset.labels
     if labels is None:
@@ -398,6 +399,8 @@ def evaluate_from_cli(pred_dir: Path, gt_dir: Path, output_dir: Path | None, cfg
                 if labels:
                     break
     tolerance = cfg.inference.nsd_tolerance_mm
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"--output {output_dir}: exists and is not a folder")
     summary = evaluate_folders(pred_dir, gt_dir, labels, tolerance)
     json_path, csv_path = write_summary(summary, output_dir or pred_dir)
     print_summary(summary)

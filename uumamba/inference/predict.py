@@ -581,7 +581,9 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
                 progress.console.print(f"[red]skipped[/red] {files[0]}: {message}")
             progress.advance(task)
     if failures:
-        raise UserError(f"{len(failures)} of {len(cases)} input(s) failed (the others were written "
-                        f"to {output_dir}): " + "; ".join(failures))
+        done = (f"the other {len(cases) - len(failures)} were written to {output_dir}"
+                if len(failures) < len(cases) else "nothing was written")
+        raise UserError(f"{len(failures)} of {len(cases)} input(s) failed ({done}): "
+                        + "; ".join(failures))
     console.print(f"wrote {len(cases)} prediction(s) to {output_dir}")
     return written

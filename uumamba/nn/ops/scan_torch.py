@@ -37,7 +37,8 @@ float32); within a block |S_t| <= 64, and the cumulative sums lose at most ~64 f
 ulps of S (relative error ~1e-5 in the worst case, ~1e-7 typically). When even T = 4 would
 exceed the range (steps with delta * A < -16), those log-decays are raised to -16: the
 decay exp(-16) ~ 1.1e-7 replaces a smaller one, a change in h below float32 resolution of
-the previous state. Growing recurrences (delta * A > 16, only possible with A > 0) overflow
+the previous state. In float64 the same rules use a range of 512 and a floor of -37, so
+float64 results keep float64 accuracy. Growing recurrences (delta * A > 16, only possible with A > 0) overflow
 as the exact recurrence does.
 
 Cost: about 17 contiguous passes over a chunk's (positions, d_inner, d_state) elements in the
@@ -64,23 +65,33 @@ _CHUNK_ELEMENTS = 1 << 20
 # Block length bounds (powers of two) and the cumulative log-decay range allowed in a block.
 _BLOCK_MAX = 64
 _BLOCK_MIN = 4
-_LOG_RANGE = 64.0
-_LOG_STEP_FLOOR = -16.0
+# float32: |S| <= 64 keeps exp(+-S) ~ 6e27 / 2e-28 normal; exp(-16) ~ 1.1e-7 ~ float32 eps.
+# float64: exp(+-512) is still normal; exp(-37) ~ 8.5e-17 is below float64 eps.
+_LOG_RANGE = {torch.float32: 64.0, torch.float64: 512.0}
+_LOG_STEP_FLOOR = {torch.float32: -16.0, torch.float64: -37.0}
+
+
+def _limits(dtype: torch.dtype) -> tuple[float, float]:
+    """(range, floor) of the cumulative / per-step log-decay for ``dtype`` (float32's
+    values for anything but float64)."""
+    key = torch.float64 if dtype == torch.float64 else torch.float32
+    return _LOG_RANGE[key], _LOG_STEP_FLOOR[key]
 
 
 def _block_length(delta: torch.Tensor, A: torch.Tensor) -> tuple[int, bool]:
     """Block length T and whether log-decays need the floor, from max|delta| * max|A| per channel.
 
-    delta: (batch, L, d_inner); A: (d_inner, d_state). NaN inputs give T = _BLOCK_MAX (the
-    output is NaN either way).
+    delta: (batch, L, d_inner); A: (d_inner, d_state), float32 or float64 (the allowed range
+    and the floor depend on it). NaN inputs give T = _BLOCK_MAX (the output is NaN either way).
     """
     if delta.numel() == 0 or A.numel() == 0:
         return _BLOCK_MAX, False
     step = float((delta.detach().abs().amax(dim=(0, 1)) * A.detach().abs().amax(dim=1)).max())
+    limit = _limits(delta.dtype)[0]
     block = _BLOCK_MAX
-    while block > _BLOCK_MIN and block * step > _LOG_RANGE:
+    while block > _BLOCK_MIN and block * step > limit:
         block //= 2
-    return block, block * step > _LOG_RANGE
+    return block, block * step > limit
 
 
 def _chunk_length(block: int, width: int) -> int:
@@ -98,7 +109,7 @@ def _decay_weights(delta_c, neg_A, block, floor):
     b, length, d = delta_c.shape
     E = delta_c[..., None] * neg_A  # -log a, (b, M*T, d, n)
     if floor:
-        E.clamp_max_(-_LOG_STEP_FLOOR)
+        E.clamp_max_(-_limits(E.dtype)[1])
     E = E.view(b, length // block, block, d, neg_A.shape[1])
     return E.cumsum_(dim=2).exp_()
 
@@ -194,7 +205,7 @@ class _ScanCore(torch.autograd.Function):
             torch.sub(rows, dlog_a, out=dlog_a).mul_(g_rows)
             del g_rows, h, rows
             if floor:  # log a was raised to the floor there: its derivative is zero
-                dlog_a.masked_fill_(delta_c[..., None] * neg_A > -_LOG_STEP_FLOOR, 0.0)
+                dlog_a.masked_fill_(delta_c[..., None] * neg_A > -_limits(A.dtype)[1], 0.0)
             du[:, sl] = gB * delta_c
             dA.add_((dlog_a * delta_c[..., None]).sum(dim=(0, 1)))
             ddelta[:, sl] = torch.addcmul(dlog_a.mul_(A).sum(dim=-1), gB, u_c)

@@ -147,19 +147,23 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError("selective_scan: complex A is not supported (Mamba uses real A)")
     d_state = A.shape[1]
     expected = {
-        "delta": (delta, (batch, d_inner, length)),
-        "B": (B, (batch, d_state, length)),
-        "C": (C, (batch, d_state, length)),
-        "z": (z, (batch, d_inner, length)),
-        "D": (D, (d_inner,)),
-        "delta_bias": (delta_bias, (d_inner,)),
+        "delta": (delta, (batch, d_inner, length), "(batch, d_inner, L)"),
+        "B": (B, (batch, d_state, length), "(batch, d_state, L)"),
+        "C": (C, (batch, d_state, length), "(batch, d_state, L)"),
+        "z": (z, (batch, d_inner, length), "(batch, d_inner, L)"),
+        "D": (D, (d_inner,), "(d_inner,)"),
+        "delta_bias": (delta_bias, (d_inner,), "(d_inner,)"),
     }
-    for name, (t, shape) in expected.items():
+    for name, (t, shape, dims) in expected.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(
-                f"selective_scan: {name} must have shape {shape} "
-                f"(batch, d_inner, d_state, L from u and A), got {tuple(t.shape)}"
+                f"selective_scan: {name} must have shape {shape} = {dims} "
+                f"(sizes from u and A), got {tuple(t.shape)}"
             )
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
+                    ("z", z), ("delta_bias", delta_bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
 
 
 def selective_scan(
@@ -193,8 +197,8 @@ def selective_scan(
         All inputs are differentiable on every backend.
 
     Raises:
-        ValueError / TypeError: wrong shapes or types (the message names the argument) or an
-            unknown backend; RuntimeError: ``cuda`` requested where it cannot run.
+        ValueError / TypeError: wrong shapes or non-floating-point tensors (the message names
+            the argument) or an unknown backend; RuntimeError: ``cuda`` requested where it cannot run.
 
     Source: Gu & Dao 2023 (Mamba), Algorithm 2; behaviour mirrors mamba-ssm
     ``selective_scan_ref`` / ``selective_scan_fn``.
