@@ -60,8 +60,9 @@ CASE_FIELDS: tuple[str, ...] = (
 _SIDE_OUTPUT_TAGS = ("_probabilities", "_entropy", "_volumes")
 
 EMPTY_POLICY = (
-    "both empty: Dice/HD95/NSD NaN, excluded from means; one empty: Dice 0, NSD 0, HD95 NaN "
-    "(excluded from the HD95 mean, counted in n_hd95_undefined)"
+    "both empty: Dice/HD95/NSD undefined (null in JSON, empty in CSV), excluded from means; "
+    "one empty: Dice 0, NSD 0, HD95 undefined (excluded from the HD95 mean, counted in "
+    "n_hd95_undefined)"
 )
 
 
@@ -193,6 +194,13 @@ def summarise(
     }
 
 
+def _fmt(value: Any) -> str:
+    """A geometry field for a message: numbers rounded to 4 significant digits."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def evaluate_pairs(
     pairs: Sequence[tuple[str, str | Path, str | Path]],
     labels: dict[int, str],
@@ -213,11 +221,13 @@ def evaluate_pairs(
         ref, ref_geom = _read_labels(Path(ref_path))
         bad = ref_geom.mismatch(pred_geom, rtol=1e-3, atol=1e-3)
         if bad:
-            raise DataError(
-                f"{pred_path}: {', '.join(bad)} differ from the reference {ref_path} "
-                f"(prediction {pred_geom.spatial_shape} @ {pred_geom.spacing} mm, reference "
-                f"{ref_geom.spatial_shape} @ {ref_geom.spacing} mm)"
-            )
+            shown = {"shape": "spatial_shape"}
+            details = "; ".join(
+                f"{field}: prediction {_fmt(getattr(pred_geom, shown.get(field, field)))}, "
+                f"reference {_fmt(getattr(ref_geom, shown.get(field, field)))}"
+                for field in bad)
+            raise DataError(f"{pred_path}: its geometry differs from the reference {ref_path} "
+                            f"({details})")
         metrics = case_metrics(pred, ref, ref_geom.spacing, labels, nsd_tolerance_mm)
         per_case.append({
             "case": case_id, "prediction_file": str(pred_path), "reference_file": str(ref_path),
@@ -406,6 +416,12 @@ def evaluate_from_cli(pred_dir: Path, gt_dir: Path, output_dir: Path | None, cfg
     print_summary(summary)
     import typer
 
+    if summary.get("unmatched_predictions"):
+        typer.echo(
+            f"warning: {len(summary['unmatched_predictions'])} prediction(s) have no reference "
+            f"and were not scored: {', '.join(summary['unmatched_predictions'][:10])}",
+            err=True,
+        )
     if summary["missing_predictions"]:
         typer.echo(
             f"warning: {len(summary['missing_predictions'])} reference case(s) have no prediction "

@@ -577,7 +577,8 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
                 run(case, files)
             except (UserError, ValueError, RuntimeError, OSError) as exc:
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                failures.append(f"{files[0].name}: {message}")
+                # messages from the readers already name the file: do not repeat it
+                failures.append(message if files[0].name in message else f"{files[0].name}: {message}")
                 progress.console.print(f"[red]skipped[/red] {files[0]}: {message}")
             progress.advance(task)
     if failures:
