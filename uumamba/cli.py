@@ -30,6 +30,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def _require(path: Path, flag: str, folder: bool) -> None:
+    """Fail fast (before torch / MONAI are imported) when a required input path is missing."""
+    if folder and not path.is_dir():
+        _fail(f"{flag} {path}: " + ("is not a folder" if path.exists() else "folder not found"))
+    if not folder and not path.exists():
+        _fail(f"{flag} {path}: no such file or folder")
+
+
 @app.command("demo")
 def demo(
     output: Annotated[Path | None, typer.Option(help="keep the synthetic dataset in OUTPUT/data and the model in OUTPUT/model")] = None,
@@ -70,9 +78,11 @@ def train(
 ) -> None:
     """Check, plan, split and train one fold (or all data) of a dataset."""
     from uumamba.config import load_config
+
+    _require(data, "--data", folder=True)
+    cfg = load_config(config, set_ or [])
     from uumamba.engine.train import train_from_cli
 
-    cfg = load_config(config, set_ or [])
     train_from_cli(cfg=cfg, data_dir=data, output_dir=output, fold=fold, resume=resume, device=device)
 
 
@@ -90,6 +100,8 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
 ) -> None:
     """Segment images with a trained model; masks keep the input's geometry."""
+    _require(model, "--model", folder=True)
+    _require(input, "--input", folder=False)
     from uumamba.inference.predict import predict_from_cli
 
     predict_from_cli(
@@ -109,9 +121,12 @@ def evaluate(
 ) -> None:
     """Dice, HD95 (mm), NSD and volumes per case and class; summary.json + metrics.csv."""
     from uumamba.config import load_config
+
+    _require(pred, "--pred", folder=True)
+    _require(gt, "--gt", folder=True)
+    cfg = load_config(config, set_ or [])
     from uumamba.evaluation.evaluate import evaluate_from_cli
 
-    cfg = load_config(config, set_ or [])
     evaluate_from_cli(pred_dir=pred, gt_dir=gt, output_dir=output, cfg=cfg)
 
 
