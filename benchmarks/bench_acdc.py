@@ -8,7 +8,7 @@ strides), the same MONAI training transforms (patch sampling, augmentation) and 
 inference (sliding window, Gaussian blending, inversion to the original grid). They differ in:
 
 - UU-Mamba: our network, the optimizer and the uncertainty-weighted loss of the config
-  (``configs/acdc_cpu.yaml``), trained by ``uumamba.engine.train.train_fold``;
+  (``configs/acdc_cpu.yaml``), trained by ``uumamba.engine.train.run_fold``;
 - DynUNet: ``monai.networks.nets.DynUNet`` with the plan's kernels and strides and the
   config's feature widths, instance norm, deep supervision, Dice + CE, SGD (lr 0.01,
   Nesterov momentum 0.99, poly schedule) — nnU-Net's recipe, in a plain loop.
@@ -106,7 +106,7 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     cases = [c for c in index.cases if c.id in train_ids]
     dataset = make_dataset(cases, training_transforms(plans, cfg.train), cache=cfg.train.cache)
     total = cfg.train.epochs * cfg.train.iterations_per_epoch
-    if cfg.train.schedule_by_time:  # stop on time only, like train_fold; never run dry
+    if cfg.train.schedule_by_time:  # stop on time only, like run_fold; never run dry
         total = max(total, 1_000_000)
     loader = DataLoader(dataset, batch_size=plans.batch_size,
                         sampler=RandomSampler(dataset, replacement=True,
@@ -162,9 +162,8 @@ def predict_and_score(predictor, val_cases, out_dir: Path, labels, tolerance_mm:
         pred = predictor.predict_file(case.images)
         path = write_prediction(pred, case.id, case.images[0], out_dir / "raw", labels)[0]
         preds.append((case, pred, path))
-    raw_masks = [_read_labels(path)[0] for _, _, path in preds]
-    refs = [_read_labels(case.label)[0] for case, _, _ in preds]
-    spec = determine_postprocessing(raw_masks, refs, labels)
+    refs = [_read_labels(case.label)[0] for case, _, _ in preds]  # the input's voxel grid, as masks
+    spec = determine_postprocessing([pred.mask for _, pred, _ in preds], refs, labels)
     pairs_raw, pairs_post = [], []
     for case, pred, path in preds:
         mask = apply_postprocessing(pred.mask, spec)
@@ -178,15 +177,6 @@ def predict_and_score(predictor, val_cases, out_dir: Path, labels, tolerance_mm:
         result[key] = evaluate_pairs(pairs, labels, tolerance_mm)
         write_summary(result[key], out_dir / key)
     return result
-
-
-def _iterations_done(model_dir: Path) -> int | None:
-    """Iterations of fold 0 from the last line of its ``metrics.jsonl`` (None if absent)."""
-    path = model_dir / "fold_0" / "metrics.jsonl"
-    if not path.exists():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]).get("iteration") if lines else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -206,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     from uumamba.config import load_config
     from uumamba.data import layouts
     from uumamba.data.splits import load_splits
-    from uumamba.engine.train import train_fold
+    from uumamba.engine.train import run_fold
     from uumamba.evaluation.evaluate import print_summary
     from uumamba.inference.predict import Predictor
 
@@ -220,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     console.rule(f"UU-Mamba ({args.config.name}), {args.minutes:g} min")
     t = time.monotonic()
-    train_fold(cfg, args.data, ours_dir, fold="0", device="cpu")
+    ours_iterations = run_fold(cfg, args.data, ours_dir, fold="0", device="cpu").iteration
     ours_train_s = time.monotonic() - t
 
     console.rule(f"DynUNet (nnU-Net-like), {args.minutes:g} min")
@@ -274,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": str(args.data), "minutes": args.minutes, "threads": args.threads,
         "config": str(args.config), "val_cases": sorted(val_ids),
         "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
-        "iterations": {"uumamba": _iterations_done(ours_dir), "dynunet": dyn_iterations},
+        "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
         "dice": {"uumamba": scores(s_ours), "dynunet": scores(s_dyn)},
         "postprocessing_labels": {"uumamba": s_ours["postprocessing"]["largest_component_labels"],
                                   "dynunet": s_dyn["postprocessing"]["largest_component_labels"]},

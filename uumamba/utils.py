@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, output-folder checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from uumamba.errors import UserError
 
 
 @contextlib.contextmanager
@@ -26,3 +28,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_output_folder(path: str | Path, flag: str = "--output") -> None:
+    """Refuse an output folder path that exists as something other than a folder.
+
+    Raises:
+        UserError: ``"<flag> <path>: exists and is not a folder"``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder")

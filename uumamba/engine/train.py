@@ -107,7 +107,7 @@ from uumamba.inference.postprocess import determine_postprocessing, save_postpro
 from uumamba.losses import build_loss
 from uumamba.nn import build_network
 from uumamba.optim import PolyLRScheduler, build_optimizer
-from uumamba.utils import atomic_path
+from uumamba.utils import atomic_path, check_output_folder
 
 #: Settings of ``train`` that may change on ``--resume`` without changing the trajectory.
 RUNTIME_KEYS = ("time_limit_minutes", "num_workers", "cache")
@@ -977,8 +977,7 @@ def check_output_dir(data_dir: Path, output_dir: Path) -> None:
         UserError: naming ``--output`` and the reason.
     """
     output_dir, data_dir = Path(output_dir), Path(data_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output {output_dir}: exists and is not a folder")
+    check_output_folder(output_dir)
     out, data = output_dir.resolve(), data_dir.resolve()
     if out == data or data in out.parents:
         raise UserError(f"--output {output_dir} is inside the dataset folder {data_dir}: the model "

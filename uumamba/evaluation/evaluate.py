@@ -48,7 +48,7 @@ from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from uumamba.data.io import read_image
 from uumamba.data.layouts import IMAGE_SUFFIXES, split_suffix
 from uumamba.errors import DataError, UserError
-from uumamba.utils import atomic_path
+from uumamba.utils import atomic_path, check_output_folder
 
 #: Metric names averaged in the summary, in output order.
 MEAN_METRICS: tuple[str, ...] = ("Dice", "HD95", "NSD", "volume_pred_ml", "volume_ref_ml")
@@ -409,8 +409,8 @@ def evaluate_from_cli(pred_dir: Path, gt_dir: Path, output_dir: Path | None, cfg
                 if labels:
                     break
     tolerance = cfg.inference.nsd_tolerance_mm
-    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UserError(f"--output {output_dir}: exists and is not a folder")
+    if output_dir is not None:
+        check_output_folder(output_dir)
     summary = evaluate_folders(pred_dir, gt_dir, labels, tolerance)
     json_path, csv_path = write_summary(summary, output_dir or pred_dir)
     print_summary(summary)

@@ -48,7 +48,7 @@ from uumamba.data.transforms import inference_transforms
 from uumamba.errors import DataError, UserError
 from uumamba.inference.postprocess import apply_postprocessing, load_postprocessing
 from uumamba.inference.sliding import sliding_window_probabilities
-from uumamba.utils import atomic_path
+from uumamba.utils import atomic_path, check_output_folder
 
 #: Checkpoint used per fold, in order of preference.
 CHECKPOINT_NAMES: tuple[str, ...] = ("checkpoint_best.pt", "checkpoint_latest.pt")
@@ -457,8 +457,7 @@ def _check_output_dir(input_path: Path, output_dir: Path) -> None:
     Raises:
         UserError: naming ``--output`` and the reason.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output {output_dir}: exists and is not a folder")
+    check_output_folder(output_dir)
     input_dir = input_path if input_path.is_dir() else input_path.parent
     if output_dir.exists() and output_dir.resolve() == input_dir.resolve():
         raise UserError(f"--output {output_dir} is the input folder: masks would overwrite the "

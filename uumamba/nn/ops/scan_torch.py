@@ -20,10 +20,11 @@ runs over contiguous (d_inner, d_state) rows):
   where H is the state entering the block: one multiply, one ``cumsum``, one add and one
   divide over all blocks at once. A short loop over blocks carries H (tensors of
   (batch, d_inner, d_state) only).
-* The adjoint (reverse) recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} has the mirrored form
-  g_t = E_t * (sum_{s >= t} c_s / E_s + J / E_{T-1}), J being the adjoint entering the block
-  from the right, and the input gradients follow from g without a per-position loop:
-  d(log a)_t = g_t * (h_t - x_t) (since a_t h_{t-1} = h_t - x_t), dx_t = g_t.
+* The adjoint recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t runs backwards in time: it is the
+  same blocked forward scan applied to the chunk in reversed order, with delta shifted by one
+  position (a suffix sum taken as total minus prefix would cancel catastrophically). The
+  input gradients follow from g without a per-position loop: dx_t = g_t and
+  d(log a)_t = g_t * (h_t - x_t) (since a_t h_{t-1} = h_t - x_t).
 * Blocks are grouped into chunks of about ``_CHUNK_ELEMENTS`` (batch, chunk, d_inner,
   d_state) elements. The forward keeps only each chunk's entry state; the backward
   recomputes a chunk's states from it, then runs the adjoint scan over that chunk, last
@@ -38,8 +39,8 @@ ulps of S (relative error ~1e-5 in the worst case, ~1e-7 typically). When even T
 exceed the range (steps with delta * A < -16), those log-decays are raised to -16: the
 decay exp(-16) ~ 1.1e-7 replaces a smaller one, a change in h below float32 resolution of
 the previous state. In float64 the same rules use a range of 512 and a floor of -37, so
-float64 results keep float64 accuracy. Growing recurrences (delta * A > 16, only possible with A > 0) overflow
-as the exact recurrence does.
+float64 results keep float64 accuracy. Growing recurrences (delta * A > 16, only possible
+with A > 0) overflow as the exact recurrence does.
 
 Cost: about 17 contiguous passes over a chunk's (positions, d_inner, d_state) elements in the
 forward and 50 in the backward, plus a Python loop over blocks (L / T iterations of small
@@ -65,17 +66,16 @@ _CHUNK_ELEMENTS = 1 << 20
 # Block length bounds (powers of two) and the cumulative log-decay range allowed in a block.
 _BLOCK_MAX = 64
 _BLOCK_MIN = 4
+# (range of the cumulative log-decay in a block, floor of one step's log-decay):
 # float32: |S| <= 64 keeps exp(+-S) ~ 6e27 / 2e-28 normal; exp(-16) ~ 1.1e-7 ~ float32 eps.
 # float64: exp(+-512) is still normal; exp(-37) ~ 8.5e-17 is below float64 eps.
-_LOG_RANGE = {torch.float32: 64.0, torch.float64: 512.0}
-_LOG_STEP_FLOOR = {torch.float32: -16.0, torch.float64: -37.0}
+_LIMITS_FLOAT32 = (64.0, -16.0)
+_LIMITS_FLOAT64 = (512.0, -37.0)
 
 
 def _limits(dtype: torch.dtype) -> tuple[float, float]:
-    """(range, floor) of the cumulative / per-step log-decay for ``dtype`` (float32's
-    values for anything but float64)."""
-    key = torch.float64 if dtype == torch.float64 else torch.float32
-    return _LOG_RANGE[key], _LOG_STEP_FLOOR[key]
+    """(range, floor) of the log-decay for ``dtype`` (float32's for anything but float64)."""
+    return _LIMITS_FLOAT64 if dtype == torch.float64 else _LIMITS_FLOAT32
 
 
 def _block_length(delta: torch.Tensor, A: torch.Tensor) -> tuple[int, bool]:
@@ -114,9 +114,10 @@ def _decay_weights(delta_c, neg_A, block, floor):
     return E.cumsum_(dim=2).exp_()
 
 
-def _inputs(delta_c, u_c, B_c, shape):
-    """x = delta * u * B as (batch, M, T, d_inner, d_state) blocks."""
-    return ((delta_c * u_c)[..., None] * B_c[:, :, None, :]).view(shape)
+def _inputs(delta_u, B_c, shape):
+    """x = (delta * u) * B as (batch, M, T, d_inner, d_state) blocks; delta_u (batch, M*T,
+    d_inner), B_c (batch, M*T, d_state)."""
+    return (delta_u[..., None] * B_c[:, :, None, :]).view(shape)
 
 
 def _scan_blocks(E, x, h0):
@@ -161,7 +162,8 @@ class _ScanCore(torch.autograd.Function):
             sl = slice(s, min(s + chunk, padded))
             entries.append(state)
             E = _decay_weights(delta[:, sl], neg_A, block, floor)
-            h, state = _scan_blocks(E, _inputs(delta[:, sl], u[:, sl], B[:, sl], E.shape), state)
+            x = _inputs(delta[:, sl] * u[:, sl], B[:, sl], E.shape)
+            h, state = _scan_blocks(E, x, state)
             y[:, sl] = torch.matmul(h.view(b, -1, d, n), C[:, sl, :, None])[..., 0]
         entries = torch.stack(entries) if entries else u.new_zeros(0, b, d, n)
         ctx.save_for_backward(u, delta, A, B, C, entries)
@@ -186,8 +188,9 @@ class _ScanCore(torch.autograd.Function):
         for k in range(len(starts) - 1, -1, -1):
             sl = slice(starts[k], min(starts[k] + chunk, padded))
             delta_c, u_c, B_c = delta[:, sl], u[:, sl], B[:, sl]
+            du_c = delta_c * u_c
             E = _decay_weights(delta_c, neg_A, block, floor)
-            h, _ = _scan_blocks(E, _inputs(delta_c, u_c, B_c, E.shape), entries[k])
+            h, _ = _scan_blocks(E, _inputs(du_c, B_c, E.shape), entries[k])
             rows = h.view(b, -1, d, n)
             dC[:, sl] = torch.matmul(dy[:, sl, None, :], rows)[:, :, 0]  # sum_d dy * h
             # adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t: a forward scan in reversed time
@@ -198,10 +201,9 @@ class _ScanCore(torch.autograd.Function):
             g_rows = g.view(b, -1, d, n).flip(1)
             del g, c
             gB = torch.matmul(g_rows, B_c[..., None])[..., 0]  # sum_n g * B, (b, chunk, d)
-            du_c = delta_c * u_c
             dB[:, sl] = torch.matmul(du_c[:, :, None, :], g_rows)[:, :, 0]  # sum_d g * delta u
             # d(log a)_t = g_t * a_t * h_{t-1} = g_t * (h_t - x_t)
-            dlog_a = _inputs(delta_c, u_c, B_c, rows.shape)
+            dlog_a = _inputs(du_c, B_c, rows.shape)
             torch.sub(rows, dlog_a, out=dlog_a).mul_(g_rows)
             del g_rows, h, rows
             if floor:  # log a was raised to the floor there: its derivative is zero
