@@ -153,8 +153,9 @@ def predict_and_score(predictor, val_cases, out_dir: Path, labels, tolerance_mm:
     from dataclasses import replace
 
     from uumamba.evaluation.evaluate import _read_labels, evaluate_pairs, write_summary
+    from uumamba.evaluation.metrics import label_volumes
     from uumamba.inference.postprocess import apply_postprocessing, determine_postprocessing
-    from uumamba.inference.predict import label_volumes, write_prediction
+    from uumamba.inference.writer import write_prediction
 
     predictor.postprocessing = None
     preds = []
@@ -193,11 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    from uumamba.commands.evaluate import print_summary
     from uumamba.config import load_config
     from uumamba.data import layouts
     from uumamba.data.splits import load_splits
     from uumamba.engine.train import run_fold
-    from uumamba.evaluation.evaluate import print_summary
     from uumamba.inference.predict import Predictor
 
     torch.set_num_threads(args.threads)

@@ -10,7 +10,6 @@ spacing, origin and direction.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from uumamba.errors import DataError, UserError
+from uumamba.evaluation.metrics import voxel_volume_ml
 
 from .models import OutputFormat, VolumeSummary
 
@@ -103,7 +103,7 @@ def volume_summary(prediction, tta: bool) -> VolumeSummary:
     return VolumeSummary(
         shape=[int(s) for s in prediction.mask.shape],
         spacing_mm=spacing,
-        voxel_volume_ml=float(math.prod(spacing)) / 1000.0,
+        voxel_volume_ml=voxel_volume_ml(spacing),
         voxel_counts=dict(prediction.voxel_counts),
         volumes_ml=dict(prediction.volumes_ml),
         tta=tta,

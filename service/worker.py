@@ -6,7 +6,7 @@ at most that many inferences run at a time. Admission is decided *before* the up
 :meth:`InferencePool.reserve` hands out a :class:`Slot` while fewer than
 ``workers + max_queue`` requests are admitted, else raises :class:`QueueFull` (the app answers
 429 with ``Retry-After``). A slot is given back when its work finishes, is cancelled, or the
-request fails before submitting.
+request fails before submitting (:attr:`Slot.submitted` tells which side releases it).
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ class QueueFull(Exception):
 
 
 class Slot:
-    """An admitted request's place in the pool; :meth:`release` is idempotent."""
+    """An admitted request's place in the pool; :meth:`release` is idempotent.
+
+    Once handed to :meth:`InferencePool.submit` (``submitted`` is then true) the pool releases
+    it when the work ends; before that, whoever reserved it does.
+    """
 
     def __init__(self, pool: InferencePool) -> None:
         self._pool = pool
         self._released = False
+        self.submitted = False
 
     def release(self) -> None:
         """Give the place back (safe to call more than once)."""
@@ -82,6 +87,7 @@ class InferencePool:
                     self._running -= 1
 
         future = self._executor.submit(contextvars.copy_context().run, run)
+        slot.submitted = True
         future.add_done_callback(lambda _f: slot.release())
         return future
 

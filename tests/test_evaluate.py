@@ -11,9 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from uumamba.commands.evaluate import evaluate_from_cli
 from uumamba.config import Config
 from uumamba.errors import UserError
-from uumamba.evaluation.evaluate import case_metrics, evaluate_folders, evaluate_from_cli
+from uumamba.evaluation.evaluate import case_metrics, evaluate_folders
 
 SPACING = (0.8, 0.8, 5.0)
 LABELS = {0: "background", 1: "A", 2: "B"}

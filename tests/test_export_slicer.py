@@ -286,7 +286,7 @@ def test_cli_export_slicer_with_mha_mask(tmp_path):
 
 
 def test_cli_refuses_a_mask_off_the_reference_grid(tmp_path):
-    from uumamba.export.slicer import export_from_cli
+    from uumamba.commands.export import export_from_cli
 
     reference = _reference(tmp_path, "nifti_oblique")
     mask_path = tmp_path / "mask.nii.gz"
@@ -297,7 +297,7 @@ def test_cli_refuses_a_mask_off_the_reference_grid(tmp_path):
 
 
 def test_cli_warns_when_mask_geometry_differs_slightly(tmp_path, capsys):
-    from uumamba.export.slicer import export_from_cli
+    from uumamba.commands.export import export_from_cli
 
     reference = _reference(tmp_path, "nifti_oblique")
     affine = nib.load(str(reference)).affine.copy()
@@ -342,7 +342,7 @@ def test_acdc_ground_truth_exports_with_its_image_geometry(acdc_dir, tmp_path):
     gt = sorted(patient.glob("*_frame01_gt.nii.gz"))[0]
     image = gt.with_name(gt.name.replace("_gt", ""))
     out = tmp_path / "acdc.seg.nrrd"
-    from uumamba.export.slicer import export_from_cli
+    from uumamba.commands.export import export_from_cli
 
     export_from_cli(gt, image, out, "1=RV,2=MYO,3=LV")
     label = np.asanyarray(nib.load(str(gt)).dataobj)

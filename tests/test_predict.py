@@ -14,12 +14,14 @@ import SimpleITK as sitk
 import torch
 from nibabel.orientations import io_orientation
 
+from uumamba.commands.predict import predict_from_cli
 from uumamba.config import Config, save_config
 from uumamba.data.io import read_geometry, read_image
 from uumamba.data.plan import ChannelNormalization, Plans
 from uumamba.engine.checkpoint import CHECKPOINT_KEYS
 from uumamba.errors import UserError
-from uumamba.inference.predict import Predictor, predict_from_cli, write_prediction
+from uumamba.inference.predict import Predictor
+from uumamba.inference.writer import write_prediction
 from uumamba.nn import build_network
 
 SHAPE = (23, 19, 9)
@@ -303,7 +305,7 @@ def test_cli_single_file_seg_nrrd_and_probabilities(model_dir, tmp_path):
 
 
 def test_cli_refuses_to_write_into_the_input_folder(tmp_path):
-    from uumamba.inference.predict import _check_output_dir
+    from uumamba.inference.inputs import check_output_dir as _check_output_dir
 
     images = tmp_path / "images"
     images.mkdir()
@@ -319,7 +321,7 @@ def test_cli_refuses_to_write_into_the_input_folder(tmp_path):
 
 
 def test_cases_with_colliding_names_are_refused(tmp_path):
-    from uumamba.inference.predict import _input_cases
+    from uumamba.inference.inputs import input_cases as _input_cases
 
     for name in ("good.nrrd", "good.mha"):
         (tmp_path / name).write_bytes(b"x")
@@ -328,7 +330,7 @@ def test_cases_with_colliding_names_are_refused(tmp_path):
 
 
 def test_device_names_are_checked_like_train():
-    from uumamba.inference.predict import resolve_device
+    from uumamba.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="expected auto, cpu, cuda or cuda:N"):

@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from uumamba.commands.predict import predict_from_cli
 from uumamba.config import load_config
 from uumamba.engine.train import train_fold
 from uumamba.evaluation.evaluate import evaluate_folders, write_summary
-from uumamba.inference.predict import predict_from_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,8 @@ from uumamba.inference.postprocess import (
     apply_postprocessing,
     determine_postprocessing,
     largest_component,
-    load_postprocessing,
-    save_postprocessing,
 )
+from uumamba.model_folder import load_postprocessing, save_postprocessing
 
 LABELS = {0: "background", 1: "A", 2: "B"}
 

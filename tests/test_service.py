@@ -167,7 +167,7 @@ def test_health_ready_and_model_info(client, model_dir):
 
 
 def test_readyz_503_until_loaded_then_200(model_dir, predictor, monkeypatch):
-    import uumamba_service.app as app_module
+    import uumamba_service.lifespan as app_module
 
     release = threading.Event()
     real_load = app_module._load_model

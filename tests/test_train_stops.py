@@ -16,7 +16,7 @@ import torch
 
 from uumamba.config import load_config
 from uumamba.data.synthetic import write_synthetic_dataset
-from uumamba.engine import train as train_module
+from uumamba.engine import components as train_module
 from uumamba.engine.callbacks import Callback
 from uumamba.engine.checkpoint import LATEST, load_checkpoint
 from uumamba.engine.train import run_fold

@@ -8,7 +8,7 @@
    ``minutes`` of wall time (:func:`uumamba.engine.train.train_fold`) into ``ROOT/model``;
 3. the held-out images are segmented with the trained model folder (``ROOT/predictions``)
    and scored against their labels (Dice, HD95, NSD, volumes; ``summary.json``,
-   ``metrics.csv``); a per-class table is printed.
+   ``metrics.csv``); ``uumamba demo`` prints a per-class table.
 
 The printed Dice is therefore measured on cases the network never saw. ``ROOT`` is a
 temporary folder, or ``--output DIR``; then ``DIR/model`` is a regular model folder that
@@ -17,6 +17,7 @@ temporary folder, or ``--output DIR``; then ``DIR/model`` is a regular model fol
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from contextlib import nullcontext
@@ -26,6 +27,8 @@ from typing import Any
 from uumamba.config import Config
 from uumamba.data.synthetic import SYNTHETIC_LABELS, write_synthetic_dataset
 from uumamba.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: Training iterations per minute assumed when sizing the learning-rate schedule (2 CPU
 #: cores; a faster machine stops at the epoch count, a slower one at the time limit).
@@ -71,7 +74,9 @@ def run_demo(
     n_cases: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write synthetic data, train briefly, predict held-out cases, evaluate, print Dice.
+    """Write synthetic data, train briefly, predict held-out cases, evaluate; return the scores.
+
+    Progress notes go to the ``uumamba`` logger; ``uumamba demo`` prints them and the table.
 
     Args:
         output: keep everything here (``data/``, ``test/``, ``model/``, ``predictions/``);
@@ -84,17 +89,18 @@ def run_demo(
 
     Returns:
         The evaluation summary of the held-out cases (see
-        :func:`uumamba.evaluation.evaluate.summarise`), plus ``root`` and ``seconds``.
+        :func:`uumamba.evaluation.evaluate.summarise`), plus ``root``, ``test_images`` and
+        ``seconds``.
 
     Raises:
         UserError: ``n_cases`` < 2, ``minutes`` <= 0, or ``output/model`` already holds a
             trained model.
     """
-    from rich.console import Console
-
+    from uumamba.device import resolve_device
     from uumamba.engine.train import train_fold
-    from uumamba.evaluation.evaluate import evaluate_folders, print_summary, write_summary
-    from uumamba.inference.predict import predict_from_cli, resolve_device
+    from uumamba.evaluation.evaluate import evaluate_folders, write_summary
+    from uumamba.inference import Predictor, input_cases
+    from uumamba.inference.batch import predict_cases
 
     if n_cases < 2:
         raise UserError(f"--cases {n_cases}: the demo needs at least 2 training cases")
@@ -103,32 +109,27 @@ def run_demo(
     if output is not None and any(Path(output, "model").glob("fold_*/checkpoint_*.pt")):
         raise UserError(f"{Path(output, 'model')} already holds a trained model; choose another "
                         "--output or delete that folder")
-    console = Console()
     t0 = time.monotonic()
     holder = tempfile.TemporaryDirectory(prefix="uumamba_demo_") if output is None else nullcontext(output)
     with holder as root_name:
         root = Path(root_name)
         n_test = max(2, n_cases // 2)
-        console.rule("uumamba demo")
-        console.print(f"writing {n_cases} training and {n_test} held-out synthetic cases to {root}")
+        log.info(f"writing {n_cases} training and {n_test} held-out synthetic cases to {root}")
         data_dir = write_synthetic_dataset(root / "data", n_cases=n_cases, seed=seed)
         test_dir = write_synthetic_dataset(root / "test", n_cases=n_test, seed=seed + 1,
                                            prefix="heldout")
-        console.print(f"training a 2D U-Mamba-Bot (SAM, uncertainty-weighted loss) for "
-                      f"{minutes:g} min on {device}")
+        log.info(f"training a 2D U-Mamba-Bot (SAM, uncertainty-weighted loss) for "
+                 f"{minutes:g} min on {device}")
         train_fold(cfg, data_dir, root / "model", fold="all", device=device)
-        console.print("segmenting the held-out cases")
-        predict_from_cli(model_dir=root / "model", input_path=test_dir / "images",
-                         output_dir=root / "predictions", device=device)
+        log.info("segmenting the held-out cases")
+        predictor = Predictor.from_model_dir(root / "model", device=device)
+        cases = input_cases(test_dir / "images", predictor.plans.num_input_channels)
+        failed = predict_cases(predictor, cases, root / "predictions").failures
+        if failed:
+            raise UserError("demo: " + "; ".join(f.message for f in failed))
         summary = evaluate_folders(root / "predictions", test_dir / "labels", SYNTHETIC_LABELS,
                                    cfg.inference.nsd_tolerance_mm)
         write_summary(summary, root / "predictions")
-        print_summary(summary, title="Held-out synthetic cases")
         seconds = time.monotonic() - t0
-        if output is not None:
-            console.print(f"kept: data {root / 'data'}, model {root / 'model'}, predictions and "
-                          f"summary.json {root / 'predictions'}")
-            console.print(f"next: uumamba predict --model {root / 'model'} --input "
-                          f"{test_dir / 'images'} --output OUT")
-        console.print(f"demo finished in {seconds:.0f} s")
-    return {**summary, "root": str(root), "seconds": seconds}
+    return {**summary, "root": str(root), "test_images": str(test_dir / "images"),
+            "seconds": seconds}

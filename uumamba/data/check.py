@@ -23,12 +23,10 @@ from typing import Literal
 
 import nibabel as nib
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
-from uumamba.config import Config, DatasetConfig
+from uumamba.config import DatasetConfig
 from uumamba.data.io import Geometry, is_nifti, read_image
-from uumamba.data.layouts import Case, DatasetIndex, discover
+from uumamba.data.layouts import Case, DatasetIndex
 from uumamba.errors import DataError
 
 
@@ -238,41 +236,3 @@ def check_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, spatial_dims:
     for case in index.test_images:
         _check_case(out, case, dataset_cfg, spatial_dims, declared)
     return CheckReport(out.problems, len(index.cases), len(index.test_images))
-
-
-def print_report(report: CheckReport, console: Console | None = None) -> None:
-    """Print a report as a rich table followed by the summary line."""
-    console = console or Console()
-    if report.problems:
-        table = Table(show_lines=False)
-        table.add_column("severity")
-        table.add_column("file", overflow="fold")
-        table.add_column("problem", overflow="fold")
-        for p in report.problems:
-            style = "bold red" if p.severity == "error" else "yellow"
-            table.add_row(f"[{style}]{p.severity}[/{style}]", p.file, p.message)
-        console.print(table)
-    style = "bold red" if report.fatal else "green"
-    console.print(f"[{style}]{report.summary()}[/{style}]")
-
-
-def run_check_data(data_dir: str | Path, cfg: Config) -> int:
-    """``uumamba check-data``: discover, check, print; return the exit status.
-
-    Discovery problems (no recognised layout, missing files) are printed as an error too; no
-    exception escapes for bad data.
-
-    Returns:
-        1 when any problem is an error, else 0.
-    """
-    console = Console()
-    try:
-        index = discover(data_dir, cfg.dataset.layout)
-    except DataError as exc:
-        print_report(CheckReport([Problem("error", str(data_dir), str(exc))]), console)
-        return 1
-    console.print(f"{data_dir}: layout '{index.layout}', {len(index.cases)} labelled cases, "
-                  f"{len(index.test_images)} test images")
-    report = check_dataset(index, cfg.dataset, cfg.model.spatial_dims)
-    print_report(report, console)
-    return 1 if report.fatal else 0

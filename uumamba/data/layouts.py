@@ -23,11 +23,11 @@ ImageCAS, AortaSeg24); otherwise they are ``None`` and the config must supply th
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uumamba.data.labels import labels_from_mapping, read_json_object
 from uumamba.errors import DataError
 
 #: File endings read as images (longest first so ``.nii.gz`` wins over ``.gz``).
@@ -140,33 +140,6 @@ def _modality_from_names(names: list[str]) -> str:
     return "CT" if names and all(n.strip().upper() in ("CT", "CTA") for n in names) else "MRI"
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read dataset.json: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: dataset.json must be a JSON object")
-    return data
-
-
-def _int_labels(raw: dict, source: Path, name_to_value: bool) -> dict[int, str]:
-    """Convert a dataset.json ``labels`` mapping to value -> name."""
-    labels: dict[int, str] = {}
-    for key, value in raw.items():
-        number, name = (value, key) if name_to_value else (key, value)
-        if isinstance(number, list):
-            raise DataError(
-                f"{source}: label '{name}' is a region ({number}); region-based training "
-                "is not supported, give one integer per label"
-            )
-        try:
-            labels[int(number)] = str(name)
-        except (TypeError, ValueError):
-            raise DataError(f"{source}: label value {number!r} of '{name}' is not an integer") from None
-    return dict(sorted(labels.items()))
-
-
 # --------------------------------------------------------------------------------------------
 # nnU-Net v2 raw
 
@@ -174,17 +147,17 @@ def _int_labels(raw: dict, source: Path, name_to_value: bool) -> dict[int, str]:
 def _is_nnunet(root: Path) -> bool:
     if not (root / "dataset.json").is_file() or not (root / "imagesTr").is_dir():
         return False
-    data = _read_json(root / "dataset.json")
+    data = read_json_object(root / "dataset.json")
     return "channel_names" in data or "file_ending" in data
 
 
 def _discover_nnunet(root: Path) -> DatasetIndex:
     meta_path = root / "dataset.json"
-    meta = _read_json(meta_path)
+    meta = read_json_object(meta_path)
     channels = meta.get("channel_names") or meta.get("modality") or {"0": "unknown"}
     channel_keys = sorted(int(k) for k in channels)
     ending = meta.get("file_ending", ".nii.gz")
-    labels = _int_labels(meta["labels"], meta_path, name_to_value=True) if "labels" in meta else None
+    labels = labels_from_mapping(meta["labels"], meta_path) if meta.get("labels") else None
 
     def collect(folder: Path, labelled: bool) -> list[Case]:
         pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
@@ -218,12 +191,12 @@ def _discover_nnunet(root: Path) -> DatasetIndex:
 
 def _is_msd(root: Path) -> bool:
     path = root / "dataset.json"
-    return path.is_file() and isinstance(_read_json(path).get("training"), list)
+    return path.is_file() and isinstance(read_json_object(path).get("training"), list)
 
 
 def _discover_msd(root: Path) -> DatasetIndex:
     meta_path = root / "dataset.json"
-    meta = _read_json(meta_path)
+    meta = read_json_object(meta_path)
 
     def resolve(rel: str) -> Path:
         path = (root / rel).resolve()
@@ -243,7 +216,7 @@ def _discover_msd(root: Path) -> DatasetIndex:
         image = resolve(rel if isinstance(rel, str) else rel["image"])
         case_id = split_suffix(image)[0]
         tests.append(Case(case_id, case_id, [image], None))
-    labels = _int_labels(meta["labels"], meta_path, name_to_value=False) if "labels" in meta else None
+    labels = labels_from_mapping(meta["labels"], meta_path) if meta.get("labels") else None
     modality = None
     if isinstance(meta.get("modality"), dict):
         modality = _modality_from_names([str(v) for v in meta["modality"].values()])
@@ -358,12 +331,11 @@ def _optional_metadata(path: Path) -> tuple[dict[int, str] | None, str | None]:
     """
     if not path.is_file():
         return None, None
-    data = _read_json(path)
+    data = read_json_object(path)
     raw = data.get("labels")
     labels = None
     if isinstance(raw, dict) and raw:
-        by_value = all(str(k).lstrip("-").isdigit() for k in raw)
-        labels = _int_labels(raw, path, name_to_value=not by_value)
+        labels = labels_from_mapping(raw, path)
     channels = data.get("modality") or data.get("channel_names") or {}
     first = str(next(iter(channels.values()), "")).upper() if isinstance(channels, dict) else ""
     modality = "CT" if first.startswith("CT") else "MRI" if first.startswith("MR") else None

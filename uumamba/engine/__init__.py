@@ -1,25 +1,28 @@
 """Training engine: the step, the loop, checkpoints, validation, loggers and DDP.
 
 Modules (one concern each): :mod:`~uumamba.engine.step` (one optimisation step, SAM / AMP /
-clipping / non-finite skip), :mod:`~uumamba.engine.train` (``uumamba train``: the loop and its
-seeded patch stream), :mod:`~uumamba.engine.checkpoint` (atomic checkpoints, RNG states),
-:mod:`~uumamba.engine.validate` (sliding-window validation Dice),
-:mod:`~uumamba.engine.callbacks` (progress bar, metrics.jsonl, TensorBoard, pictures) and
-:mod:`~uumamba.engine.distributed` (device selection, torchrun / DDP).
+clipping / non-finite skip), :mod:`~uumamba.engine.loop` (one fold's training loop:
+``run_fold`` / ``train_fold``), :mod:`~uumamba.engine.prepare` (the model folder and the
+fold's datasets), :mod:`~uumamba.engine.components` (network, loss, optimizer, schedule,
+precision, seeding), :mod:`~uumamba.engine.sampling` (the seeded patch stream),
+:mod:`~uumamba.engine.resume` (loop state, checkpoint state, ``--resume``),
+:mod:`~uumamba.engine.signals` (SIGINT / SIGTERM), :mod:`~uumamba.engine.checkpoint`
+(checkpoint files, RNG states), :mod:`~uumamba.engine.validate` (sliding-window validation
+Dice), :mod:`~uumamba.engine.callbacks` (progress bar, metrics.jsonl, TensorBoard, pictures)
+and :mod:`~uumamba.engine.distributed` (torchrun / DDP). :mod:`~uumamba.engine.train` keeps
+the historical import path of the entry points.
 
 The names below are imported on first use, so ``import uumamba.engine`` stays light.
 """
-
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _EXPORTS = {
-    "train_fold": "uumamba.engine.train",
-    "train_from_cli": "uumamba.engine.train",
-    "run_fold": "uumamba.engine.train",
-    "FoldResult": "uumamba.engine.train",
+    "train_fold": "uumamba.engine.loop",
+    "run_fold": "uumamba.engine.loop",
+    "FoldResult": "uumamba.engine.loop",
     "save_checkpoint": "uumamba.engine.checkpoint",
     "load_checkpoint": "uumamba.engine.checkpoint",
     "CHECKPOINT_KEYS": "uumamba.engine.checkpoint",

@@ -1,13 +1,13 @@
 """Loggers the training loop calls: progress bar, metrics.jsonl, TensorBoard, pictures.
 
-The loop (:mod:`uumamba.engine.train`) calls every callback's hooks in order; a callback only
-reads what it is given. The built-in ones (:func:`default_callbacks`) run on rank 0 only and
+The loop (:mod:`uumamba.engine.loop`) calls every callback's hooks in order (through a
+:class:`CallbackList`); a callback only reads what it is given. The built-in ones (:func:`default_callbacks`) run on rank 0 only and
 write into the fold folder:
 
 - :class:`RichProgress`: live bar with loss, σ values, learning rate and iterations/s; one
   summary line per epoch.
 - :class:`MetricsJsonl`: ``metrics.jsonl``, one JSON object per epoch (see
-  :mod:`uumamba.engine.train` for the fields), rewritten atomically from the run's history
+  :mod:`uumamba.engine.loop` for the fields), rewritten atomically from the run's history
   so a resumed run never duplicates lines.
 - :class:`TensorBoardLogger`: ``tensorboard/`` event files (per-iteration loss, lr, σ;
   per-epoch validation Dice). A resumed run purges events after its start iteration.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from uumamba.utils import atomic_path
+from uumamba.utils import atomic_path, json_safe
 
 
 @dataclass
@@ -102,15 +103,18 @@ class Callback:
         """Called once when the loop ends (``reason``: completed, time_limit, signal, ...)."""
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN / inf become None so the output is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+class CallbackList:
+    """Calls a list of callbacks in order: ``CallbackList(items).on_epoch_end(...)`` calls
+    every item's ``on_epoch_end(...)``."""
+
+    def __init__(self, items: Sequence[Callback]) -> None:
+        self.items = list(items)
+
+    def __getattr__(self, hook: str) -> Any:
+        def call(*args: Any) -> None:
+            for cb in self.items:
+                getattr(cb, hook)(*args)
+        return call
 
 
 class MetricsJsonl(Callback):
@@ -121,7 +125,7 @@ class MetricsJsonl(Callback):
 
     def on_epoch_end(self, ctx: RunContext, record: dict[str, Any],
                      history: list[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(_json_safe(r)) + "\n" for r in history)
+        lines = "".join(json.dumps(json_safe(r)) + "\n" for r in history)
         with atomic_path(self.path) as tmp:
             tmp.write_text(lines)
 
@@ -130,10 +134,15 @@ class RichProgress(Callback):
     """Live rich progress bar (loss, σ, lr, it/s) plus a summary line per epoch.
 
     Args:
-        console: a ``rich.console.Console`` shared with the loop's messages.
+        console: the ``rich.console.Console`` to draw on; None: a new one on standard output.
+            (Messages logged to standard output meanwhile appear above the bar.)
     """
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Any = None) -> None:
+        if console is None:
+            from rich.console import Console
+
+            console = Console(highlight=False)
         self.console = console
         self._progress = None
         self._task = None
@@ -325,9 +334,9 @@ class ValidationOverlay(Callback):
         _save_figure(fig, self.path)
 
 
-def default_callbacks(fold_dir: Path, console: Any, progress: bool = True) -> list[Callback]:
+def default_callbacks(fold_dir: Path, progress: bool = True) -> list[Callback]:
     """The rank-0 loggers: progress bar (optional), metrics.jsonl, TensorBoard, pictures."""
-    out: list[Callback] = [RichProgress(console)] if progress else []
+    out: list[Callback] = [RichProgress()] if progress else []
     out += [MetricsJsonl(fold_dir), TensorBoardLogger(fold_dir), ProgressPlot(fold_dir),
             ValidationOverlay(fold_dir)]
     return out

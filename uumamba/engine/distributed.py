@@ -1,4 +1,4 @@
-"""Device selection and multi-process training with ``torch.distributed``.
+"""Multi-process training with ``torch.distributed``.
 
 The same ``uumamba train`` command runs single-process or under
 ``torchrun --nproc_per_node N`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
@@ -6,7 +6,7 @@ The same ``uumamba train`` command runs single-process or under
 (``nccl`` on CUDA, ``gloo`` on CPU), wraps the network and the loss's trainable σ in
 :class:`~torch.nn.parallel.DistributedDataParallel` (gradients averaged across ranks, so all
 ranks keep identical weights), and draws its own training patches (per-rank seeding, see
-:mod:`uumamba.engine.train`). Only rank 0 writes files and logs. This mirrors the behaviour of
+:mod:`uumamba.engine.sampling`). Only rank 0 writes files and logs (:func:`main_rank_logs`). This mirrors the behaviour of
 nnU-Net's DDP training (one process per GPU, per-process batch, rank 0 logs).
 
 Multi-node runs need the model folder on a filesystem all nodes share.
@@ -14,8 +14,11 @@ Multi-node runs need the model folder on a filesystem all nodes share.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from uumamba.device import resolve_device
 from uumamba.errors import UserError
 
 
@@ -50,37 +54,8 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
-        """True on rank 0, the only rank that writes files and prints."""
+        """True on rank 0, the only rank that writes files and logs."""
         return self.rank == 0
-
-
-def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a :class:`torch.device`.
-
-    ``auto`` is CUDA when available, else CPU. Under torchrun, ``cuda`` means
-    ``cuda:LOCAL_RANK``.
-
-    Raises:
-        UserError: an unknown device string, or CUDA requested where none is available.
-    """
-    text = str(device).strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return torch.device("cpu")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {device}: CUDA is not available (torch {torch.__version__}, "
-                f"built with CUDA {torch.version.cuda}); use --device cpu"
-            )
-        if text == "cuda":
-            return torch.device("cuda", local_rank)
-        try:
-            return torch.device(text)
-        except RuntimeError:
-            pass
-    raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -193,3 +168,22 @@ def cleanup(ctx: DistContext, wait: bool = True) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_rank_logs(ctx: DistContext, logger: str = "uumamba.engine") -> Iterator[None]:
+    """Inside: records of ``logger`` (and its children) are dropped on ranks other than 0.
+
+    Each rank is its own process, so the logger's level is changed for this process only;
+    it is restored on exit.
+    """
+    if ctx.is_main:
+        yield
+        return
+    target = logging.getLogger(logger)
+    previous = target.level
+    target.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        target.setLevel(previous)

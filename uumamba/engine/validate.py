@@ -10,12 +10,13 @@ volumes rather than patches, so the number is close to the final evaluation.
 
 Dice per case and class is ``2|P∩G| / (|P|+|G|)``; a class absent from both prediction and
 reference gives NaN and is left out of the means (nnU-Net / MONAI ``ignore_empty``
-convention). Class means are over cases, the overall mean over classes.
+convention). Class means are over cases, the overall mean over classes. Both come from
+:mod:`uumamba.evaluation.metrics` (``dice_per_class``, ``class_means``), the implementation
+``evaluate`` and the postprocessing decision use too.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from uumamba.evaluation.metrics import class_means, dice_per_class
+from uumamba.utils import plain_tensor
 
 
 @dataclass
@@ -67,58 +71,6 @@ class ValidationResult:
     overlay: OverlaySlice | None = None
     seconds: float = 0.0
     masks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-
-def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int],
-                   ignore_label: int | None = None) -> dict[int, float]:
-    """Dice of each label value between two integer label maps of one shape.
-
-    Args:
-        prediction / reference: integer arrays of identical shape (any dimensionality).
-        labels: label values to score (usually the foreground labels).
-        ignore_label: voxels with this reference value are excluded from every class.
-
-    Returns:
-        label -> Dice in [0, 1], NaN where the label is absent from both maps.
-
-    Raises:
-        ValueError: when the shapes differ (names both shapes).
-    """
-    prediction = np.asarray(prediction)
-    reference = np.asarray(reference)
-    if prediction.shape != reference.shape:
-        raise ValueError(f"dice_per_class: prediction shape {prediction.shape} != reference "
-                         f"shape {reference.shape}")
-    valid = None if ignore_label is None else reference != ignore_label
-    out: dict[int, float] = {}
-    for c in labels:
-        p = prediction == c
-        g = reference == c
-        if valid is not None:
-            p &= valid
-            g &= valid
-        denom = int(p.sum()) + int(g.sum())
-        out[int(c)] = float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom
-    return out
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def summarise(per_case: dict[str, dict[str, float]], class_names: Sequence[str]) -> tuple[dict[str, float], float]:
-    """Class means over cases and the overall mean over classes (NaN entries skipped)."""
-    dice = {name: _mean([case[name] for case in per_case.values() if name in case])
-            for name in class_names}
-    return dice, _mean(list(dice.values()))
-
-
-def _as_plain(x: Any) -> torch.Tensor:
-    """A plain tensor from a MONAI MetaTensor / ndarray / tensor."""
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    return torch.as_tensor(x)
 
 
 def _overlay_slice(case_id: str, image: torch.Tensor, label: np.ndarray, pred: np.ndarray,
@@ -180,8 +132,8 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
             item = dataset[i]
             if isinstance(item, list):  # a transform chain that returns a list of one dict
                 item = item[0]
-            image = _as_plain(item["image"]).float()
-            label = _as_plain(item["label"]).cpu().numpy()[0].round().astype(np.int64)
+            image = plain_tensor(item["image"]).float()
+            label = plain_tensor(item["label"]).cpu().numpy()[0].round().astype(np.int64)
             x = image[None].to(device)
             probs = sliding_window_probabilities(model, x, plans, inference_cfg, tta=False)
             pred = probs[0].argmax(0).cpu().numpy().astype(np.int64)
@@ -194,6 +146,6 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
                 overlay = _overlay_slice(str(case_id), image, label, pred, axis)
     finally:
         model.train(was_training)
-    dice, mean = summarise(per_case, names)
+    dice, mean = class_means(per_case, names)
     return ValidationResult(dice=dice, mean_dice=mean, per_case=per_case, overlay=overlay,
                             seconds=time.perf_counter() - t0, masks=masks)

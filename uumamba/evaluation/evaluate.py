@@ -36,19 +36,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
 from uumamba.data.io import read_image
 from uumamba.data.layouts import IMAGE_SUFFIXES, split_suffix
 from uumamba.errors import DataError, UserError
-from uumamba.utils import atomic_path, check_output_folder
+from uumamba.evaluation.metrics import case_metrics, nan_mean
+from uumamba.utils import atomic_path, json_safe
 
 #: Metric names averaged in the summary, in output order.
 MEAN_METRICS: tuple[str, ...] = ("Dice", "HD95", "NSD", "volume_pred_ml", "volume_ref_ml")
@@ -66,80 +64,6 @@ EMPTY_POLICY = (
 )
 
 
-def surface_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float
-) -> tuple[float, float]:
-    """HD95 (mm) and NSD of two non-empty binary masks.
-
-    Args:
-        pred, ref: boolean arrays of one shape (2D or 3D), both with at least one voxel.
-        spacing: voxel size in mm per axis.
-        tolerance_mm: NSD tolerance in mm.
-
-    Returns:
-        ``(hd95_mm, nsd)``. Source: MONAI ``compute_hausdorff_distance(percentile=95)`` and
-        ``compute_surface_dice`` on surface voxels (mask minus its erosion).
-    """
-    y_pred = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32))[None, None]
-    y = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))[None, None]
-    sp = [float(s) for s in spacing]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI deprecation chatter inside get_mask_edges
-        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=sp)
-        nsd = compute_surface_dice(
-            y_pred, y, class_thresholds=[float(tolerance_mm)], include_background=True, spacing=sp
-        )
-    return float(hd95.item()), float(nsd.item())
-
-
-def case_metrics(
-    pred: np.ndarray,
-    ref: np.ndarray,
-    spacing: Sequence[float],
-    labels: dict[int, str],
-    nsd_tolerance_mm: float = 2.0,
-) -> dict[int, dict[str, float]]:
-    """Metrics of one case for every foreground label (see the module docstring).
-
-    Args:
-        pred, ref: integer label maps of the same shape (x, y, z), in one voxel grid.
-        spacing: voxel size in mm per axis (the reference's).
-        labels: label value -> name; label 0 (background) is skipped.
-        nsd_tolerance_mm: NSD tolerance in mm.
-
-    Returns:
-        ``{label value: {"Dice", "HD95", "NSD", "TP", "FP", "FN", "n_pred", "n_ref",
-        "volume_pred_ml", "volume_ref_ml"}}``; NaN where the empty-mask policy says so.
-
-    Raises:
-        ValueError: the shapes differ or the spacing has the wrong length.
-    """
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    if len(spacing) != ref.ndim:
-        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {ref.ndim}D mask")
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    out: dict[int, dict[str, float]] = {}
-    for value in sorted(v for v in labels if v != 0):
-        p, r = pred == value, ref == value
-        tp = int(np.count_nonzero(p & r))
-        n_pred, n_ref = int(np.count_nonzero(p)), int(np.count_nonzero(r))
-        fp, fn = n_pred - tp, n_ref - tp
-        if n_pred == 0 and n_ref == 0:
-            dice = hd95 = nsd = math.nan
-        elif n_pred == 0 or n_ref == 0:
-            dice, hd95, nsd = 0.0, math.nan, 0.0
-        else:
-            dice = 2.0 * tp / (2.0 * tp + fp + fn)
-            hd95, nsd = surface_metrics(p, r, spacing, nsd_tolerance_mm)
-        out[value] = {
-            "Dice": dice, "HD95": hd95, "NSD": nsd, "TP": tp, "FP": fp, "FN": fn,
-            "n_pred": n_pred, "n_ref": n_ref,
-            "volume_pred_ml": n_pred * voxel_ml, "volume_ref_ml": n_ref * voxel_ml,
-        }
-    return out
-
-
 def _read_labels(path: Path) -> tuple[np.ndarray, Any]:
     array, geometry = read_image(path)
     if array.ndim != 3:
@@ -150,11 +74,6 @@ def _read_labels(path: Path) -> tuple[np.ndarray, Any]:
             raise DataError(f"{path}: label map has non-integer values (dtype {array.dtype})")
         array = rounded
     return array.astype(np.int32), geometry
-
-
-def _mean(values: Iterable[float]) -> tuple[float, int]:
-    finite = [v for v in values if not math.isnan(v)]
-    return (float(np.mean(finite)) if finite else math.nan), len(finite)
 
 
 def summarise(
@@ -172,14 +91,14 @@ def summarise(
         rows = [c["metrics"][value] for c in per_case]
         entry: dict[str, Any] = {"name": labels[value]}
         for metric in MEAN_METRICS:
-            entry[metric], entry[f"n_{metric}"] = _mean(r[metric] for r in rows)
+            entry[metric], entry[f"n_{metric}"] = nan_mean(r[metric] for r in rows)
         entry["n_both_empty"] = sum(1 for r in rows if r["n_pred"] == 0 and r["n_ref"] == 0)
         entry["n_hd95_undefined"] = sum(
             1 for r in rows if (r["n_pred"] == 0) != (r["n_ref"] == 0)
         )
         mean[str(value)] = entry
     foreground = {
-        metric: _mean(m[metric] for m in mean.values())[0] for metric in ("Dice", "HD95", "NSD")
+        metric: nan_mean(m[metric] for m in mean.values())[0] for metric in ("Dice", "HD95", "NSD")
     }
     return {
         "labels": {str(k): v for k, v in sorted(labels.items())},
@@ -307,17 +226,6 @@ def evaluate_folders(
     return summary
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace NaN / inf floats by None (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_summary(summary: dict[str, Any], output_dir: str | Path) -> tuple[Path, Path]:
     """Write ``summary.json`` and ``metrics.csv`` (one row per case and label, then one
     ``mean`` row per label) into ``output_dir`` atomically; returns both paths."""
@@ -325,7 +233,7 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path) -> tuple[Path
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = output_dir / "summary.json", output_dir / "metrics.csv"
     with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     labels = summary["labels"]
 
     def cell(v: Any) -> Any:
@@ -342,91 +250,17 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path) -> tuple[Path
     return json_path, csv_path
 
 
-def print_summary(summary: dict[str, Any], title: str = "Evaluation") -> None:
-    """Print per-label mean Dice / HD95 / NSD / volumes and the foreground mean as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(v: float, digits: int = 3) -> str:
-        return "n/a" if v is None or math.isnan(v) else f"{v:.{digits}f}"
-
-    table = Table(title=f"{title} ({summary['n_cases']} cases, NSD @ {summary['nsd_tolerance_mm']:g} mm)")
-    for col in ("label", "Dice", "HD95 (mm)", "NSD", "pred mL", "ref mL"):
-        table.add_column(col, justify="left" if col == "label" else "right")
-    for value, m in summary["mean"].items():
-        table.add_row(
-            f"{value} {m['name']}", fmt(m["Dice"]), fmt(m["HD95"], 2), fmt(m["NSD"]),
-            fmt(m["volume_pred_ml"], 1), fmt(m["volume_ref_ml"], 1),
-        )
-    fg = summary["foreground_mean"]
-    table.add_row("foreground mean", fmt(fg["Dice"]), fmt(fg["HD95"], 2), fmt(fg["NSD"]), "", "",
-                  style="bold")
-    Console().print(table)
-
-
-def labels_from_dataset_json(path: str | Path) -> dict[int, str] | None:
-    """Label map (value -> name) from a ``dataset.json``; ``None`` when it has none.
-
-    Accepts nnU-Net v2's ``{"name": value}`` and MSD's ``{"value": "name"}`` forms; region
-    labels (lists of values) are skipped.
+def find_reference_labels(gt_dir: str | Path) -> dict[int, str] | None:
+    """Labels of a ``dataset.json`` in ``gt_dir`` or its parent (the first with labels), else None.
 
     Raises:
-        DataError: the file is not valid JSON.
+        DataError: such a file is not readable JSON or its labels are malformed.
     """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text()).get("labels")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise DataError(f"{path}: cannot read labels from dataset.json: {exc}") from None
-    if not isinstance(raw, dict) or not raw:
-        return None
-    out: dict[int, str] = {}
-    for k, v in raw.items():
-        if str(k).lstrip("-").isdigit():
-            out[int(k)] = str(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            out[v] = str(k)
-    return out or None
+    from uumamba.data.labels import read_dataset_labels
 
-
-def evaluate_from_cli(pred_dir: Path, gt_dir: Path, output_dir: Path | None, cfg) -> dict[str, Any]:
-    """``uumamba evaluate``: score, write ``summary.json`` + ``metrics.csv``, print the means.
-
-    Labels come from ``cfg.dataset.labels``, else a ``dataset.json`` in ``gt_dir`` or its
-    parent, else the values found. The NSD tolerance is ``cfg.inference.nsd_tolerance_mm``.
-    Outputs go to ``output_dir`` (default: ``pred_dir``). Missing predictions are listed on
-    stderr (and in the summary) but do not fail the command.
-
-    Raises:
-        UserError / DataError: as :func:`evaluate_folders`; UserError when ``output_dir``
-            exists and is not a folder (checked before any scoring).
-    """
-    labels = cfg.dataset.labels
-    if labels is None:
-        for candidate in (Path(gt_dir) / "dataset.json", Path(gt_dir).parent / "dataset.json"):
-            if candidate.is_file():
-                labels = labels_from_dataset_json(candidate)
-                if labels:
-                    break
-    tolerance = cfg.inference.nsd_tolerance_mm
-    if output_dir is not None:
-        check_output_folder(output_dir)
-    summary = evaluate_folders(pred_dir, gt_dir, labels, tolerance)
-    json_path, csv_path = write_summary(summary, output_dir or pred_dir)
-    print_summary(summary)
-    import typer
-
-    if summary.get("unmatched_predictions"):
-        typer.echo(
-            f"warning: {len(summary['unmatched_predictions'])} prediction(s) have no reference "
-            f"and were not scored: {', '.join(summary['unmatched_predictions'][:10])}",
-            err=True,
-        )
-    if summary["missing_predictions"]:
-        typer.echo(
-            f"warning: {len(summary['missing_predictions'])} reference case(s) have no prediction "
-            f"and were not scored: {', '.join(summary['missing_predictions'][:10])}",
-            err=True,
-        )
-    typer.echo(f"wrote {json_path} and {csv_path}")
-    return summary
+    for candidate in (Path(gt_dir) / "dataset.json", Path(gt_dir).parent / "dataset.json"):
+        if candidate.is_file():
+            labels = read_dataset_labels(candidate)
+            if labels:
+                return labels
+    return None

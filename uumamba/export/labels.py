@@ -13,10 +13,10 @@ Accepted forms (mirroring the dataset.json conventions users bring from nnU-Net 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from uumamba.data.labels import read_dataset_labels
 from uumamba.errors import UserError
 
 
@@ -53,38 +53,16 @@ def parse_label_pairs(spec: str) -> dict[int, str]:
 
 
 def labels_from_dataset_json(path: str | Path) -> dict[int, str]:
-    """Read the ``labels`` mapping of a dataset.json (either layout) as value -> name.
+    """Read the ``labels`` mapping of a dataset.json (either form) as value -> name
+    (:func:`uumamba.data.labels.read_dataset_labels`).
 
     Raises:
         UserError: the file is missing, not JSON, has no ``labels`` object, or holds region
             labels / non-integer values.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"labels file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"labels file {path} is not readable JSON: {exc}") from None
-    raw = data.get("labels") if isinstance(data, dict) else None
-    if not isinstance(raw, dict) or not raw:
+    labels = read_dataset_labels(path)
+    if not labels:
         raise UserError(f"labels file {path} has no 'labels' object")
-    labels: dict[int, str] = {}
-    for key, item in raw.items():
-        if str(key).strip().isdigit():
-            value, name = int(key), str(item)
-        elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            value, name = item, str(key)
-        elif isinstance(item, list):
-            raise UserError(
-                f"labels file {path}: label {key!r} is a region ({item}); region-based labels "
-                "cannot be exported as one label value each"
-            )
-        else:
-            raise UserError(f"labels file {path}: cannot read label {key!r}: {item!r}")
-        if value in labels:
-            raise UserError(f"labels file {path}: value {value} is given twice")
-        labels[value] = name
     return labels
 
 
@@ -103,10 +81,12 @@ def resolve_labels(spec: str | None, mask_values: Iterable[int]) -> dict[int, st
         return default_labels(mask_values)
     path = Path(spec).expanduser()
     if path.is_dir():
-        dataset_json = path / "dataset.json"
-        if not dataset_json.is_file():
-            raise UserError(f"--labels: model folder {path} has no dataset.json")
-        return labels_from_dataset_json(dataset_json)
+        from uumamba.model_folder import ModelFolder
+
+        labels = ModelFolder(path).dataset_labels()
+        if not labels:
+            raise UserError(f"--labels: model folder {path} has no dataset.json with labels")
+        return labels
     if path.is_file():
         return labels_from_dataset_json(path)
     if "=" in spec:

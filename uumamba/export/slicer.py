@@ -14,7 +14,7 @@ read with SimpleITK, which reports LPS already.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -219,13 +219,35 @@ def _max_voxel_offset_mm(shape: tuple[int, int, int], a: np.ndarray, b: np.ndarr
     return float(np.max(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0)))
 
 
-def export_from_cli(
+@dataclass
+class ExportResult:
+    """What :func:`export_mask` wrote.
+
+    Attributes:
+        path: the ``.seg.nrrd`` written.
+        segments: label value -> segment name, for the values present in the mask.
+        grid_offset_mm: largest distance between the mask file's voxel centres and the
+            reference's (0 for the same grid); the reference's grid is the one written.
+    """
+
+    path: Path
+    segments: dict[int, str]
+    grid_offset_mm: float
+
+    @property
+    def geometry_differs(self) -> bool:
+        """The mask header places voxels more than :data:`GEOMETRY_TOLERANCE_MM` away (but at
+        most half a voxel) from the reference's."""
+        return self.grid_offset_mm > GEOMETRY_TOLERANCE_MM
+
+
+def export_mask(
     mask: str | Path,
     reference: str | Path,
     output: str | Path,
     labels: str | None = None,
-) -> Path:
-    """``uumamba export-slicer``: read a mask file and write it as a Slicer ``.seg.nrrd``.
+) -> ExportResult:
+    """Read a mask file and write it as a Slicer ``.seg.nrrd`` on the reference's grid.
 
     Args:
         mask: label map file (NIfTI / NRRD / MHA) in the reference's voxel grid.
@@ -235,9 +257,7 @@ def export_from_cli(
             found in the mask, named ``label_N``). See :mod:`uumamba.export.labels`.
 
     Returns:
-        The written path. Prints one summary line; prints a warning to stderr when the mask
-        file's own geometry places voxels more than 1e-3 mm (but at most half a voxel) from
-        the reference's (the reference geometry is used).
+        :class:`ExportResult` (the caller reports ``geometry_differs``).
 
     Raises:
         UserError: a file is missing or unreadable (message names it), shapes differ, the
@@ -260,17 +280,9 @@ def export_from_cli(
             f"centres up to {offset:.3g} mm apart (more than half a voxel, {half_voxel:.3g} mm); "
             "is it the mask of another image?"
         )
-    if offset > GEOMETRY_TOLERANCE_MM:
-        print(
-            f"warning: mask {mask_path} geometry differs from reference {reference_path} "
-            f"(voxel centres up to {offset:.3g} mm apart); writing on the reference's grid",
-            file=sys.stderr,
-        )
     names = resolve_labels(labels, np.unique(array).tolist())
     try:
         path = write_seg_nrrd(array, reference_path, output, names)
     except ValueError as exc:  # e.g. an empty label name in a dataset.json
         raise UserError(f"cannot export mask {mask_path}: {exc}") from None
-    written = _segment_names(names, np.unique(array))
-    print(f"wrote {path}: {len(written)} segments ({', '.join(written.values())})")
-    return path
+    return ExportResult(path, _segment_names(names, np.unique(array)), offset)

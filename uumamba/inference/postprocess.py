@@ -9,10 +9,9 @@ that class's mean Dice. This module does the same, per class:
 1. :func:`determine_postprocessing` compares the mean Dice of each foreground class on the
    validation cases without and with largest-component filtering of that class, and enables
    it where the mean Dice increases (strictly);
-2. the decision is stored as ``postprocessing.json`` in the fold folder
-   (:func:`save_postprocessing`);
-3. the predictor loads it (:func:`load_postprocessing`) and applies it to every mask
-   (:func:`apply_postprocessing`).
+2. the decision is stored as ``postprocessing.json`` in the fold folder, and read back for a
+   fold ensemble, by the model folder (:class:`uumamba.model_folder.ModelFolder`);
+3. the predictor applies it to every mask (:func:`apply_postprocessing`).
 
 Connectivity is full (26-neighbourhood in 3D, 8 in 2D), as MONAI's
 ``KeepLargestConnectedComponent`` uses by default; removed voxels become background (0).
@@ -20,18 +19,13 @@ Connectivity is full (26-neighbourhood in 3D, 8 in 2D), as MONAI's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from uumamba.errors import DataError
-from uumamba.utils import atomic_path
-
-POSTPROCESSING_FILE = "postprocessing.json"
+from uumamba.evaluation.metrics import dice_per_class, nan_mean
 
 
 def largest_component(binary: np.ndarray) -> np.ndarray:
@@ -73,16 +67,10 @@ def apply_postprocessing(mask: np.ndarray, spec: dict[str, Any] | None) -> np.nd
     return out
 
 
-def _class_dice(pred: np.ndarray, ref: np.ndarray, value: int) -> float:
-    p, r = pred == value, ref == value
-    denom = int(p.sum()) + int(r.sum())
-    return float("nan") if denom == 0 else 2.0 * float((p & r).sum()) / denom
-
-
 def _mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], value: int) -> float:
-    values = [_class_dice(p, r, value) for p, r in zip(preds, refs, strict=True)]
-    finite = [v for v in values if not np.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+    """Mean Dice of label ``value`` over the cases, NaN cases skipped."""
+    return nan_mean(dice_per_class(p, r, [value])[value]
+                    for p, r in zip(preds, refs, strict=True))[0]
 
 
 def determine_postprocessing(
@@ -129,53 +117,3 @@ def determine_postprocessing(
         "n_cases": len(preds),
         "connectivity": "full",
     }
-
-
-def save_postprocessing(spec: dict[str, Any], fold_dir: str | Path) -> Path:
-    """Write ``spec`` to ``fold_dir/postprocessing.json`` atomically (NaN as null)."""
-    path = Path(fold_dir) / POSTPROCESSING_FILE
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return None if isinstance(v, float) and np.isnan(v) else v
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(clean(spec), indent=2))
-    return path
-
-
-def _read_spec(path: Path) -> dict[str, Any]:
-    try:
-        spec = json.loads(path.read_text())
-        labels = [int(v) for v in spec.get("largest_component_labels", [])]
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: cannot read postprocessing spec: {exc}") from None
-    return {**spec, "largest_component_labels": labels}
-
-
-def load_postprocessing(model_dir: str | Path, fold_dirs: Sequence[str | Path]) -> dict[str, Any] | None:
-    """The postprocessing the predictor applies for an ensemble of ``fold_dirs``.
-
-    ``model_dir/postprocessing.json`` (e.g. decided on the whole cross-validation) wins when
-    present. Otherwise each fold's ``postprocessing.json`` is read and a class is filtered
-    only if every fold enabled it (a fold without the file enables nothing).
-
-    Returns:
-        A spec for :func:`apply_postprocessing`, or ``None`` when nothing is enabled.
-
-    Raises:
-        DataError: a ``postprocessing.json`` is not readable JSON of the expected form.
-    """
-    root_file = Path(model_dir) / POSTPROCESSING_FILE
-    if root_file.is_file():
-        spec = _read_spec(root_file)
-        return spec if spec["largest_component_labels"] else None
-    common: set[int] | None = None
-    for fold_dir in fold_dirs:
-        path = Path(fold_dir) / POSTPROCESSING_FILE
-        labels = set(_read_spec(path)["largest_component_labels"]) if path.is_file() else set()
-        common = labels if common is None else common & labels
-    if not common:
-        return None
-    return {"largest_component_labels": sorted(common), "source": [str(f) for f in fold_dirs]}

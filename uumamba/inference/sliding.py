@@ -26,17 +26,14 @@ from typing import TYPE_CHECKING
 import torch
 from monai.inferers import sliding_window_inference
 
+from uumamba.utils import plain_tensor
+
 if TYPE_CHECKING:
     from uumamba.config import InferenceConfig
     from uumamba.data.plan import Plans
 
 #: Gaussian importance-map sigma as a fraction of the window size (nnU-Net: 1/8).
 GAUSSIAN_SIGMA_SCALE = 0.125
-
-
-def _as_plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """Drop MONAI MetaTensor metadata (inference does not need it and it slows indexing)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def _softmax_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -130,7 +127,7 @@ def sliding_window_probabilities(
         device = next(model.parameters()).device
     except StopIteration:
         device = image.device
-    volume = _as_plain_tensor(image).to(device=device, dtype=torch.float32)
+    volume = plain_tensor(image).to(device=device, dtype=torch.float32)
 
     if spatial_dims == 2:
         slice_axis = int(plans.slice_axis)
@@ -158,7 +155,7 @@ def sliding_window_probabilities(
             if dims:
                 probs = torch.flip(probs, dims)
             total = probs if total is None else total + probs
-    probs = _as_plain_tensor(total) / len(flips)
+    probs = plain_tensor(total) / len(flips)
 
     if spatial_dims == 2:
         probs = probs.movedim(0, slice_axis + 1).unsqueeze(0)

@@ -1,0 +1,267 @@
+"""The HTTP routes: module-level routers, one top-level handler per endpoint.
+
+- :data:`router` (``/v1``, tag ``segmentation``, behind ``X-API-Key`` when a key is set):
+  ``GET /v1/model``, ``POST /v1/segment``, ``POST /v1/jobs``, ``GET /v1/jobs/{job_id}``,
+  ``GET /v1/jobs/{job_id}/result``, ``DELETE /v1/jobs/{job_id}``;
+- :data:`health_router` (tag ``health``): ``/healthz`` and ``/readyz`` (no key), ``/metrics``
+  (key);
+- :data:`docs_router`: ``/openapi.json`` behind the key, included only when a key is set.
+
+State, authentication, readiness and admission come from :mod:`uumamba_service.dependencies`;
+the OpenAPI fragments below document the multipart body (read by hand, streamed, so FastAPI
+cannot infer it), the file answers and every error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from uumamba.errors import UserError
+
+from .dependencies import (
+    get_job,
+    get_state,
+    job_not_found,
+    require_api_key,
+    require_ready,
+    reserve_slot,
+)
+from .jobs import Job
+from .models import (
+    ErrorResponse,
+    Health,
+    JobCreated,
+    JobState,
+    JobStatus,
+    ModelInfo,
+    OutputFormat,
+    Readiness,
+    VolumeSummary,
+)
+from .observability import logger
+from .pipeline import SegmentationOutput, check_volume, segment_file
+from .responses import remove_when_done, result_response
+from .state import ServiceError, ServiceState
+from .uploads import ReceivedUpload, receive_upload
+from .worker import Slot
+
+# ---------------------------------------------------------------- OpenAPI fragments
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("Missing or wrong `X-API-Key` (only when the server has a key)."),
+    413: _error("Upload larger than `max_upload_mb`; refused before the body is buffered."),
+    415: _error("Not multipart/form-data, unknown extension, or content that is not the format "
+                "the extension names."),
+    422: _error("Unreadable, truncated, empty, 2D / 4D or NaN-filled volume, malformed form, or "
+                "a refused option; `detail` names the problem."),
+    429: _error("Queue full; retry after `Retry-After` seconds."),
+    503: _error("Model not loaded yet (or failed to load); retry after `Retry-After` seconds."),
+}
+_NOT_FOUND = _error("Unknown, deleted or expired job.")
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {
+                "type": "string", "format": "binary",
+                "description": "One 3D volume: .nii, .nii.gz, .nrrd or .mha. The name only "
+                               "decides the format; it is never used as a path."}},
+        }}},
+    }
+}
+
+_FILE_CONTENT = {
+    "application/gzip": {"schema": {"type": "string", "format": "binary"},
+                         "example": "(binary NIfTI label map, format=nii.gz)"},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "example": "(binary 3D Slicer .seg.nrrd, format=seg.nrrd)"},
+}
+
+_FORMAT_QUERY = Query(OutputFormat.nii_gz, description="Output: `nii.gz` label map (default), "
+                      "`seg.nrrd` 3D Slicer segmentation, or `json` per-class voxel counts and "
+                      "volumes in mL.")
+_TTA_QUERY = Query(None, description="Mirroring test-time augmentation; omit for the model "
+                   "default (`tta_default` of `/v1/model`).")
+
+router = APIRouter(prefix="/v1", tags=["segmentation"], dependencies=[Depends(require_api_key)])
+health_router = APIRouter(tags=["health"])
+docs_router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+# ---------------------------------------------------------------- /v1
+
+@router.get("/model", response_model=ModelInfo, summary="Describe the loaded model",
+            responses={401: _UPLOAD_ERRORS[401], 503: _UPLOAD_ERRORS[503]})
+def model_info(state: ServiceState = Depends(require_ready)) -> ModelInfo:
+    """Name, version, labels, modality, target spacing, patch size, folds, the SHA-256 of
+    every checkpoint and the uumamba package version."""
+    return state.info
+
+
+@router.post(
+    "/segment", summary="Segment one volume (synchronous)", response_class=Response,
+    openapi_extra=_UPLOAD_BODY,
+    responses={200: {"model": VolumeSummary, "content": _FILE_CONTENT,
+                     "description": "The label map in the upload's voxel grid (shape, "
+                                    "spacing, origin, direction), or the JSON summary."},
+               **_UPLOAD_ERRORS, 504: _error("Not finished within `request_timeout_s`.")},
+)
+async def segment(request: Request, format: OutputFormat = _FORMAT_QUERY,
+                  tta: bool | None = _TTA_QUERY, state: ServiceState = Depends(require_ready),
+                  slot: Slot = Depends(reserve_slot)) -> Response:
+    """Upload one volume and wait for its mask. Big volumes or slow devices: use `/v1/jobs`."""
+    workdir: Path | None = Path(tempfile.mkdtemp(prefix="segment-", dir=state.work_root))
+    future = None
+    try:
+        upload = await _receive_checked(request, state, workdir)
+        future = state.pool.submit(slot, _segment_sync, state, upload, workdir, format, tta)
+        timeout_s = state.settings.request_timeout_s
+        try:
+            output = await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise ServiceError(504, f"segmentation did not finish within {timeout_s:g} s; "
+                                    "use /v1/jobs for long inferences") from None
+        response = result_response(output, upload.stem, workdir)
+        workdir = None  # the response owns it now
+        return response
+    finally:
+        if workdir is not None:
+            remove_when_done(future, workdir)
+
+
+@router.post(
+    "/jobs", summary="Submit one volume as an asynchronous job", status_code=202,
+    response_model=JobCreated, openapi_extra=_UPLOAD_BODY, responses=_UPLOAD_ERRORS,
+)
+async def submit_job(request: Request, response: Response, format: OutputFormat = _FORMAT_QUERY,
+                     tta: bool | None = _TTA_QUERY, state: ServiceState = Depends(require_ready),
+                     slot: Slot = Depends(reserve_slot)) -> JobCreated:
+    """Upload one volume; answers 202 at once with the job id. Poll `GET /v1/jobs/{id}`,
+    then fetch `GET /v1/jobs/{id}/result`. The job runs even if the client disconnects;
+    its result is kept for `job_ttl_s` seconds after it finished."""
+    job = state.jobs.create(format, tta)
+    try:
+        upload = await _receive_checked(request, state, job.workdir)
+        job.future = state.pool.submit(slot, _run_job, state, job, upload)
+    except BaseException:
+        state.jobs.delete(job.id)
+        raise
+    logger.info("job queued", extra={"fields": {"job_id": job.id, "format": format.value}})
+    url = f"/v1/jobs/{job.id}"
+    response.headers["Location"] = url
+    return JobCreated(id=job.id, status=JobState.queued, status_url=url, result_url=f"{url}/result")
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, summary="Job status and progress",
+            responses={401: _UPLOAD_ERRORS[401], 404: _NOT_FOUND})
+def job_status(job: Job = Depends(get_job)) -> JobStatus:
+    """State (queued, running, done, failed), stage, progress 0-1, times and error."""
+    return job.status()
+
+
+@router.get(
+    "/jobs/{job_id}/result", summary="Result of a finished job", response_class=Response,
+    responses={200: {"model": VolumeSummary, "content": _FILE_CONTENT,
+                     "description": "As `/v1/segment` in the format chosen at submission."},
+               401: _UPLOAD_ERRORS[401], 404: _NOT_FOUND,
+               409: _error("The job is not done (queued / running) or failed; see `detail`.")},
+)
+def job_result(job: Job = Depends(get_job)) -> Response:
+    """The mask file (or JSON summary); may be fetched again until the job expires."""
+    if job.state is JobState.failed:
+        raise ServiceError(409, f"job failed: {job.error}")
+    if job.state is not JobState.done or job.output is None:
+        raise ServiceError(409, f"job is {job.state.value} (stage {job.stage}, progress {job.progress:.2f})")
+    return result_response(job.output, f"job_{job.id[:8]}", cleanup=None)
+
+
+@router.delete("/jobs/{job_id}", status_code=204, response_class=Response, summary="Delete a job",
+               responses={401: _UPLOAD_ERRORS[401], 404: _NOT_FOUND})
+def delete_job(job_id: str, state: ServiceState = Depends(get_state)) -> Response:
+    """Cancel a queued job or forget a finished one and delete its files (a running
+    inference finishes, then its files are deleted)."""
+    if not state.jobs.delete(job_id):
+        raise job_not_found(job_id)
+    return Response(status_code=204)
+
+
+async def _receive_checked(request: Request, state: ServiceState, workdir: Path) -> ReceivedUpload:
+    """Stream the upload into ``workdir`` and check it is a segmentable 3D volume (413/415/422)."""
+    upload = await receive_upload(request, workdir, state.settings.max_upload_bytes)
+    await run_in_threadpool(check_volume, upload.path)
+    return upload
+
+
+def _segment_sync(state: ServiceState, upload: ReceivedUpload, workdir: Path, fmt: OutputFormat,
+                  tta: bool | None) -> SegmentationOutput:
+    """Worker-thread body of ``/v1/segment``."""
+    return segment_file(state.predictor, upload.path, workdir, fmt, tta, state.info.labels,
+                        state.info.tta_default)
+
+
+def _run_job(state: ServiceState, job: Job, upload: ReceivedUpload) -> None:
+    """Worker-thread body of a job: never raises; the outcome goes into the job store."""
+    jobs = state.jobs
+    try:
+        output = segment_file(state.predictor, upload.path, job.workdir, job.format, job.tta,
+                              state.info.labels, state.info.tta_default,
+                              report=lambda stage, progress: jobs.mark(job, stage, progress))
+        upload.path.unlink(missing_ok=True)
+        jobs.finish(job, output, None)
+        logger.info("job done", extra={"fields": {"job_id": job.id}})
+    except UserError as exc:
+        jobs.finish(job, None, str(exc))
+        logger.info("job failed", extra={"fields": {"job_id": job.id, "error": str(exc)}})
+    except Exception as exc:
+        jobs.finish(job, None, f"internal error ({type(exc).__name__}); see the server log")
+        logger.exception("job crashed", extra={"fields": {"job_id": job.id}})
+
+
+# ---------------------------------------------------------------- health, metrics, docs
+
+@health_router.get("/healthz", response_model=Health, summary="Liveness")
+def healthz() -> Health:
+    """200 while the process runs (no key needed)."""
+    return Health(status="ok")
+
+
+@health_router.get("/readyz", response_model=Readiness, summary="Readiness",
+                   responses={503: {"model": Readiness, "description": "Model loading or failed to load."}})
+def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
+    """200 with the device and selective-scan backend once the model is loaded, else 503
+    (no key needed)."""
+    body = Readiness(status=state.status, device=state.device, scan_backend=state.scan_backend,
+                     detail=state.load_error)
+    if state.status == "ready":
+        return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), status_code=503,
+                        headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+@health_router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics",
+                   dependencies=[Depends(require_api_key)],
+                   responses={200: {"content": {"text/plain": {"example": "uumamba_queue_depth 0\n"}}},
+                              401: _UPLOAD_ERRORS[401]})
+def metrics_endpoint(state: ServiceState = Depends(get_state)) -> PlainTextResponse:
+    """Request counts by status, latency sum / count, queue depth, running inferences, jobs."""
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@docs_router.get("/openapi.json", include_in_schema=False)
+def openapi_json(request: Request) -> JSONResponse:
+    """The OpenAPI schema behind the API key (replaces FastAPI's open one when a key is set)."""
+    return JSONResponse(request.app.openapi())

@@ -1,0 +1,58 @@
+"""What one app holds between requests: :class:`ServiceState` and the HTTP error type.
+
+One :class:`ServiceState` per app lives in ``app.state.service``; request handlers reach it
+through :func:`uumamba_service.dependencies.get_state`. :class:`ServiceError` is raised by
+handlers and dependencies and answered as ``{"detail": ...}`` by the app's exception handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .jobs import JobStore
+from .models import ModelInfo
+from .observability import Metrics
+from .settings import ServiceSettings
+from .worker import InferencePool
+
+
+class ServiceError(Exception):
+    """An HTTP error answer with ``{"detail": ...}`` and optional headers."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.headers = headers
+
+
+@dataclass
+class ServiceState:
+    """Everything a request handler needs; one per app (``app.state.service``).
+
+    Attributes:
+        settings / pool / metrics: configuration, inference threads, counters.
+        predictor, info: the loaded predictor and the ``/v1/model`` description (``None``
+            until loaded).
+        status: ``loading`` | ``ready`` | ``failed`` (``load_error`` says why).
+        device, scan_backend: what ``/readyz`` reports (``scan_backend`` is the predictor's
+            own ``scan_backend``).
+        work_root: private temporary folder of this app (uploads, results), removed at
+            shutdown. jobs: the job store. tasks: lifespan background tasks.
+    """
+
+    settings: ServiceSettings
+    pool: InferencePool
+    metrics: Metrics
+    predictor: Any = None
+    info: ModelInfo | None = None
+    status: str = "loading"  # loading | ready | failed
+    load_error: str | None = None
+    device: str | None = None
+    scan_backend: str | None = None
+    work_root: Path | None = None
+    jobs: JobStore | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)

@@ -1,0 +1,136 @@
+"""The model folder's one owner (``uumamba.model_folder``), against a folder written by 0.1.0.
+
+``tests/fixtures/model_v0_1`` was written by the code before this module existed (see
+``tests/fixtures/make_model_v0_1.py``): it must still validate, describe, predict and resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from uumamba.config import load_config
+from uumamba.errors import ConfigError, UserError
+from uumamba.model_folder import CHECKPOINT_KEYS, ModelFolder, load_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "model_v0_1"
+
+
+def test_folder_of_the_previous_layout_reads_through_the_owner():
+    folder = ModelFolder(FIXTURE).require()
+    assert folder.root == FIXTURE.resolve()
+    plans = folder.load_plans()
+    assert plans.spatial_dims == 2 and list(plans.patch_size) == [32, 32]
+    assert folder.labels(plans) == {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
+    assert folder.load_config().model.features == [4, 8, 16]
+    checkpoints = folder.fold_checkpoints()
+    assert checkpoints == {"fold_0": folder.root / "fold_0" / "checkpoint_best.pt"}
+    assert folder.fold_checkpoints("0") == checkpoints
+    # the decision the old training wrote, read back for an ensemble of its one fold
+    assert folder.postprocessing([folder.root / "fold_0"])["largest_component_labels"] == [2, 3]
+    (digest,) = folder.digests()
+    raw = checkpoints["fold_0"].read_bytes()
+    assert digest.sha256 == hashlib.sha256(raw).hexdigest() and digest.size_bytes == len(raw)
+    assert digest.file == "fold_0/checkpoint_best.pt"
+    assert ModelFolder.version([digest]) == hashlib.sha256(digest.sha256.encode()).hexdigest()[:12]
+    state = load_checkpoint(checkpoints["fold_0"])
+    assert set(CHECKPOINT_KEYS) <= set(state) and state["finished"] is True
+
+
+def test_old_folder_predicts_in_the_input_grid(tmp_path):
+    from uumamba.data.synthetic import make_synthetic_case
+    from uumamba.inference import Predictor
+
+    image, _ = make_synthetic_case(7, shape=(44, 42, 3))
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    affine[:3, 3] = (-20.0, 10.0, 5.0)
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), str(path))
+    predictor = Predictor.from_model_dir(FIXTURE, device="cpu")
+    assert predictor.fold_names == ["fold_0"] and predictor.scan_backend == "cpu"
+    assert predictor.postprocessing["largest_component_labels"] == [2, 3]
+    pred = predictor.predict_file(path)
+    assert pred.mask.shape == (44, 42, 3) and pred.mask.dtype == np.uint8
+    assert int(pred.mask.max()) <= 3
+    assert set(pred.volumes_ml) == {"RV", "MYO", "LV"}
+
+
+def test_old_finished_run_resumes_as_finished(tmp_path):
+    from uumamba.engine.train import run_fold
+
+    copy = tmp_path / "model"
+    shutil.copytree(FIXTURE, copy)
+    cfg = load_config(copy / "config.yaml")
+    result = run_fold(cfg, tmp_path / "no-data-needed", copy, fold="0", resume=True,
+                      device="cpu", progress=False)
+    assert (result.reason, result.finished, result.iteration) == ("already_finished", True, 2)
+
+
+def test_require_names_what_is_missing(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        ModelFolder(tmp_path / "missing").require()
+    with pytest.raises(UserError, match="plans.json is missing"):
+        ModelFolder(tmp_path).require()
+    (tmp_path / "plans.json").write_text("[1, 2]")
+    (tmp_path / "config.yaml").write_text("{}\n")
+    with pytest.raises(UserError, match="must be a JSON object"):
+        ModelFolder(tmp_path).require()
+    (tmp_path / "plans.json").write_text("{}")
+    with pytest.raises(UserError, match="no fold_"):
+        ModelFolder(tmp_path).require()
+    with pytest.raises(UserError, match="fold_3 has no checkpoint"):
+        ModelFolder(FIXTURE).require("3")
+
+
+def test_write_config_refuses_other_shared_settings(tmp_path):
+    folder = ModelFolder(tmp_path)
+    cfg = load_config(FIXTURE / "config.yaml")
+    folder.write_config(cfg)
+    cfg.train.epochs = 7  # runtime settings may differ between folds
+    folder.write_config(cfg)
+    other = load_config(FIXTURE / "config.yaml")
+    other.model.d_state = 8
+    with pytest.raises(ConfigError, match="different model settings"):
+        folder.write_config(other)
+    assert load_config(tmp_path / "config.yaml").train.epochs == 7
+
+
+def test_dataset_json_labels_one_reader(tmp_path):
+    from uumamba.data.labels import read_dataset_labels
+    from uumamba.errors import DataError
+
+    path = tmp_path / "dataset.json"
+    for raw in ({"background": 0, "RV": 1}, {"0": "background", "1": "RV"}):
+        path.write_text(json.dumps({"labels": raw}))
+        assert read_dataset_labels(path) == {0: "background", 1: "RV"}
+    path.write_text(json.dumps({"labels": {"whole": [1, 2]}}))
+    with pytest.raises(DataError, match="region"):
+        read_dataset_labels(path)
+    path.write_text(json.dumps({"labels": {"a": 1, "b": 1}}))
+    with pytest.raises(DataError, match="given twice"):
+        read_dataset_labels(path)
+    path.write_text(json.dumps({"name": "x"}))
+    assert read_dataset_labels(path) is None
+
+
+def test_import_directions():
+    """Inference never imports the engine; library packages never import the CLI framework."""
+    code = (
+        "import sys\n"
+        "import uumamba.inference, uumamba.model_folder, uumamba.evaluation.evaluate\n"
+        "import uumamba.export, uumamba.data.check, uumamba.demo\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('uumamba.engine', "
+        "'uumamba.commands', 'typer')))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == "[]"

@@ -1,0 +1,181 @@
+"""The ``uumamba`` command line: demo, check-data, train, predict, evaluate, serve,
+export-slicer — the one place that prints.
+
+This module parses flags (typer) and hands each command to its module in this package
+(``train``, ``predict``, ``evaluate``, ``check``, ``export``, ``demo``; imported lazily, so
+``uumamba --help`` and a missing input fail in a fraction of a second). Those modules call the
+library (which returns values or raises and never prints), show progress and tables, and turn
+outcomes into exit codes. Library notes and warnings arrive through the ``uumamba`` logger,
+which every command prints to stdout (:func:`uumamba.logs.print_messages`). A
+:class:`uumamba.errors.UserError` becomes one line on stderr and exit status 1 — no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uumamba.errors import UserError
+
+app = typer.Typer(
+    name="uumamba",
+    help="UU-Mamba cardiovascular segmentation: train, predict, evaluate, serve, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _setup() -> None:
+    """Runs before every command: library messages (``uumamba`` logger) go to stdout."""
+    from uumamba.logs import print_messages
+
+    print_messages()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _require(path: Path, flag: str, folder: bool) -> None:
+    """Fail fast (before torch / MONAI are imported) when a required input path is missing."""
+    if folder and not path.is_dir():
+        _fail(f"{flag} {path}: " + ("is not a folder" if path.exists() else "folder not found"))
+    if not folder and not path.exists():
+        _fail(f"{flag} {path}: no such file or folder")
+
+
+@app.command("demo")
+def demo(
+    output: Annotated[Path | None, typer.Option(help="keep the synthetic dataset in OUTPUT/data and the model in OUTPUT/model")] = None,
+    minutes: Annotated[float, typer.Option(help="training time budget in minutes")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    cases: Annotated[int, typer.Option(help="number of synthetic cases to write")] = 8,
+) -> None:
+    """Write a synthetic cardiac-MRI-like dataset, train briefly, predict, evaluate, print Dice."""
+    from uumamba.commands.demo import demo_from_cli
+
+    demo_from_cli(output=output, minutes=minutes, device=device, n_cases=cases)
+
+
+@app.command("check-data")
+def check_data(
+    data: Annotated[Path, typer.Argument(help="dataset folder")],
+    config: Annotated[Path | None, typer.Option(help="YAML config (labels, modality, layout)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE")] = None,
+) -> None:
+    """Read every case once and report all problems; exit 1 if any is fatal."""
+    from uumamba.commands.check import run_check_data
+    from uumamba.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    code = run_check_data(data, cfg)
+    raise typer.Exit(code=code)
+
+
+@app.command("train")
+def train(
+    data: Annotated[Path, typer.Option(help="dataset folder")],
+    output: Annotated[Path, typer.Option(help="model folder (runs/NAME)")],
+    config: Annotated[Path | None, typer.Option(help="YAML config, e.g. configs/acdc.yaml")] = None,
+    fold: Annotated[str, typer.Option(help="fold index or 'all'")] = "0",
+    resume: Annotated[bool, typer.Option(help="continue from checkpoint_latest")] = False,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE")] = None,
+) -> None:
+    """Check, plan, split and train one fold (or all data) of a dataset."""
+    from uumamba.config import load_config
+
+    _require(data, "--data", folder=True)
+    cfg = load_config(config, set_ or [])
+    from uumamba.commands.train import train_from_cli
+
+    train_from_cli(cfg=cfg, data_dir=data, output_dir=output, fold=fold, resume=resume, device=device)
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[Path, typer.Option(help="trained model folder")],
+    input: Annotated[Path, typer.Option(help="image file or folder of images")],
+    output: Annotated[Path, typer.Option(help="output folder")],
+    folds: Annotated[str | None, typer.Option(help="comma-separated folds, default: all present")] = None,
+    tta: Annotated[bool, typer.Option(help="mirroring test-time augmentation")] = False,
+    format: Annotated[str | None, typer.Option(help="nii.gz | nrrd | mha | seg.nrrd (default: input's)")] = None,
+    probabilities: Annotated[bool, typer.Option(help="also write softmax probabilities")] = False,
+    uncertainty: Annotated[bool, typer.Option(help="also write per-voxel predictive entropy")] = False,
+    split_4d: Annotated[bool, typer.Option(help="split 4D inputs into frames")] = False,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+) -> None:
+    """Segment images with a trained model; masks keep the input's geometry."""
+    _require(model, "--model", folder=True)
+    _require(input, "--input", folder=False)
+    from uumamba.commands.predict import predict_from_cli
+
+    predict_from_cli(
+        model_dir=model, input_path=input, output_dir=output, folds=folds, tta=tta,
+        out_format=format, probabilities=probabilities, uncertainty=uncertainty,
+        split_4d=split_4d, device=device,
+    )
+
+
+@app.command("evaluate")
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="folder of predicted masks")],
+    gt: Annotated[Path, typer.Option(help="folder of reference masks")],
+    output: Annotated[Path | None, typer.Option(help="where to write summary.json / metrics.csv (default: PRED)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (labels, NSD tolerance)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE")] = None,
+) -> None:
+    """Dice, HD95 (mm), NSD and volumes per case and class; summary.json + metrics.csv."""
+    from uumamba.config import load_config
+
+    _require(pred, "--pred", folder=True)
+    _require(gt, "--gt", folder=True)
+    cfg = load_config(config, set_ or [])
+    from uumamba.commands.evaluate import evaluate_from_cli
+
+    evaluate_from_cli(pred_dir=pred, gt_dir=gt, output_dir=output, cfg=cfg)
+
+
+@app.command("serve")
+def serve(
+    model: Annotated[Path, typer.Option(envvar="UUMAMBA_MODEL", help="trained model folder")],
+    host: Annotated[str, typer.Option(envvar="UUMAMBA_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="UUMAMBA_PORT")] = 8000,
+    device: Annotated[str, typer.Option(envvar="UUMAMBA_DEVICE")] = "auto",
+) -> None:
+    """Serve the model over HTTP (FastAPI + uvicorn); more settings via UUMAMBA_* variables."""
+    from uumamba_service.app import serve_from_cli
+
+    serve_from_cli(model_dir=model, host=host, port=port, device=device)
+
+
+@app.command("export-slicer")
+def export_slicer(
+    mask: Annotated[Path, typer.Option(help="label map (NIfTI / NRRD / MHA)")],
+    reference: Annotated[Path, typer.Option(help="image the mask belongs to")],
+    output: Annotated[Path, typer.Option(help="OUT.seg.nrrd")],
+    labels: Annotated[str | None, typer.Option(help="'1=RV,2=MYO,3=LV' or a model folder / dataset.json")] = None,
+) -> None:
+    """Write a 3D Slicer segmentation (.seg.nrrd) with names, colours and terminology."""
+    from uumamba.commands.export import export_from_cli
+
+    export_from_cli(mask=mask, reference=reference, output=output, labels=labels)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning UserError into a one-line message."""
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""What one run trains with: network, loss, optimizer, schedule and precision, plus the
+seeding of the global generators before they are built."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from uumamba.config import Config
+from uumamba.data.plan import Plans
+from uumamba.errors import ConfigError
+from uumamba.losses import build_loss
+from uumamba.nn import build_network
+from uumamba.optim import PolyLRScheduler, build_optimizer
+
+
+def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """Autocast dtype and GradScaler for ``train.amp`` on ``device``.
+
+    CPU: always float32 (None, None). CUDA: ``auto`` -> bf16 when the GPU supports it (no
+    scaler), else fp16 with :class:`torch.amp.GradScaler`; ``bf16`` / ``fp16`` force one;
+    ``off`` -> float32.
+    """
+    if device.type != "cuda" or amp == "off":
+        return None, None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed Python, NumPy and torch (MONAI ``set_determinism`` when ``deterministic``).
+
+    On CUDA, ``deterministic`` also turns on deterministic algorithms (warn-only, so an op
+    without a deterministic kernel warns instead of failing) and disables cuDNN benchmarking.
+    CPU kernels are deterministic for a fixed thread count already (and
+    ``torch.use_deterministic_algorithms`` costs seconds of import time), so it is not called
+    there. mamba-ssm's CUDA backward uses atomic adds, so GPU runs are seeded but not
+    bit-reproducible.
+    """
+    if deterministic:
+        from monai.utils import set_determinism
+
+        set_determinism(seed=seed)
+        if device.type == "cuda":
+            # cuBLAS needs a fixed workspace for reproducible GEMMs (set before its first use)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - legacy global RNG on purpose
+        torch.manual_seed(seed)
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass
+class Components:
+    """Network, objective and optimisation state of one run.
+
+    Attributes:
+        model: the unwrapped network; ``train_model`` is the same module, DDP-wrapped when
+            distributed (what the step runs).
+        loss_fn: deep-supervision wrapper over the configured loss (holds the σ).
+        optimizer / scheduler: from :func:`uumamba.optim.build_optimizer` and
+            :class:`uumamba.optim.PolyLRScheduler` (total = epochs × iterations per epoch).
+        scaler / autocast_dtype: from :func:`select_precision`.
+    """
+
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    autocast_dtype: torch.dtype | None
+    train_model: torch.nn.Module | None = None
+
+    def sigmas(self) -> dict[str, float]:
+        """σ values of an uncertainty-weighted loss (empty for fixed-weight losses)."""
+        loss_fn = self.loss_fn
+        return {str(k): float(v) for k, v in loss_fn.sigmas().items()} if hasattr(
+            loss_fn, "sigmas") else {}
+
+    def lr(self) -> float:
+        """Learning rate of the first parameter group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def build_components(cfg: Config, plans: Plans, device: torch.device,
+                     total_iterations: int) -> Components:
+    """Build network, loss (``n_outputs`` = deep-supervision outputs), optimizer (σ in their
+    own group), poly schedule and AMP settings, all on ``device``.
+
+    Raises:
+        ConfigError: invalid optimizer / loss / schedule settings (naming the key).
+    """
+    model = build_network(cfg.model, plans).to(device)
+    n_outputs = model.n_deep_supervision_outputs if cfg.model.deep_supervision else 1
+    loss_fn = build_loss(cfg.loss, plans.num_classes, cfg.dataset.ignore_label, n_outputs)
+    loss_fn = loss_fn.to(device)
+    optimizer = build_optimizer(cfg.optim, model, loss_fn)
+    try:
+        scheduler = PolyLRScheduler(optimizer, total_iterations,
+                                    exponent=cfg.optim.poly_exponent,
+                                    warmup_iters=cfg.optim.warmup_iterations)
+    except ValueError as exc:
+        raise ConfigError(f"optim (poly schedule over {total_iterations} iterations): "
+                          f"{exc}") from None
+    autocast_dtype, scaler = select_precision(cfg.train.amp, device)
+    return Components(model, loss_fn, optimizer, scheduler, scaler, autocast_dtype)

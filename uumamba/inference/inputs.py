@@ -1,0 +1,64 @@
+"""What ``predict`` segments: the cases of an input file or folder, and where it may write.
+
+A case is one image, or one file per input channel named with nnU-Net's ``CASE_0000``,
+``CASE_0001`` ... convention. The output folder must not be the input's own folder (masks named
+like their images would overwrite the scans).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from uumamba.data.layouts import IMAGE_SUFFIXES, split_suffix
+from uumamba.errors import UserError
+from uumamba.utils import check_output_folder
+
+_CHANNEL_TAG = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def input_cases(input_path: Path, n_channels: int) -> list[tuple[str, list[Path]]]:
+    """Cases in a file or folder: (case id, one file per channel).
+
+    nnU-Net naming ``CASE_0000`` (``_0001`` ...) groups channels; the suffix is dropped from
+    the case id (so ``imagesTs/CASE_0000.nii.gz`` gives ``CASE``). Hidden files and Slicer
+    ``.seg.nrrd`` files are skipped.
+    """
+    if input_path.is_file():
+        files = [input_path]
+    elif input_path.is_dir():
+        files = sorted(p for p in input_path.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and split_suffix(p)[1] in IMAGE_SUFFIXES
+                       and not split_suffix(p)[0].endswith(".seg"))
+        if not files:
+            raise UserError(f"{input_path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    else:
+        raise UserError(f"--input {input_path}: no such file or folder")
+    groups: dict[str, dict[int, Path]] = {}
+    for f in files:
+        stem = split_suffix(f)[0]
+        m = _CHANNEL_TAG.match(stem)
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if not m and n_channels > 1:
+            raise UserError(f"{f}: the model takes {n_channels} channels; name the files "
+                            "CASE_0000, CASE_0001, ... (nnU-Net convention)")
+        previous = groups.setdefault(case, {}).get(channel)
+        if previous is not None:
+            raise UserError(f"{f} and {previous} would both be written as case '{case}'; "
+                            "rename one of them")
+        groups[case][channel] = f
+    return [(case, [chans[c] for c in sorted(chans)]) for case, chans in sorted(groups.items())]
+
+
+def check_output_dir(input_path: Path, output_dir: Path) -> None:
+    """Refuse an output folder that is a file or the input's own folder (masks named like
+    their images would overwrite the scans).
+
+    Raises:
+        UserError: naming ``--output`` and the reason.
+    """
+    check_output_folder(output_dir)
+    input_dir = input_path if input_path.is_dir() else input_path.parent
+    if output_dir.exists() and output_dir.resolve() == input_dir.resolve():
+        raise UserError(f"--output {output_dir} is the input folder: masks would overwrite the "
+                        "input images; choose another folder")

@@ -1,0 +1,82 @@
+"""Write one prediction: the mask in the input's format (or a 3D Slicer ``.seg.nrrd``), optional
+probabilities and entropy, and ``CASE_volumes.json``; every file atomically.
+
+The mask has the input's voxel grid and geometry (:func:`uumamba.data.io.write_mask` copies
+the reference header and checks the written geometry); ``seg.nrrd`` goes through
+:func:`uumamba.export.slicer.write_seg_nrrd`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uumamba.data.io import format_of, write_image, write_mask
+from uumamba.errors import UserError
+from uumamba.evaluation.metrics import voxel_volume_ml
+from uumamba.inference.predict import Prediction
+from uumamba.utils import atomic_path
+
+#: Output formats of ``uumamba predict --format``.
+OUTPUT_FORMATS: tuple[str, ...] = ("nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
+
+
+def mask_suffix(reference: Path, out_format: str | None) -> tuple[str, str | None]:
+    """(file ending of the mask, io format name or None for seg.nrrd)."""
+    fmt = out_format or format_of(reference)
+    if fmt not in OUTPUT_FORMATS:
+        raise UserError(f"--format {out_format}: expected one of {', '.join(OUTPUT_FORMATS)}")
+    return ("." + fmt, None) if fmt == "seg.nrrd" else ("." + fmt, fmt)
+
+
+def write_prediction(prediction: Prediction, case: str, reference: Path, output_dir: Path,
+                     labels: dict[int, str], out_format: str | None = None,
+                     extra: dict[str, Any] | None = None) -> list[Path]:
+    """Write a prediction's files into ``output_dir`` (all atomically); return their paths.
+
+    ``CASE.<ext>`` (mask; input's format unless ``out_format``; ``seg.nrrd`` via the Slicer
+    exporter), ``CASE_probabilities.nii.gz`` (x, y, z, C float32; when present),
+    ``CASE_entropy.<ext>`` (float32 nats; NRRD when the mask is ``seg.nrrd``; when present),
+    ``CASE_volumes.json`` (per-label value, voxel count and mL, spacing and voxel volume).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    suffix, fmt = mask_suffix(reference, out_format)
+    written = []
+    mask_path = output_dir / f"{case}{suffix}"
+    if fmt is None:
+        from uumamba.export.slicer import write_seg_nrrd
+
+        written.append(write_seg_nrrd(prediction.mask, reference, mask_path, labels))
+    else:
+        written.append(write_mask(prediction.mask, reference, mask_path, format=fmt))
+    if prediction.probabilities is not None:
+        written.append(write_image(np.moveaxis(prediction.probabilities, 0, -1), reference,
+                                   output_dir / f"{case}_probabilities.nii.gz", format="nii.gz"))
+    if prediction.entropy is not None:
+        efmt = fmt or "nrrd"
+        written.append(write_image(prediction.entropy, reference,
+                                   output_dir / f"{case}_entropy.{efmt}", format=efmt))
+    spacing = [float(s) for s in prediction.geometry.spacing]
+    voxel_ml = voxel_volume_ml(spacing)
+    names_to_value = {n: v for v, n in labels.items()}
+    info = {
+        "case": case,
+        "input": str(reference),
+        "mask": str(mask_path),
+        "spacing_mm": spacing,
+        "voxel_volume_ml": voxel_ml,
+        "labels": {
+            name: {"value": int(names_to_value[name]), "voxels": prediction.voxel_counts[name],
+                   "volume_ml": prediction.volumes_ml[name]}
+            for name in prediction.volumes_ml
+        },
+        **(extra or {}),
+    }
+    json_path = output_dir / f"{case}_volumes.json"
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
+    written.append(json_path)
+    return written
