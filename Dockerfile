@@ -4,7 +4,16 @@
 # (train, predict, evaluate, export-slicer) by naming it after the image.
 #
 #   docker build --build-arg TORCH_CUDA_ARCH_LIST="8.0;9.0" -t uumamba:gpu .
-#   docker run --gpus all -p 8000:8000 -v "$PWD/runs:/models" uumamba:gpu
+#   docker run --gpus all -p 8000:8000 -v "$PWD/runs:/models" \
+#       -e UUMAMBA_API_KEY="$(openssl rand -hex 32)" -e UUMAMBA_ALLOWED_HOSTS=seg.example.org \
+#       uumamba:gpu
+#
+# An API key is required: the server listens on 0.0.0.0 inside the container, and
+# `uumamba serve` refuses a non-loopback address without UUMAMBA_API_KEY (clients send it as
+# the X-API-Key header). UUMAMBA_ALLOWED_HOSTS lists the Host names clients use (default:
+# localhost, 127.0.0.1, ::1 and the container's host name). Put a TLS terminator in front;
+# the service speaks plain HTTP. `--insecure-no-auth` after the image name's CMD turns the
+# key check off; never do that on a shared network.
 #
 # Stage "build" compiles the mamba-ssm and causal-conv1d CUDA extensions against the exact
 # torch build the runtime stage installs: a wheel compiled against another torch fails at
@@ -13,7 +22,7 @@
 # installed here (not a fresh one in an isolated build env), and only the GPU architectures
 # named by TORCH_CUDA_ARCH_LIST are compiled (all of them takes over an hour).
 
-# Versions shared by both stages. torch must satisfy pyproject.toml's "torch>=2.2"; its cu124
+# Versions shared by both stages. torch must satisfy pyproject.toml's "torch>=2.6"; its cu124
 # wheels match the CUDA 12.4 images below. mamba-ssm / causal-conv1d are the gpu extra's
 # packages (pyproject: mamba-ssm>=2.2, causal-conv1d>=1.4); these releases' sdists ship the
 # CUDA sources (some earlier ones on PyPI do not).

@@ -14,6 +14,13 @@ Usage::
 
 Targets: no 5xx, no lost job, memory flat after the first requests (the RSS growth between
 the end of warm-up and the end is printed).
+
+``--hostile N`` adds N hostile requests from ``--hostile-clients`` more clients, interleaved
+with the honest ones: gzip bombs (1 GiB of zeros in 1 MiB), an NRRD reading ``/etc/passwd``,
+a 60-byte NIfTI declaring 30000^3 voxels and slow clients trickling 16 bytes every 0.5 s
+(cut at ``--upload-timeout``). Honest p95 and throughput are printed as for the honest-only
+run, with the hostile answers by status; targets: 0 x 5xx, 0 lost or refused honest requests.
+All clients share 127.0.0.1, so the per-client upload limit is raised for the run.
 """
 
 from __future__ import annotations
@@ -106,6 +113,52 @@ def one_request(base: str, payload: bytes, name: str, use_job: bool, timeout: fl
         return f"job-{res.status_code}", time.perf_counter() - start, lost
 
 
+def hostile_payloads(scratch: Path) -> list[tuple[str, bytes | None]]:
+    """(file name, bytes) of each hostile kind; ``None`` bytes means a slow client."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((16, 16, 16))
+    header.set_data_dtype(np.uint8)
+    member = gzip.compress(b"\0" * (1 << 20), compresslevel=9)
+    bomb = gzip.compress(header.binaryblock + b"\0" * 4) + member * 1024
+    huge = nib.Nifti1Header()
+    huge.set_data_shape((30000, 30000, 30000))
+    huge.set_data_dtype(np.float32)
+    passwd = (b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 16 16 16\nencoding: ascii\n"
+              b"data file: /etc/passwd\n\n")
+    return [("bomb.nii.gz", bomb), ("passwd.nrrd", passwd),
+            ("huge.nii.gz", gzip.compress(huge.binaryblock + b"\0" * 4)), ("slow.nii", None)]
+
+
+def one_hostile(base: str, name: str, payload: bytes | None, timeout: float) -> tuple[str, float, bool]:
+    """One hostile request; returns (status code as text, seconds, leaked)."""
+    start = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=timeout) as c:
+        if payload is None:
+            boundary = "benchSlowClient"
+
+            def trickle():
+                yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                       f"filename=\"{name}\"\r\n\r\n").encode()
+                for _ in range(int(timeout * 2)):
+                    time.sleep(0.5)
+                    yield b"\0" * 16
+
+            try:
+                r = c.post("/v1/segment", content=trickle(),
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            except httpx.HTTPError as exc:  # the server closed the connection mid-body
+                return f"closed-{type(exc).__name__}", time.perf_counter() - start, False
+        else:
+            r = c.post("/v1/segment", files={"file": (name, payload, "application/octet-stream")})
+    leaked = "root:" in r.text or "/tmp/" in r.text
+    return str(r.status_code), time.perf_counter() - start, leaked
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model folder (default: train a tiny one)")
@@ -116,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="UUMAMBA_WORKERS_PER_DEVICE")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (model, server log)")
+    parser.add_argument("--hostile", type=int, default=0, help="hostile requests mixed in")
+    parser.add_argument("--hostile-clients", type=int, default=4)
+    parser.add_argument("--upload-timeout", type=float, default=5.0, help="UUMAMBA_UPLOAD_TIMEOUT_S")
     args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-service-"))
@@ -137,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "UUMAMBA_MAX_QUEUE": str(max(args.clients * 2, 8)),
-           "UUMAMBA_WORKERS_PER_DEVICE": str(args.workers), "UUMAMBA_REQUEST_TIMEOUT_S": str(args.timeout)}
+           "UUMAMBA_WORKERS_PER_DEVICE": str(args.workers), "UUMAMBA_REQUEST_TIMEOUT_S": str(args.timeout),
+           "UUMAMBA_UPLOAD_TIMEOUT_S": str(args.upload_timeout),
+           "UUMAMBA_MAX_UPLOADS_PER_CLIENT": str(args.clients + args.hostile_clients + 1)}
     log_path = scratch / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "uumamba.cli", "serve", "--model", str(model_dir),
@@ -165,15 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         rss_idle = rss_mb(proc.pid)
         results: list[tuple[str, float, bool]] = []
         rss_after_warmup = None
+        kinds = hostile_payloads(scratch) if args.hostile else []
         start = time.perf_counter()
-        with cf.ThreadPoolExecutor(args.clients) as ex:
+        with cf.ThreadPoolExecutor(args.clients) as ex, \
+                cf.ThreadPoolExecutor(max(1, args.hostile_clients)) as bad:
+            hostile = [bad.submit(one_hostile, base, *kinds[i % len(kinds)], args.upload_timeout * 2)
+                       for i in range(args.hostile)]
             futures = [ex.submit(one_request, base, payload, upload.name, i % 2 == 1, args.timeout)
                        for i in range(args.requests)]
             for fut in cf.as_completed(futures):
                 results.append(fut.result())
                 if len(results) == args.clients:
                     rss_after_warmup = rss_mb(proc.pid)
-        wall = time.perf_counter() - start
+            wall = time.perf_counter() - start
+            hostile_results = [f.result() for f in hostile]
         rss_end = rss_mb(proc.pid)
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
     finally:
@@ -201,9 +264,19 @@ def main(argv: list[str] | None = None) -> int:
           f"(growth after warm-up {rss_end - (rss_after_warmup or rss_end):+.0f} MiB)")
     print("status codes: " + ", ".join(f"{code}: {n}" for code, n in sorted(codes.items())))
     print(f"5xx: {n_5xx}, lost jobs: {lost}, server exit code: {proc.returncode}")
+    refused_honest = sum(n for code, n in codes.items() if code.removeprefix("job-") != "200")
+    hostile_5xx = leaks = 0
+    if hostile_results:
+        hcodes = collections.Counter(r[0] for r in hostile_results)
+        hostile_5xx = sum(n for code, n in hcodes.items() if code.startswith("5"))
+        leaks = sum(r[2] for r in hostile_results)
+        print(f"hostile: {len(hostile_results)} requests, status codes: "
+              + ", ".join(f"{code}: {n}" for code, n in sorted(hcodes.items()))
+              + f"; 5xx: {hostile_5xx}, answers leaking /etc/passwd or a path: {leaks}; "
+              f"honest requests not answered 200: {refused_honest}")
     queue_lines = [line for line in metrics.splitlines() if line.startswith("uumamba_queue_depth")]
     print("server metrics at end: " + "; ".join(queue_lines))
-    return 1 if n_5xx or lost else 0
+    return 1 if n_5xx or lost or hostile_5xx or leaks or (hostile_results and refused_honest) else 0
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@ the error mapping, the middleware, and includes the module-level routers of
 :mod:`uumamba_service.routes`. Inference runs on the
 :class:`~uumamba_service.worker.InferencePool` threads, never on the event loop.
 
-Status codes: 401 missing / wrong ``X-API-Key``; 404 unknown or expired job; 409 job result
-not available (not finished or failed); 413 upload too large; 415 not a supported image;
-422 unreadable / truncated / 4D / NaN volume and every :class:`uumamba.errors.UserError`;
-429 queue full (``Retry-After``); 503 model not loaded (``Retry-After``); 504 request timeout.
+Status codes: 400 ``Host`` not in ``allowed_hosts``; 401 missing / wrong ``X-API-Key``; 404
+unknown or expired job; 408 upload slower than ``upload_timeout_s``; 409 job result not
+available (not finished or failed); 413 upload too large, or a header declaring too many
+voxels / bytes (also after resampling); 415 not a supported image; 422 unreadable /
+truncated / 4D / NaN volume, a refused header (detached data file, implausible spacing, gzip
+bomb) and every :class:`uumamba.errors.UserError`; 429 queue full or too many uploads
+(``Retry-After``); 503 model not loaded (``Retry-After``) or no room for a work folder; 504
+request timeout or inference wall-time cap.
 
 Conventions mirrored: Kubernetes-style ``/healthz`` (liveness) and ``/readyz`` (readiness);
 status codes and ``Retry-After`` as RFC 9110; FastAPI's error body ``{"detail": ...}``; the
@@ -20,14 +24,18 @@ returned in the input's voxel grid as ``nnUNetv2_predict`` and TotalSegmentator 
 from __future__ import annotations
 
 import functools
+import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import JSONResponse
 
 import uumamba
+from uumamba.data.untrusted import VolumeTooLarge
 from uumamba.errors import UserError
 from uumamba.model_folder import ModelFolder
 
@@ -47,9 +55,14 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 async def _upload_rejected(request: Request, exc: UploadRejected) -> JSONResponse:
     """``{"detail"}`` with the upload's status; a 413 closes the connection."""
-    # 413 while the body is still arriving: close the connection rather than drain it
-    headers = {"Connection": "close"} if exc.status_code == 413 else None
+    # 413 / 408 while the body is still arriving: close the connection rather than drain it
+    headers = {"Connection": "close"} if exc.status_code in (408, 413) else None
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+async def _too_large(request: Request, exc: VolumeTooLarge) -> JSONResponse:
+    """A header declaring more voxels / bytes than the caps: 413."""
+    return JSONResponse({"detail": str(exc)}, status_code=413)
 
 
 async def _user_error(request: Request, exc: UserError) -> JSONResponse:
@@ -97,7 +110,7 @@ def create_app(settings: ServiceSettings, predictor: Any = None) -> FastAPI:
         docs_url=None if protected_docs else "/docs",
         redoc_url=None if protected_docs else "/redoc",
         exception_handlers={ServiceError: _service_error, UploadRejected: _upload_rejected,
-                            UserError: _user_error},
+                            VolumeTooLarge: _too_large, UserError: _user_error},
     )
     app.state.service = state
     app.include_router(health_router)
@@ -108,21 +121,51 @@ def create_app(settings: ServiceSettings, predictor: Any = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
-                           expose_headers=["X-Request-ID", "Content-Disposition", "Location"])
+                           expose_headers=["X-Request-ID", "Content-Disposition", "Location",
+                                           "X-Input-Warnings"])
+    if settings.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(host: str) -> list[str]:
+    """``Host`` values accepted when ``UUMAMBA_ALLOWED_HOSTS`` is unset: localhost, 127.0.0.1,
+    ::1 and the bound ``host``; for a wildcard bind (0.0.0.0, ::) the machine's host name and
+    fully qualified name instead of the wildcard."""
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    if host in ("0.0.0.0", "::", ""):
+        hosts += [socket.gethostname(), socket.getfqdn()]
+    else:
+        hosts.append(host.strip("[]"))
+    return list(dict.fromkeys(h for h in hosts if h))
+
+
 def serve_from_cli(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                   device: str = "auto") -> None:
+                   device: str = "auto", insecure_no_auth: bool = False) -> None:
     """``uumamba serve``: validate the model folder, then run the app with uvicorn.
 
     Other settings come from ``UUMAMBA_*`` environment variables (see
-    :class:`~uumamba_service.settings.ServiceSettings`).
+    :class:`~uumamba_service.settings.ServiceSettings`). ``UUMAMBA_ALLOWED_HOSTS`` unset:
+    :func:`default_allowed_hosts` of ``host``.
+
+    Args:
+        insecure_no_auth: allow a non-loopback ``host`` without ``UUMAMBA_API_KEY``.
 
     Raises:
         UserError: one line when the model folder is missing or not a trained model folder,
-            or a setting from the environment is invalid.
+            a setting from the environment is invalid, or ``host`` is not a loopback address
+            while no API key is set and ``insecure_no_auth`` is false.
     """
     import uvicorn
     from pydantic import ValidationError
@@ -134,7 +177,12 @@ def serve_from_cli(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8
         problems = "; ".join(f"UUMAMBA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         raise UserError(f"invalid service setting: {problems}") from None
     ModelFolder(path).require(settings.folds)
-    configure_logging()
+    if settings.api_key is None and not is_loopback(host) and not insecure_no_auth:
+        raise UserError(f"refusing to serve on {host} without an API key: set UUMAMBA_API_KEY, "
+                        "bind 127.0.0.1, or pass --insecure-no-auth")
+    if settings.allowed_hosts is None:
+        settings = settings.model_copy(update={"allowed_hosts": default_allowed_hosts(host)})
+    configure_logging(library=True)
     logger.info("starting", extra={"fields": {"model_dir": str(path), "host": host, "port": port,
                                                "device": device}})
     uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None,

@@ -2,13 +2,16 @@
 
 Declared with ``Depends`` on the routers and handlers of :mod:`uumamba_service.routes`, in
 the order they are checked: :func:`require_api_key` (401, on the router), then
-:func:`require_ready` (503 with ``Retry-After``), then :func:`reserve_slot` (429 with
-``Retry-After``), all before the upload body is read. The quick checks are ``async`` (they run on the event
+:func:`require_ready` (503 with ``Retry-After``), both before the upload body is read. The
+upload routes then use :func:`upload_admission` (429 before the body: pool full, too many
+uploads from the client or in all) and, once the upload is complete and checked,
+:func:`admit` (429) for a place in the inference pool. The quick checks are ``async`` (they run on the event
 loop); :func:`get_job` may remove expired job folders, so it runs in the thread pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections.abc import AsyncIterator
 
@@ -47,23 +50,57 @@ async def require_ready(state: ServiceState = Depends(get_state)) -> ServiceStat
     return state
 
 
-async def reserve_slot(state: ServiceState = Depends(require_ready)) -> AsyncIterator[Slot]:
-    """Admit the request into the inference pool, or answer 429 with ``Retry-After``.
+def queue_full(state: ServiceState) -> ServiceError:
+    """The 429 answer when the inference pool admits no more requests."""
+    return ServiceError(429, f"server busy: {state.pool.capacity} requests already admitted; "
+                             "retry later", {"Retry-After": str(state.settings.retry_after_s)})
 
-    The slot is given back when the request ends unless it was handed to
-    :meth:`~uumamba_service.worker.InferencePool.submit` (the pool then gives it back when
-    the work ends), so a refused upload or invalid query never keeps a place.
+
+def admit(state: ServiceState) -> Slot:
+    """Admit a complete, checked upload into the inference pool, or answer 429.
+
+    The caller gives the slot back unless it was handed to
+    :meth:`~uumamba_service.worker.InferencePool.submit` (the pool then gives it back when the
+    work ends): ``finally: if not slot.submitted: slot.release()``.
+
+    Raises:
+        ServiceError: 429 with ``Retry-After`` when ``workers + max_queue`` are admitted.
     """
     try:
-        slot = state.pool.reserve()
+        return state.pool.reserve()
     except QueueFull:
-        raise ServiceError(429, f"server busy: {state.pool.capacity} requests already admitted; "
-                                "retry later", {"Retry-After": str(state.settings.retry_after_s)}) from None
+        raise queue_full(state) from None
+
+
+@contextlib.asynccontextmanager
+async def upload_admission(request: Request, state: ServiceState) -> AsyncIterator[None]:
+    """Let one upload stream, or answer 429 before its body is read.
+
+    Refused (429 with ``Retry-After``): the inference pool is already full (the upload could
+    not be admitted anyway), the client address already streams ``max_uploads_per_client``
+    uploads, or ``max_concurrent_uploads`` uploads stream in all. The count is given back when
+    the block ends, on every path. Runs on the event loop (no lock needed).
+    """
+    settings = state.settings
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    client = request.client.host if request.client else "unknown"
+    if state.pool.full:
+        raise queue_full(state)
+    if state.uploads.get(client, 0) >= settings.max_uploads_per_client:
+        raise ServiceError(429, f"too many uploads at once from this client (limit "
+                                f"{settings.max_uploads_per_client}); retry later", retry)
+    if state.uploads_total >= settings.max_concurrent_uploads:
+        raise ServiceError(429, f"server busy: {settings.max_concurrent_uploads} uploads in "
+                                "progress; retry later", retry)
+    state.uploads[client] = state.uploads.get(client, 0) + 1
     try:
-        yield slot
+        yield
     finally:
-        if not slot.submitted:
-            slot.release()
+        left = state.uploads.get(client, 1) - 1
+        if left > 0:
+            state.uploads[client] = left
+        else:
+            state.uploads.pop(client, None)
 
 
 def get_job(job_id: str, state: ServiceState = Depends(get_state)) -> Job:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .models import JobState, JobStatus, OutputFormat
 from .pipeline import SegmentationOutput
+from .worker import CancelToken
 
 
 def _utc(ts: float | None) -> datetime | None:
@@ -46,6 +47,7 @@ class Job:
     error: str | None = None
     output: SegmentationOutput | None = None
     future: Future | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
 
     def status(self) -> JobStatus:
         """The public view of this job."""
@@ -72,7 +74,11 @@ class JobStore:
         self._lock = threading.Lock()
 
     def create(self, fmt: OutputFormat, tta: bool | None) -> Job:
-        """Register a queued job with a new random id and an empty work folder."""
+        """Register a queued job with a new random id and an empty work folder.
+
+        Raises:
+            OSError: the folder cannot be created (disk full, permissions); nothing is kept.
+        """
         job_id = uuid.uuid4().hex
         workdir = self.root / job_id
         workdir.mkdir(parents=True)
@@ -123,6 +129,7 @@ class JobStore:
             job = self._jobs.pop(job_id, None)
         if job is None:
             return False
+        job.cancel.cancel("job deleted")  # a running inference stops within one window batch
         running = job.future is not None and not job.future.cancel() and not job.future.done()
         if not running:
             shutil.rmtree(job.workdir, ignore_errors=True)
@@ -153,6 +160,7 @@ class JobStore:
             jobs = list(self._jobs.values())
             self._jobs.clear()
         for job in jobs:
+            job.cancel.cancel("server stopping")
             if job.future is not None:
                 job.future.cancel()
             shutil.rmtree(job.workdir, ignore_errors=True)

@@ -3,14 +3,17 @@
 :func:`service_lifespan` is the app's lifespan: it creates the private work folder and the job
 store, loads the model in a background thread (``/readyz`` answers 503 until it is loaded),
 starts the job-expiry sweeper, and on shutdown cancels waiting work and removes every
-temporary file. The model folder is read through :class:`uumamba.model_folder.ModelFolder`.
+temporary file. At start it removes work folders left by an earlier process that died
+(:func:`sweep_stale_work_folders`). The model folder is read through :class:`uumamba.model_folder.ModelFolder`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -51,7 +54,7 @@ def _load_model(state: ServiceState, predictor: Any) -> None:
 
 
 def _warm_up(predictor: Any, model_dir: Path, work_root: Path) -> None:
-    """Segment one noise volume of the patch size at the target spacing (result discarded)."""
+    """Segment one smooth-noise volume of the patch size at the target spacing (discarded)."""
     import nibabel as nib
     import numpy as np
 
@@ -59,7 +62,10 @@ def _warm_up(predictor: Any, model_dir: Path, work_root: Path) -> None:
     shape = list(plans.patch_size)
     if plans.spatial_dims == 2:
         shape.insert(plans.slice_axis, 2)
-    volume = np.random.default_rng(0).random(shape, dtype=np.float32)
+    # smooth noise: image-like enough (neighbour correlation ~0.9) not to trip the input check
+    from scipy.ndimage import gaussian_filter
+
+    volume = gaussian_filter(np.random.default_rng(0).random(shape, dtype=np.float32), 2.0)
     path = work_root / "warmup.nii.gz"
     try:
         nib.save(nib.Nifti1Image(volume, np.diag([*plans.target_spacing, 1.0])), str(path))
@@ -80,9 +86,13 @@ async def _load_in_background(state: ServiceState, predictor: Any) -> None:
             "scan_backend": state.scan_backend, "folds": state.info.folds}})
     except Exception as exc:
         state.status = "failed"
-        state.load_error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         logger.error("model failed to load", exc_info=not isinstance(exc, UserError),
-                     extra={"fields": {"error": state.load_error}})
+                     extra={"fields": {"error": error}})
+        # /readyz answers without a key: name files relative to the model folder only
+        model_dir = str(Path(state.settings.model_dir).resolve())
+        error = error.replace(model_dir, "<model folder>")
+        state.load_error = error.replace(str(state.settings.model_dir), "<model folder>").splitlines()[0][:300]
 
 
 async def _expire_jobs(jobs: JobStore, every_s: float) -> None:
@@ -92,6 +102,95 @@ async def _expire_jobs(jobs: JobStore, every_s: float) -> None:
         n = jobs.purge_expired()
         if n:
             logger.info("jobs expired", extra={"fields": {"count": n}})
+
+
+#: Name of the stable parent of every app's work folder (one per user) in the temp folder.
+WORK_PARENT = "uumamba-service-work"
+_LOCK = ".lock"  # suffix of the lock file next to each work folder
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive, non-blocking lock on ``fd`` (POSIX ``flock``); False when held."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no sweeping
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _work_parent(tmp_dir: Path | None) -> Path | None:
+    """``<tmp>/uumamba-service-work-<uid>``, private to this user (0700, a real folder owned
+    by us), or ``None`` when such a folder cannot be had (then nothing is swept)."""
+    base = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    parent = base / f"{WORK_PARENT}-{uid}"
+    try:
+        parent.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(parent)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != uid):
+        return None  # a symlink or someone else's folder: never sweep it
+    return parent
+
+
+def sweep_stale_work_folders(parent: Path) -> int:
+    """Remove work folders under ``parent`` whose owning process is gone.
+
+    Each live app holds an exclusive ``flock`` on ``<folder>.lock`` (next to its folder, so
+    the folder holds only request files) for its lifetime, so
+    a folder whose lock can be taken belongs to a process that crashed or was killed (the
+    scans it left are removed); folders without a lock file are removed once a minute old.
+
+    Returns:
+        How many folders were removed.
+    """
+    removed = 0
+    for child in parent.iterdir():
+        if not child.is_dir() or child.is_symlink() or not child.name.startswith("pid"):
+            continue
+        lock = parent / f"{child.name}{_LOCK}"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # no lock yet: just being created, or a very old crash
+            fd = None
+            with contextlib.suppress(OSError):
+                if time.time() - child.stat().st_mtime < 60:
+                    continue
+        except OSError:
+            continue
+        try:
+            if fd is not None and not _lock(fd):
+                continue  # a live app (this process or another)
+            shutil.rmtree(child, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def make_work_root(tmp_dir: Path | None) -> tuple[Path, int | None]:
+    """This app's private work folder and the descriptor of its held lock.
+
+    Under the stable per-user parent (see :func:`sweep_stale_work_folders`, run first), else
+    a plain ``mkdtemp`` in ``tmp_dir``.
+    """
+    parent = _work_parent(tmp_dir)
+    if parent is None:
+        return Path(tempfile.mkdtemp(prefix="uumamba-service-", dir=tmp_dir)), None
+    n = sweep_stale_work_folders(parent)
+    if n:
+        logger.info("stale work folders removed", extra={"fields": {"count": n}})
+    root = Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=parent))
+    fd = os.open(parent / f"{root.name}{_LOCK}", os.O_RDWR | os.O_CREAT, 0o600)
+    _lock(fd)
+    return root, fd
 
 
 @contextlib.asynccontextmanager
@@ -104,7 +203,7 @@ async def service_lifespan(app: FastAPI, predictor: Any = None) -> AsyncIterator
     """
     state: ServiceState = app.state.service
     settings = state.settings
-    state.work_root = Path(tempfile.mkdtemp(prefix="uumamba-service-", dir=settings.tmp_dir))
+    state.work_root, state.work_lock = make_work_root(settings.tmp_dir)
     state.jobs = JobStore(state.work_root / "jobs", settings.job_ttl_s)
     sweep_s = min(60.0, max(0.5, settings.job_ttl_s / 4))
     state.tasks = [asyncio.create_task(_load_in_background(state, predictor)),
@@ -117,3 +216,7 @@ async def service_lifespan(app: FastAPI, predictor: Any = None) -> AsyncIterator
         state.pool.shutdown()
         state.jobs.clear()
         shutil.rmtree(state.work_root, ignore_errors=True)
+        if state.work_lock is not None:
+            lock = state.work_root.parent / f"{state.work_root.name}{_LOCK}"
+            lock.unlink(missing_ok=True)
+            os.close(state.work_lock)  # releases the lock

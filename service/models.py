@@ -104,6 +104,13 @@ class VolumeSummary(BaseModel):
     volumes_ml: dict[str, float] = Field(description="Foreground label name -> volume in mL.",
                                          examples=[{"RV": 151.6, "MYO": 143.8, "LV": 178.2}])
     tta: bool = Field(description="Whether mirroring TTA was used.", examples=[False])
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why the model cannot have been trained for this input (blank, constant or "
+                    "noise-like image, another modality, spacing or field of view far outside "
+                    "training); empty when the input is plausible. File answers carry the count "
+                    "in the `X-Input-Warnings` header.",
+        examples=[[]])
 
 
 class JobCreated(BaseModel):

@@ -52,13 +52,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, library: bool = False) -> None:
     """Send the service's and uvicorn's server logs to stderr as JSON lines.
 
     Idempotent; the root logger is left alone (uvicorn's access log is replaced by the
-    middleware's one line per request).
+    middleware's one line per request). ``library``: the ``uumamba`` library's notes and
+    warnings (e.g. an implausible upload) too, instead of any plain-text handler the CLI
+    attached — for the server process itself (``uumamba serve``), not for an embedding app.
     """
-    for name in (LOGGER_NAME, "uvicorn.error"):
+    names = (LOGGER_NAME, "uvicorn.error") + (("uumamba",) if library else ())
+    if library:
+        lib = logging.getLogger("uumamba")
+        for h in [h for h in lib.handlers if not getattr(h, "_uumamba_json", False)]:
+            lib.removeHandler(h)
+    for name in names:
         target = logging.getLogger(name)
         if any(getattr(h, "_uumamba_json", False) for h in target.handlers):
             continue

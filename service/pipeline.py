@@ -10,6 +10,7 @@ spacing, origin and direction.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,27 +48,40 @@ class SegmentationOutput:
     summary: VolumeSummary
 
 
-def check_volume(path: Path) -> tuple[int, ...]:
-    """Read an uploaded image and refuse what the network cannot segment.
+def check_volume(path: Path, target_spacing=None, limits=None) -> tuple[int, ...]:
+    """Check an uploaded image's header, then read it and refuse what cannot be segmented.
+
+    The header is inspected first (:func:`uumamba.data.untrusted.check_image_header`:
+    self-contained file, declared and resampled size under ``limits``, plausible spacing, 3D)
+    so a hostile file is refused before any voxel is decoded.
+
+    Args:
+        path: the uploaded file (server-side name; never named in messages).
+        target_spacing: the model's target spacing (x, y, z mm) for the resampled-size cap.
+        limits: :class:`uumamba.data.untrusted.HeaderLimits` (default caps when ``None``).
 
     Returns:
         The (x, y, z) shape.
 
     Raises:
-        DataError: unreadable or truncated file (the reader's message), not 3D (2D or 4D;
-            4D cine must be split into frames by the client), an empty axis, or non-finite
-            (NaN / inf) intensities, with the count.
+        VolumeTooLarge: the header declares too many voxels / bytes, or too many after
+            resampling (the service answers 413).
+        DataError: a refused header (detached data file, not 3D, implausible spacing, gzip
+            bomb or truncated stream), unreadable or truncated file, an empty axis, or
+            non-finite (NaN / inf) intensities, with the count. Messages say "uploaded
+            volume" and hold no server path and no reader text quoting file content.
     """
     from uumamba.data.io import read_image
+    from uumamba.data.untrusted import check_image_header
 
+    check_image_header(path, target_spacing=target_spacing, limits=limits,
+                       name="uploaded volume")
     try:
         array, _geometry = read_image(path)
         array = np.asarray(array)
-    except DataError as exc:
-        raise DataError(f"uploaded volume is unreadable: {_strip_path(str(exc), path)}") from None
     except Exception as exc:  # any reader failure on user bytes is the user's file, not a bug
-        raise DataError(f"uploaded volume is unreadable or truncated: {type(exc).__name__}: "
-                        f"{_strip_path(str(exc), path)}") from None
+        raise DataError(f"uploaded volume is unreadable or truncated ({_reader_cause(exc, path)})"
+                        ) from None
     shape = tuple(int(s) for s in array.shape)
     if array.ndim == 4:
         raise DataError(f"volume is 4D (shape {list(shape)}); upload one 3D frame")
@@ -85,9 +99,29 @@ def check_volume(path: Path) -> tuple[int, ...]:
     return shape
 
 
+#: Absolute POSIX / Windows paths in a message (what readers quote: files, their own sources).
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?[\\/](?:[^\s'\"()\[\]:,;]+[\\/])+[^\s'\"()\[\]:,;]*")
+
+
+def _reader_cause(exc: BaseException, path: Path) -> str:
+    """A short, safe cause for a reader failure: SimpleITK (NRRD / MetaImage) text is dropped
+    (it quotes file content and paths); other readers' first line is kept, paths removed."""
+    name = type(exc).__name__
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return "the NRRD / MetaImage reader failed"
+    text = str(exc)
+    if isinstance(exc, DataError):  # read_image's "<path>: cannot read image ...: <Type>: <text>"
+        text = text.split(": ", 1)[-1]
+    return _strip_path(text, path) or name
+
+
 def _strip_path(message: str, path: Path) -> str:
-    """Remove the server-side temporary path from a reader message."""
-    return message.replace(str(path), "upload").replace(str(path.parent), "")
+    """Remove server-side paths from a reader or predictor message: the upload's own path and
+    folder, then every other absolute path; first line only, at most 200 characters."""
+    message = message.replace(str(path), "upload").replace(str(path.parent), "")
+    message = _PATH_RE.sub("<path>", message)
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return "".join(c for c in first if c.isprintable())[:200]
 
 
 def volume_summary(prediction, tta: bool) -> VolumeSummary:
@@ -107,11 +141,13 @@ def volume_summary(prediction, tta: bool) -> VolumeSummary:
         voxel_counts=dict(prediction.voxel_counts),
         volumes_ml=dict(prediction.volumes_ml),
         tta=tta,
+        warnings=list(getattr(prediction, "warnings", [])),
     )
 
 
-def predict(predictor: Any, path: Path, tta: bool | None) -> Any:
-    """``predictor.predict_file(path)``, passing ``tta`` when the request sets it.
+def predict(predictor: Any, path: Path, tta: bool | None, cancel: Any = None) -> Any:
+    """``predictor.predict_file(path)``, passing ``tta`` when the request sets it and
+    ``cancel`` (checked between window batches) when the predictor takes it.
 
     Raises:
         DataError: the predictor cannot honour a per-request ``tta`` (no ``tta`` keyword).
@@ -119,15 +155,18 @@ def predict(predictor: Any, path: Path, tta: bool | None) -> Any:
     """
     if tta is not None and "tta" not in inspect.signature(predictor.predict_file).parameters:
         raise DataError("this predictor cannot switch test-time augmentation per request; omit 'tta'")
+    kwargs: dict[str, Any] = {} if tta is None else {"tta": tta}
+    if cancel is not None and "cancel" in inspect.signature(predictor.predict_file).parameters:
+        kwargs["cancel"] = cancel
     try:
-        return predictor.predict_file(path) if tta is None else predictor.predict_file(path, tta=tta)
+        return predictor.predict_file(path, **kwargs)
     except UserError as exc:  # same class, without the server's temporary path
         raise type(exc)(_strip_path(str(exc), path)) from None
 
 
 def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat, tta: bool | None,
                  labels: dict[int, str], tta_default: bool, report: ProgressFn | None = None,
-                 ) -> SegmentationOutput:
+                 cancel: Any = None) -> SegmentationOutput:
     """Segment ``upload`` and write the answer in ``fmt`` into ``out_dir``.
 
     Args:
@@ -139,13 +178,15 @@ def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat,
         tta: per-request mirroring TTA; ``None`` uses the model's default ``tta_default``.
         labels: label value -> name for the Slicer segment names.
         report: progress callback, ``report(stage, fraction)``.
+        cancel: optional flag (``is_set() -> bool``) that stops the inference between window
+            batches (:class:`uumamba.inference.sliding.InferenceCancelled`).
 
     Raises:
         UserError: the predictor refused the volume, or ``tta`` cannot be set per request.
     """
     report = report or (lambda stage, progress: None)
     report("predicting", 0.1)
-    prediction = predict(predictor, upload, tta)
+    prediction = predict(predictor, upload, tta, cancel)
     report("writing", 0.9)
     mask = np.asarray(prediction.mask, dtype=np.uint8)
     summary = volume_summary(prediction, tta_default if tta is None else tta)

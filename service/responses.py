@@ -46,9 +46,11 @@ def result_response(output: SegmentationOutput, stem: str, cleanup: Path | None)
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
         return JSONResponse(output.summary.model_dump(mode="json"))
+    warnings = output.summary.warnings
     return TempFileResponse(
         output.path, cleanup, media_type=MEDIA_TYPES[output.format],
         filename=f"{stem}_seg.{output.format.value}",
+        headers={"X-Input-Warnings": str(len(warnings))} if warnings else None,
     )
 
 

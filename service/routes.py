@@ -24,14 +24,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from uumamba.errors import UserError
+from uumamba.inference.sliding import InferenceCancelled
 
 from .dependencies import (
+    admit,
     get_job,
     get_state,
     job_not_found,
     require_api_key,
     require_ready,
-    reserve_slot,
+    upload_admission,
 )
 from .jobs import Job
 from .models import (
@@ -50,7 +52,7 @@ from .pipeline import SegmentationOutput, check_volume, segment_file
 from .responses import remove_when_done, result_response
 from .state import ServiceError, ServiceState
 from .uploads import ReceivedUpload, receive_upload
-from .worker import Slot
+from .worker import CancelToken, Slot
 
 # ---------------------------------------------------------------- OpenAPI fragments
 
@@ -61,12 +63,17 @@ def _error(description: str) -> dict[str, Any]:
 
 _UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("Missing or wrong `X-API-Key` (only when the server has a key)."),
-    413: _error("Upload larger than `max_upload_mb`; refused before the body is buffered."),
+    408: _error("The upload did not arrive within `upload_timeout_s`."),
+    413: _error("Upload larger than `max_upload_mb` (refused before the body is buffered), or "
+                "a header declaring more voxels than allowed (also after resampling to the "
+                "model's spacing)."),
     415: _error("Not multipart/form-data, unknown extension, or content that is not the format "
                 "the extension names."),
-    422: _error("Unreadable, truncated, empty, 2D / 4D or NaN-filled volume, malformed form, or "
-                "a refused option; `detail` names the problem."),
-    429: _error("Queue full; retry after `Retry-After` seconds."),
+    422: _error("Unreadable, truncated, empty, 2D / 4D or NaN-filled volume, a header refused "
+                "before decoding (detached data file, implausible spacing, gzip bomb), "
+                "malformed form, or a refused option; `detail` names the problem."),
+    429: _error("Queue full, or too many uploads at once (from this client or in all); retry "
+                "after `Retry-After` seconds."),
     503: _error("Model not loaded yet (or failed to load); retry after `Retry-After` seconds."),
 }
 _NOT_FOUND = _error("Unknown, deleted or expired job.")
@@ -122,23 +129,33 @@ def model_info(state: ServiceState = Depends(require_ready)) -> ModelInfo:
 )
 async def segment(request: Request, format: OutputFormat = _FORMAT_QUERY,
                   tta: bool | None = _TTA_QUERY, state: ServiceState = Depends(require_ready),
-                  slot: Slot = Depends(reserve_slot)) -> Response:
+                  ) -> Response:
     """Upload one volume and wait for its mask. Big volumes or slow devices: use `/v1/jobs`."""
-    workdir: Path | None = Path(tempfile.mkdtemp(prefix="segment-", dir=state.work_root))
+    workdir: Path | None = None
     future = None
+    slot: Slot | None = None
+    cancel = CancelToken()
     try:
-        upload = await _receive_checked(request, state, workdir)
-        future = state.pool.submit(slot, _segment_sync, state, upload, workdir, format, tta)
+        async with upload_admission(request, state):
+            workdir = _work_folder(state)
+            upload = await _receive_checked(request, state, workdir)
+        slot = admit(state)
+        future = state.pool.submit(slot, _segment_sync, state, upload, workdir, format, tta, cancel)
         timeout_s = state.settings.request_timeout_s
         try:
             output = await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):
+            cancel.cancel("request timeout")  # the worker stops within one window batch
             raise ServiceError(504, f"segmentation did not finish within {timeout_s:g} s; "
                                     "use /v1/jobs for long inferences") from None
+        except InferenceCancelled:
+            raise ServiceError(504, _cancelled_detail(state, cancel)) from None
         response = result_response(output, upload.stem, workdir)
         workdir = None  # the response owns it now
         return response
     finally:
+        if slot is not None and not slot.submitted:
+            slot.release()
         if workdir is not None:
             remove_when_done(future, workdir)
 
@@ -149,17 +166,30 @@ async def segment(request: Request, format: OutputFormat = _FORMAT_QUERY,
 )
 async def submit_job(request: Request, response: Response, format: OutputFormat = _FORMAT_QUERY,
                      tta: bool | None = _TTA_QUERY, state: ServiceState = Depends(require_ready),
-                     slot: Slot = Depends(reserve_slot)) -> JobCreated:
+                     ) -> JobCreated:
     """Upload one volume; answers 202 at once with the job id. Poll `GET /v1/jobs/{id}`,
     then fetch `GET /v1/jobs/{id}/result`. The job runs even if the client disconnects;
     its result is kept for `job_ttl_s` seconds after it finished."""
-    job = state.jobs.create(format, tta)
+    async with upload_admission(request, state):
+        try:
+            job = state.jobs.create(format, tta)
+        except OSError:
+            raise _no_work_folder() from None
+        try:
+            upload = await _receive_checked(request, state, job.workdir)
+        except BaseException:
+            state.jobs.delete(job.id)
+            raise
+    slot: Slot | None = None
     try:
-        upload = await _receive_checked(request, state, job.workdir)
+        slot = admit(state)
         job.future = state.pool.submit(slot, _run_job, state, job, upload)
     except BaseException:
         state.jobs.delete(job.id)
         raise
+    finally:
+        if slot is not None and not slot.submitted:
+            slot.release()
     logger.info("job queued", extra={"fields": {"job_id": job.id, "format": format.value}})
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url
@@ -193,36 +223,72 @@ def job_result(job: Job = Depends(get_job)) -> Response:
                responses={401: _UPLOAD_ERRORS[401], 404: _NOT_FOUND})
 def delete_job(job_id: str, state: ServiceState = Depends(get_state)) -> Response:
     """Cancel a queued job or forget a finished one and delete its files (a running
-    inference finishes, then its files are deleted)."""
+    inference stops within one window batch, then its files are deleted)."""
     if not state.jobs.delete(job_id):
         raise job_not_found(job_id)
     return Response(status_code=204)
 
 
+def _no_work_folder() -> ServiceError:
+    return ServiceError(503, "server cannot create a work folder (disk full?); retry later",
+                        {"Retry-After": "30"})
+
+
+def _work_folder(state: ServiceState) -> Path:
+    """A new private folder for one request under the app's work root (503 when it fails)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="segment-", dir=state.work_root))
+    except OSError:
+        raise _no_work_folder() from None
+
+
 async def _receive_checked(request: Request, state: ServiceState, workdir: Path) -> ReceivedUpload:
-    """Stream the upload into ``workdir`` and check it is a segmentable 3D volume (413/415/422)."""
-    upload = await receive_upload(request, workdir, state.settings.max_upload_bytes)
-    await run_in_threadpool(check_volume, upload.path)
+    """Stream the upload into ``workdir`` (deadline ``upload_timeout_s``) and check it is a
+    segmentable 3D volume, header first, under the decoding semaphore (408/413/415/422)."""
+    settings = state.settings
+    upload = await receive_upload(request, workdir, settings.max_upload_bytes,
+                                  timeout_s=settings.upload_timeout_s)
+    plans = getattr(state.predictor, "plans", None)
+    target = getattr(plans, "target_spacing", None) or getattr(state.info, "target_spacing", None)
+    async with state.decode_gate:  # released on every path, cancellation included
+        await run_in_threadpool(check_volume, upload.path, target, settings.header_limits())
     return upload
 
 
+def _cancelled_detail(state: ServiceState, cancel: CancelToken) -> str:
+    if cancel.reason == "wall-time cap":
+        return (f"inference stopped at the wall-time cap of {state.settings.max_inference_s:g} s "
+                "(max_inference_s)")
+    return f"inference cancelled ({cancel.reason})"
+
+
 def _segment_sync(state: ServiceState, upload: ReceivedUpload, workdir: Path, fmt: OutputFormat,
-                  tta: bool | None) -> SegmentationOutput:
-    """Worker-thread body of ``/v1/segment``."""
+                  tta: bool | None, cancel: CancelToken) -> SegmentationOutput:
+    """Worker-thread body of ``/v1/segment``; ``cancel`` stops it between window batches."""
+    if cancel.is_set():  # timed out while queued
+        raise InferenceCancelled(cancel.reason or "cancelled")
+    cancel.start(state.settings.max_inference_s)
     return segment_file(state.predictor, upload.path, workdir, fmt, tta, state.info.labels,
-                        state.info.tta_default)
+                        state.info.tta_default, cancel=cancel)
 
 
 def _run_job(state: ServiceState, job: Job, upload: ReceivedUpload) -> None:
     """Worker-thread body of a job: never raises; the outcome goes into the job store."""
     jobs = state.jobs
     try:
+        if job.cancel.is_set():
+            raise InferenceCancelled(job.cancel.reason or "cancelled")
+        job.cancel.start(state.settings.max_inference_s)
         output = segment_file(state.predictor, upload.path, job.workdir, job.format, job.tta,
                               state.info.labels, state.info.tta_default,
-                              report=lambda stage, progress: jobs.mark(job, stage, progress))
+                              report=lambda stage, progress: jobs.mark(job, stage, progress),
+                              cancel=job.cancel)
         upload.path.unlink(missing_ok=True)
         jobs.finish(job, output, None)
         logger.info("job done", extra={"fields": {"job_id": job.id}})
+    except InferenceCancelled:
+        jobs.finish(job, None, _cancelled_detail(state, job.cancel))
+        logger.info("job cancelled", extra={"fields": {"job_id": job.id, "reason": job.cancel.reason}})
     except UserError as exc:
         jobs.finish(job, None, str(exc))
         logger.info("job failed", extra={"fields": {"job_id": job.id, "error": str(exc)}})

@@ -39,6 +39,20 @@ class ServiceSettings(BaseSettings):
         warmup: before reporting ready, segment one synthetic volume of the patch size, so
             that one-time costs (numba compilation of the CPU scan, cuDNN autotuning) are not
             paid by the first request.
+        allowed_hosts: ``Host`` header values accepted (Starlette's ``TrustedHostMiddleware``;
+            ``*`` wildcards as there). ``None`` (the default): ``uumamba serve`` allows
+            localhost, 127.0.0.1, ::1 and the bound host; :func:`create_app` alone checks none.
+        upload_timeout_s: seconds an upload (the whole multipart body) may take; a slower
+            client gets 408 and its connection is closed.
+        max_uploads_per_client: uploads one client address may stream at the same time (one
+            more gets 429). max_concurrent_uploads: uploads of all clients at the same time.
+        max_decoding: uploads decoded and checked at the same time (bounded semaphore; the
+            others wait without holding a thread).
+        max_inference_s: wall-time cap of one inference in seconds (sliding window cancelled
+            within one window batch; synchronous requests get 504, jobs fail); ``None``: none.
+        max_voxels / max_resampled_voxels: caps on an upload's declared voxels and on its
+            voxels after resampling to the model's target spacing (defaults sized for a
+            512 x 512 x 1000 CT); max_voxel_bytes: declared voxels x item size, in bytes.
     """
 
     model_config = SettingsConfigDict(env_prefix="UUMAMBA_", extra="ignore")
@@ -56,8 +70,17 @@ class ServiceSettings(BaseSettings):
     tmp_dir: Path | None = None
     retry_after_s: int = Field(default=5, ge=1)
     warmup: bool = True
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    upload_timeout_s: float = Field(default=300.0, gt=0)
+    max_uploads_per_client: int = Field(default=4, ge=1)
+    max_concurrent_uploads: int = Field(default=16, ge=1)
+    max_decoding: int = Field(default=2, ge=1)
+    max_inference_s: float | None = Field(default=3600.0, gt=0)
+    max_voxels: int = Field(default=512 * 512 * 1000, ge=1)
+    max_resampled_voxels: int = Field(default=2 * 512 * 512 * 1000, ge=1)
+    max_voxel_bytes: int = Field(default=2 * 1024**3, ge=1)
 
-    @field_validator("cors_origins", "folds", mode="before")
+    @field_validator("cors_origins", "folds", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         """Accept ``"a,b"`` (environment style) as well as a list."""
@@ -77,3 +100,10 @@ class ServiceSettings(BaseSettings):
     def max_upload_bytes(self) -> int:
         """``max_upload_mb`` in bytes (MiB, 1024 * 1024)."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    def header_limits(self):
+        """The :class:`uumamba.data.untrusted.HeaderLimits` of these settings."""
+        from uumamba.data.untrusted import HeaderLimits
+
+        return HeaderLimits(max_voxels=self.max_voxels, max_bytes=self.max_voxel_bytes,
+                            max_resampled_voxels=self.max_resampled_voxels)

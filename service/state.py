@@ -42,6 +42,9 @@ class ServiceState:
             own ``scan_backend``).
         work_root: private temporary folder of this app (uploads, results), removed at
             shutdown. jobs: the job store. tasks: lifespan background tasks.
+        work_lock: open lock file that marks ``work_root`` as in use (see lifespan).
+        decode_gate: bounded semaphore (``max_decoding``) around decoding / checking uploads.
+        uploads: uploads streaming now, per client address (``max_uploads_per_client``).
     """
 
     settings: ServiceSettings
@@ -56,3 +59,15 @@ class ServiceState:
     work_root: Path | None = None
     jobs: JobStore | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    work_lock: Any = None
+    decode_gate: asyncio.Semaphore | None = None
+    uploads: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.decode_gate is None:
+            self.decode_gate = asyncio.BoundedSemaphore(self.settings.max_decoding)
+
+    @property
+    def uploads_total(self) -> int:
+        """Uploads streaming now, all clients together."""
+        return sum(self.uploads.values())

@@ -8,13 +8,17 @@ upload is refused after at most ``max_bytes`` have been written to disk and noth
 memory beyond one network chunk. The client's file name only decides the *format* (its
 extension, checked against an allow-list); the file on disk always gets a generated name.
 
-Errors are :class:`UploadRejected` with the HTTP status to answer: 413 (too large), 415
-(not multipart, unknown extension, or content that is not the format the extension names),
-422 (malformed form, no ``file`` field, empty file), 400 (client disconnected).
+Errors are :class:`UploadRejected` with the HTTP status to answer: 413 (too large: the file
+part, or the whole body of any transfer encoding, chunked included), 415 (not multipart,
+unknown extension, or content that is not the format the extension names), 422 (malformed
+form, no ``file`` field, empty file, too many parts; part headers are capped by
+python-multipart's ``max_header_size`` / ``max_header_count``), 408 (the body did not arrive
+within the upload deadline), 400 (client disconnected).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nrrd", ".nii", ".mha")
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 _FIELD_LIMIT_BYTES = 4096
+_MAX_PARTS = 16
 
 
 class UploadRejected(Exception):
@@ -104,6 +109,7 @@ class _FormSink:
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
+        self._parts = 0
 
     def callbacks(self) -> dict:
         return {
@@ -119,6 +125,9 @@ class _FormSink:
     def _on_part_begin(self) -> None:
         self._disposition = b""
         self._field_size = 0
+        self._parts += 1
+        if self._parts > _MAX_PARTS:
+            raise UploadRejected(422, f"multipart body has more than {_MAX_PARTS} parts")
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -195,13 +204,16 @@ def check_content_length(request: Request, max_bytes: int) -> None:
         raise UploadRejected(413, f"upload of {_mib(length)} is larger than the limit of {_mib(max_bytes)}")
 
 
-async def receive_upload(request: Request, dest_dir: Path, max_bytes: int) -> ReceivedUpload:
+async def receive_upload(request: Request, dest_dir: Path, max_bytes: int,
+                         timeout_s: float | None = None) -> ReceivedUpload:
     """Stream the multipart field ``file`` of ``request`` into ``dest_dir`` and sniff its format.
 
     Args:
         request: a ``multipart/form-data`` request with one file part named ``file``.
         dest_dir: an existing private folder; the file is written as ``upload<suffix>``.
-        max_bytes: largest accepted file size in bytes.
+        max_bytes: largest accepted file size in bytes; the whole body may be at most
+            ``max_bytes + FORM_OVERHEAD_BYTES`` whatever its transfer encoding.
+        timeout_s: seconds the whole body may take to arrive (``None``: no deadline).
 
     Returns:
         The :class:`ReceivedUpload` (file closed, format checked by :func:`sniff_format`).
@@ -220,10 +232,24 @@ async def receive_upload(request: Request, dest_dir: Path, max_bytes: int) -> Re
 
     sink = _FormSink(dest_dir, max_bytes)
     parser = MultipartParser(boundary, sink.callbacks())
-    try:
+    body_cap = max_bytes + FORM_OVERHEAD_BYTES
+
+    async def pump() -> None:
+        received = 0
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_cap:
+                raise UploadRejected(413, f"upload is larger than the limit of {_mib(max_bytes)}")
             parser.write(chunk)
         parser.finalize()
+
+    try:
+        if timeout_s is None:
+            await pump()
+        else:
+            await asyncio.wait_for(pump(), timeout=timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise UploadRejected(408, f"upload did not complete within {timeout_s:g} s") from None
     except MultipartParseError as exc:
         raise UploadRejected(422, f"malformed multipart body: {exc}") from None
     except ClientDisconnect:

@@ -2,8 +2,8 @@
 
 ``workers_per_device`` threads share one loaded predictor (PyTorch releases the GIL inside
 kernels, and an eval-mode network under ``torch.inference_mode`` keeps no per-call state), so
-at most that many inferences run at a time. Admission is decided *before* the upload is read:
-:meth:`InferencePool.reserve` hands out a :class:`Slot` while fewer than
+at most that many inferences run at a time. Admission is decided once the upload is complete
+and checked: :meth:`InferencePool.reserve` hands out a :class:`Slot` while fewer than
 ``workers + max_queue`` requests are admitted, else raises :class:`QueueFull` (the app answers
 429 with ``Retry-After``). A slot is given back when its work finishes, is cancelled, or the
 request fails before submitting (:attr:`Slot.submitted` tells which side releases it).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -20,6 +21,36 @@ from typing import Any
 
 class QueueFull(Exception):
     """Every worker is busy and the waiting queue holds ``max_queue`` requests."""
+
+
+class CancelToken:
+    """Cancel flag of one inference, read by the sliding window between window batches.
+
+    Set by :meth:`cancel` (request timed out, job deleted) or, once :meth:`start` gave a
+    wall-time cap, when that many seconds have passed since the inference started.
+    ``reason`` says which (``None`` while not cancelled).
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._deadline: float | None = None
+        self.reason: str | None = None
+
+    def start(self, max_seconds: float | None) -> None:
+        """The inference starts now; cancel it after ``max_seconds`` (``None``: no cap)."""
+        self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def cancel(self, reason: str) -> None:
+        """Ask the running inference to stop (idempotent; the first reason is kept)."""
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """True once cancelled or past the wall-time cap."""
+        if not self._event.is_set() and self._deadline is not None and time.monotonic() > self._deadline:
+            self.cancel("wall-time cap")
+        return self._event.is_set()
 
 
 class Slot:
@@ -90,6 +121,12 @@ class InferencePool:
         slot.submitted = True
         future.add_done_callback(lambda _f: slot.release())
         return future
+
+    @property
+    def full(self) -> bool:
+        """True when :meth:`reserve` would raise :class:`QueueFull` now."""
+        with self._lock:
+            return self._admitted >= self.capacity
 
     @property
     def running(self) -> int:

@@ -120,7 +120,10 @@ def test_split_4d_and_2d_model(broken_dataset: Path) -> None:
     report = check_dataset(index, cfg, spatial_dims=2)
     four_d = [p for p in report.problems if "fourd.nii.gz" in p.file]
     assert [p.severity for p in four_d] == ["warning"] and "3 3D frames" in four_d[0].message
-    assert not [p for p in report.problems if "flat.nii.gz" in p.file]
+    # train (planning) and predict read 3D volumes for 2D models too: the same refusal here
+    flat = [p for p in report.problems if "images/flat.nii.gz" in p.file]
+    assert [p.severity for p in flat] == ["error"]
+    assert "2D image (8, 7): training and prediction need 3D volumes" in flat[0].message
 
 
 def test_undeclared_labels_use_dataset_json(tmp_path: Path) -> None:

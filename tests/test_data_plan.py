@@ -45,10 +45,16 @@ def anisotropic(tmp_path_factory) -> Path:
 
 def test_anisotropic_target_spacing_and_pooling(anisotropic: Path) -> None:
     index = discover(anisotropic)
+    ras = plan_dataset(index, DatasetConfig(labels=LABELS), PlanConfig(reorientation="ras"),
+                       ModelConfig())
+    # reoriented to RAS (0.1 plans): every case is (64, 56, 12) with spacing (1, 1, z)
+    assert ras.axcodes == "RAS" and ras.fingerprint.shapes == [[64, 56, 12]] * 6
     plans = plan_dataset(index, DatasetConfig(labels=LABELS), PlanConfig(), ModelConfig())
-    # reoriented to RAS: every case is (64, 56, 12) with spacing (1, 1, z)
-    assert plans.fingerprint.shapes == [[64, 56, 12]] * 6
+    # own voxel axes, thickest last: the z-first copies keep their in-plane order (56, 64)
+    assert plans.axcodes == "voxel"
+    assert plans.fingerprint.shapes == [[64, 56, 12], [56, 64, 12]] * 3
     assert [s[2] for s in plans.fingerprint.spacings] == Z_SPACINGS
+    assert ras.target_spacing == plans.target_spacing and ras.slice_axis == plans.slice_axis == 2
     # in-plane: median; coarse axis: 10th percentile (4.5), since 5.5 > 3 x 1.0
     np.testing.assert_allclose(plans.target_spacing, [1.0, 1.0, np.percentile(Z_SPACINGS, 10)])
     assert plans.slice_axis == 2
@@ -113,7 +119,9 @@ def test_ct_normalisation_and_overrides(anisotropic: Path) -> None:
 def test_2d_plan_and_budget(anisotropic: Path) -> None:
     index = discover(anisotropic)
     model = ModelConfig(spatial_dims=2, features=[8, 16, 32, 64])
-    plans = plan_dataset(index, DatasetConfig(labels=LABELS), PlanConfig(), model)
+    # RAS: the fixture's z-first copies are stored transposed in-plane as well
+    plans = plan_dataset(index, DatasetConfig(labels=LABELS), PlanConfig(reorientation="ras"),
+                         model)
     assert plans.spatial_dims == 2 and plans.slice_axis == 2 and plans.in_plane_axes == (0, 1)
     # in-plane median shape (64, 56) rounded up to the total stride (8)
     assert plans.patch_size == [64, 56] and len(plans.strides) == 4

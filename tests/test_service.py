@@ -18,16 +18,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import service_fixtures
 import SimpleITK as sitk
 from fastapi.testclient import TestClient
+from service_fixtures import service_settings, wait_ready
 
 from uumamba.data.synthetic import make_synthetic_case
 from uumamba.errors import UserError
 from uumamba_service.app import create_app, serve_from_cli
 from uumamba_service.observability import JsonFormatter, logger
 from uumamba_service.settings import ServiceSettings
-from uumamba_service.testing import build_tiny_model
 from uumamba_service.worker import InferencePool, QueueFull
+
+model_dir = service_fixtures.model_dir  # module-scoped fixtures shared with tests/security
+predictor = service_fixtures.predictor
+client = service_fixtures.client
+_settings = service_settings
+_ready = wait_ready
 
 RNG = np.random.default_rng(0)
 SHAPE = (40, 44, 6)
@@ -38,20 +45,6 @@ DIRECTION = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """Tiny trained model, shared with test_service_process.py within a session."""
-    return build_tiny_model(tmp_path_factory.getbasetemp() / "service_tiny_model")
-
-
-@pytest.fixture(scope="module")
-def predictor(model_dir):
-    """The real predictor of the tiny model, loaded once for the module."""
-    from uumamba.inference.predict import Predictor
-
-    return Predictor.from_model_dir(model_dir, device="cpu")
-
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> dict[str, Path]:
@@ -74,12 +67,6 @@ def _write_volume(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def _settings(model_dir: Path, **kw) -> ServiceSettings:
-    kw.setdefault("device", "cpu")
-    kw.setdefault("warmup", False)
-    return ServiceSettings(model_dir=model_dir, **kw)
-
-
 class Gated:
     """The real predictor behind a gate: ``predict_file`` waits until ``gate`` is set."""
 
@@ -94,26 +81,6 @@ class Gated:
         if not self.gate.wait(30):
             raise RuntimeError("test gate never opened")
         return self.inner.predict_file(path) if tta is None else self.inner.predict_file(path, tta=tta)
-
-
-def _ready(client: TestClient, timeout: float = 60.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        r = client.get("/readyz")
-        if r.status_code == 200:
-            return r.json()
-        assert r.status_code == 503
-        time.sleep(0.05)
-    raise AssertionError(f"service not ready after {timeout} s: {r.json()}")
-
-
-@pytest.fixture()
-def client(model_dir, predictor):
-    app = create_app(_settings(model_dir), predictor=predictor)
-    with TestClient(app) as c:
-        _ready(c)
-        yield c
-    assert not app.state.service.work_root.exists(), "work folder left after shutdown"
 
 
 def _upload(path: Path, name: str | None = None) -> dict:
@@ -216,6 +183,8 @@ def test_readyz_reports_load_failure(tmp_path):
         r = c.get("/readyz")
         assert r.status_code == 503
         assert r.json()["status"] == "failed" and "config.yaml" in r.json()["detail"]
+        # /readyz needs no key: the model folder's server path is not given away
+        assert str(tmp_path) not in r.text and "<model folder>" in r.text
         assert c.get("/v1/model").status_code == 503
 
 

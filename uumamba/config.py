@@ -53,7 +53,12 @@ class PlanConfig(_Section):
     """Overrides of the automatic plan (``plans.json``); ``None`` keeps the planned value.
 
     Attributes:
-        target_spacing: voxel spacing in mm per axis (RAS-oriented x, y, z).
+        target_spacing: voxel spacing in mm per reoriented axis (``voxel``: in-plane, in-plane,
+            slice axis; ``ras``: x, y, z).
+        reorientation: ``voxel`` (default): each image's own voxel axes, the thickest last —
+            oblique and double-oblique short-axis series keep their slice axis whatever their
+            direction; ``ras``: MONAI ``Orientationd("RAS")``, the 0.1 behaviour, which picks
+            the wrong slice axis for slice normals tilted over 45°.
         patch_size: patch size in voxels (2 values for 2D models, 3 for 3D).
         batch_size: patches per iteration.
         normalization: ``zscore`` or ``ct``.
@@ -67,6 +72,7 @@ class PlanConfig(_Section):
     normalization: Literal["zscore", "ct"] | None = None
     memory_budget_mb: float = 2000.0
     max_patch_size: list[int] | None = None
+    reorientation: Literal["voxel", "ras"] = "voxel"
 
 
 class ModelConfig(_Section):
@@ -215,6 +221,11 @@ class InferenceConfig(_Section):
         tta: mirroring test-time augmentation.
         sw_batch_size: windows per forward pass.
         nsd_tolerance_mm: tolerance of the normalised surface distance in evaluation.
+        input_check: what to do with an input the model cannot have been trained for (blank,
+            constant or noise-like images, intensities, spacing or field of view far outside
+            the training fingerprint; :mod:`uumamba.inference.plausibility`): ``warn``
+            (default: segment, and put the reasons in the log, ``CASE_volumes.json`` and the
+            service's answer), ``refuse`` (a DataError with the reasons) or ``off``.
     """
 
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
@@ -222,6 +233,7 @@ class InferenceConfig(_Section):
     tta: bool = False
     sw_batch_size: int = Field(2, ge=1)
     nsd_tolerance_mm: float = Field(2.0, gt=0)
+    input_check: Literal["warn", "refuse", "off"] = "warn"
 
 
 class Config(_Section):

@@ -148,11 +148,18 @@ def serve(
     host: Annotated[str, typer.Option(envvar="UUMAMBA_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="UUMAMBA_PORT")] = 8000,
     device: Annotated[str, typer.Option(envvar="UUMAMBA_DEVICE")] = "auto",
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth",
+        help="allow a non-loopback --host without UUMAMBA_API_KEY (anyone who can reach the "
+             "port can upload)")] = False,
 ) -> None:
-    """Serve the model over HTTP (FastAPI + uvicorn); more settings via UUMAMBA_* variables."""
+    """Serve the model over HTTP (FastAPI + uvicorn); more settings via UUMAMBA_* variables.
+
+    A --host other than loopback needs UUMAMBA_API_KEY (or --insecure-no-auth)."""
     from uumamba_service.app import serve_from_cli
 
-    serve_from_cli(model_dir=model, host=host, port=port, device=device)
+    serve_from_cli(model_dir=model, host=host, port=port, device=device,
+                   insecure_no_auth=insecure_no_auth)
 
 
 @app.command("export-slicer")

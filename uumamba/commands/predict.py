@@ -54,7 +54,7 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
 
         def done(_i: int, case: str, failure: str | None) -> None:
             if failure is not None:
-                progress.console.print(f"[red]skipped[/red] {dict(cases)[case][0]}: {failure}")
+                progress.console.print(f"[red]skipped[/red] {failure}")  # names the file
             progress.advance(task)
 
         result = predict_cases(

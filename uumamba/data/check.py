@@ -10,7 +10,9 @@ errors
     that disagree; label values that are not integers (float labels, or labels scaled by a
     NIfTI ``scl_slope`` that read back as 0.999) or not declared (``dataset.labels`` or the
     dataset's own metadata, ``ignore_label`` included); NaN / Inf voxels; 4D images (unless
-    ``dataset.split_4d``); 2D images given to a 3D model; no labels declared at all.
+    ``dataset.split_4d``); 2D images (training and prediction read 3D volumes, for 2D models
+    too; single-slice volumes are an error for 3D models); voxel sizes that are zero or
+    negative (NIfTI ``pixdim``, NRRD / MHA spacing); no labels declared at all.
 warnings
     empty label maps (background only); 4D images that will be split into frames.
 """
@@ -27,6 +29,7 @@ import numpy as np
 from uumamba.config import DatasetConfig
 from uumamba.data.io import Geometry, is_nifti, read_image
 from uumamba.data.layouts import Case, DatasetIndex
+from uumamba.data.untrusted import check_image_header
 from uumamba.errors import DataError
 
 
@@ -114,11 +117,32 @@ def _scl_note(path: Path) -> str:
     return ""
 
 
-def _label_values(label: np.ndarray) -> np.ndarray:
-    """Distinct values of a label map (fast path for non-negative integer arrays)."""
+#: Largest value :func:`label_values` counts with ``np.bincount`` (beyond it: ``np.unique``).
+_BINCOUNT_LIMIT = 1 << 16
+
+
+def label_values(label: np.ndarray) -> np.ndarray:
+    """Distinct values of a label map, sorted, whatever they are (never an allocation sized by
+    a value).
+
+    Non-negative integer maps whose maximum is below ``max(65536, label.size)`` are counted
+    with ``np.bincount`` (fast); every other map (huge or negative values, floats) goes
+    through ``np.unique`` and keeps its own dtype, so a value such as 2**40 or 2**32 + 3 is
+    returned exactly.
+    """
+    label = np.asarray(label)
     if np.issubdtype(label.dtype, np.integer) and label.size and label.min() >= 0:
-        return np.flatnonzero(np.bincount(label.ravel()))
+        if int(label.max()) < max(_BINCOUNT_LIMIT, label.size):
+            return np.flatnonzero(np.bincount(label.ravel()))
     return np.unique(label)
+
+
+def exact(value: object) -> str:
+    """A voxel value for a message, exactly: integers in full, floats in the shortest form
+    that reads back as the same number of their own dtype (``1.0000001``, not ``1``)."""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(value) if isinstance(value, np.generic) else repr(value)
 
 
 def _check_geometry(out: _Collector, path: Path, geom: Geometry, ref: Geometry,
@@ -151,6 +175,9 @@ def _check_image(out: _Collector, path: Path, array: np.ndarray, dataset_cfg: Da
     if spatial_dims == 3 and (array.ndim == 2 or (array.ndim >= 3 and 1 in array.shape[:3])):
         out.error(path, f"2D image {array.shape} given to a 3D model (model.spatial_dims: 3); "
                         "use a 2D model or 3D volumes")
+    elif array.ndim == 2:  # planning and prediction read 3D volumes, also for 2D models
+        out.error(path, f"2D image {array.shape}: training and prediction need 3D volumes "
+                        "(a 2D model is trained on the slices of 3D volumes)")
     if np.issubdtype(array.dtype, np.floating):
         n_bad = int(np.count_nonzero(~np.isfinite(array)))
         if n_bad:
@@ -158,7 +185,18 @@ def _check_image(out: _Collector, path: Path, array: np.ndarray, dataset_cfg: Da
     return usable
 
 
+def _listed(values: list, limit: int = 10) -> str:
+    """``[v, ...]`` of the first ``limit`` values, exactly, and how many there are in all."""
+    shown = ", ".join(exact(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]" + (
+        f" ({len(values)} values)" if len(values) > limit else "")
+
+
 def _check_label(out: _Collector, path: Path, label: np.ndarray, declared: set[int] | None) -> None:
+    if not (np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.floating)
+            or label.dtype == bool):
+        out.error(path, f"label map of dtype {label.dtype}: expected integer values")
+        return
     if np.issubdtype(label.dtype, np.floating):
         finite = np.isfinite(label)
         if not finite.all():
@@ -166,18 +204,25 @@ def _check_label(out: _Collector, path: Path, label: np.ndarray, declared: set[i
             label = label[finite]
         fractional = label != np.round(label)
         if fractional.any():
-            examples = np.unique(label[fractional])[:3]
+            examples = list(np.unique(label[fractional])[:3])
             out.error(path, "label values are not integers, e.g. "
-                            f"{', '.join(f'{v:.6g}' for v in examples)}{_scl_note(path)}")
+                            f"{', '.join(exact(v) for v in examples)}{_scl_note(path)}")
             return
-    values = [int(v) for v in _label_values(label)]
+    values = [int(v) for v in label_values(label)]  # exact: integers or integer-valued floats
     if declared is not None:
-        unknown = sorted(set(values) - declared)
+        unknown = [v for v in values if v not in declared]
         if unknown:
-            out.error(path, f"label values {unknown} are not declared (declared: "
+            out.error(path, f"label values {_listed(unknown)} are not declared (declared: "
                             f"{sorted(declared)})")
     if values and max(values) == 0:
         out.warning(path, "label map is empty (background only)")
+
+
+def _read(path: Path) -> tuple[np.ndarray, Geometry]:
+    """The header-first guard (:func:`uumamba.data.untrusted.check_image_header`: detached data
+    files only inside the header's folder, size and spacing caps), then :func:`read_image`."""
+    check_image_header(path, allow_detached=True, allow_4d=True, require_3d=False)
+    return read_image(path)
 
 
 def _check_case(out: _Collector, case: Case, dataset_cfg: DatasetConfig, spatial_dims: int,
@@ -185,7 +230,7 @@ def _check_case(out: _Collector, case: Case, dataset_cfg: DatasetConfig, spatial
     ref_geom: Geometry | None = None
     for c, image_path in enumerate(case.images):
         try:
-            array, geom = read_image(image_path)
+            array, geom = _read(image_path)
         except DataError as exc:
             out.error(image_path, str(exc).removeprefix(f"{image_path}: "))
             continue
@@ -200,7 +245,7 @@ def _check_case(out: _Collector, case: Case, dataset_cfg: DatasetConfig, spatial
     if case.label is None:
         return
     try:
-        label, label_geom = read_image(case.label)
+        label, label_geom = _read(case.label)
     except DataError as exc:
         out.error(case.label, str(exc).removeprefix(f"{case.label}: "))
         return
@@ -216,7 +261,8 @@ def check_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, spatial_dims:
     Args:
         index: cases from :func:`uumamba.data.layouts.discover`.
         dataset_cfg: ``dataset`` config section (labels, tolerance, split_4d, ignore_label).
-        spatial_dims: ``model.spatial_dims`` (2D images are an error for 3D models).
+        spatial_dims: ``model.spatial_dims`` (single-slice volumes are an error for 3D
+            models; 2D images are an error for both).
 
     Returns:
         A :class:`CheckReport`; it never raises for bad data.

@@ -138,26 +138,92 @@ def _sitk_xyz_shape(size: tuple[int, ...], components: int) -> tuple[int, ...]:
     return tuple(size) + ((components,) if components > 1 else ())
 
 
+def _nifti_spacing_check(path: Path, img) -> None:
+    """Refuse a NIfTI file whose voxel size along a spatial axis is not a positive number.
+
+    nibabel silently replaces a zero ``pixdim`` by 1 mm and a negative one by its absolute
+    value when it loads a header, so the header is read again as stored (``check=False``).
+    The affine nibabel uses (sform or qform) is checked too: a zero column means spacing 0.
+
+    Raises:
+        DataError: names the file, the axis and the stored value.
+    """
+    n_spatial = min(len(img.shape), 3)
+    try:
+        with nib.openers.ImageOpener(str(path)) as fobj:
+            raw = type(img.header).from_fileobj(fobj, check=False)
+    except Exception as exc:  # nibabel read this header a moment ago
+        raise DataError(f"{path}: cannot read image header: {exc}") from None
+    pixdim = np.asarray(raw["pixdim"], dtype=np.float64)
+    for axis in range(n_spatial):
+        value = pixdim[axis + 1]
+        if not (np.isfinite(value) and value > 0):
+            raise DataError(f"{path}: spacing along axis {axis} is {_mm(value)} mm "
+                            f"(pixdim[{axis + 1}] = {_mm(value)}); voxel sizes must be positive")
+    columns = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
+    for axis in range(n_spatial):
+        if not (np.isfinite(columns[axis]) and columns[axis] > 0):
+            form = "sform" if int(raw["sform_code"]) > 0 else "qform"
+            raise DataError(f"{path}: spacing along axis {axis} is {_mm(columns[axis])} mm "
+                            f"(column {axis} of the {form} affine); voxel sizes must be positive")
+
+
+def _sitk_spacing_check(path: Path, spacing: tuple[float, ...]) -> None:
+    """Refuse an NRRD / MetaImage header whose spacing along an axis is not positive.
+
+    ITK refuses spacing 0 only when it reads the voxels (with a message about ITK internals)
+    and silently flips a negative spacing into the direction, so the header's own values are
+    checked first.
+
+    Raises:
+        DataError: names the file, the axis and the header's spacing.
+    """
+    for axis, value in enumerate(spacing):
+        if not (np.isfinite(value) and value > 0):
+            shown = ", ".join(_mm(v) for v in spacing)
+            raise DataError(f"{path}: spacing along axis {axis} is {_mm(value)} mm (header "
+                            f"spacing ({shown})); voxel sizes must be positive")
+
+
+def _mm(value: float) -> str:
+    """A spacing for a message, exactly as stored (``0``, ``-1.5``, ``nan``)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _sitk_reader(path: Path) -> sitk.ImageFileReader:
+    """A SimpleITK reader of ``path`` whose header is read and whose spacing is checked."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:  # ITK raises RuntimeError for a broken header
+        raise DataError(f"{path}: cannot read image header: {exc}") from None
+    _sitk_spacing_check(path, reader.GetSpacing())
+    return reader
+
+
 def read_geometry(path: str | Path) -> Geometry:
     """Read only the header of an image and return its :class:`Geometry`.
 
     Raises:
-        DataError: the file is missing or its header cannot be read (names the file).
+        DataError: the file is missing, its header cannot be read, or its voxel size along a
+            spatial axis is zero, negative or not a number (NIfTI ``pixdim``, NRRD / MHA
+            spacing); the message names the file (and the axis).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    try:
-        if is_nifti(path):
-            img = nib.load(str(path))
-            return Geometry.from_affine_ras(img.affine, img.shape)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
+    if not is_nifti(path):
+        reader = _sitk_reader(path)
         shape = _sitk_xyz_shape(reader.GetSize(), reader.GetNumberOfComponents())
         return _sitk_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), shape)
-    except Exception as exc:  # nibabel / ITK raise many types for a broken header
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for a broken header
         raise DataError(f"{path}: cannot read image header: {exc}") from None
+    _nifti_spacing_check(path, img)
+    return Geometry.from_affine_ras(img.affine, img.shape)
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
@@ -172,27 +238,41 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         label map can read back as 0.999 — the integrity check reports that).
 
     Raises:
-        DataError: the file is missing, unreadable, or truncated (names the file).
+        DataError: the file is missing, unreadable, or truncated, or its voxel size along a
+            spatial axis is zero, negative or not a number (as :func:`read_geometry`); the
+            message names the file (and the axis).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    try:
-        if is_nifti(path):
-            img = nib.load(str(path), mmap=False)
-            array = np.asanyarray(img.dataobj)  # reads and decompresses everything
-            return np.asarray(array), Geometry.from_affine_ras(img.affine, array.shape)
-        img = sitk.ReadImage(str(path))
-        array = sitk.GetArrayFromImage(img)
+    if not is_nifti(path):
+        reader = _sitk_reader(path)
+        try:
+            img = reader.Execute()
+            array = sitk.GetArrayFromImage(img)
+        except Exception as exc:  # RuntimeError for truncated files
+            raise _unreadable(path, exc) from None
         components = img.GetNumberOfComponentsPerPixel()
         spatial = img.GetDimension()
         order = tuple(reversed(range(spatial))) + ((spatial,) if components > 1 else ())
         array = array.transpose(order)
         return array, _sitk_geometry(img.GetSpacing(), img.GetOrigin(), img.GetDirection(),
                                      array.shape)
-    except Exception as exc:  # EOFError / zlib.error / RuntimeError for truncated files
-        raise DataError(f"{path}: cannot read image (corrupt or truncated?): "
-                        f"{type(exc).__name__}: {exc}") from None
+    try:
+        img = nib.load(str(path), mmap=False)
+    except Exception as exc:  # nibabel raises many types for a broken header
+        raise _unreadable(path, exc) from None
+    _nifti_spacing_check(path, img)
+    try:
+        array = np.asarray(np.asanyarray(img.dataobj))  # reads and decompresses everything
+    except Exception as exc:  # EOFError / zlib.error for truncated files
+        raise _unreadable(path, exc) from None
+    return array, Geometry.from_affine_ras(img.affine, array.shape)
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot read image (corrupt or truncated?): "
+                     f"{type(exc).__name__}: {exc}")
 
 
 def _resolve_output(reference_path: Path, out_path: Path, format: str | None) -> tuple[Path, str]:

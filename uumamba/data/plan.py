@@ -3,7 +3,8 @@ network topology, batch size).
 
 The rules follow nnU-Net v2's experiment planner (Isensee et al., Nature Methods 2021):
 
-* fingerprint — voxel spacing and shape of every case after reorientation to RAS, and
+* fingerprint — voxel spacing and shape of every case in the plan's axes (its own voxel axes,
+  thickest last; :mod:`uumamba.data.orientation`), and
   intensity statistics of foreground voxels (up to 10,000 sampled per case with a fixed seed);
 * target spacing — per-axis median spacing; when the data are strongly anisotropic (largest
   median spacing > 3x the smallest, and that axis has < 1/3 the voxels of the largest other
@@ -31,12 +32,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from nibabel.orientations import io_orientation
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from uumamba.config import DatasetConfig, ModelConfig, PlanConfig
 from uumamba.data.io import read_image
 from uumamba.data.layouts import DatasetIndex
+from uumamba.data.orientation import VOXEL_AXES, destination_axes
 from uumamba.errors import ConfigError, DataError
 from uumamba.utils import atomic_path
 
@@ -79,7 +80,7 @@ class IntensityStats(BaseModel):
 
 
 class Fingerprint(BaseModel):
-    """What planning measured on the dataset (RAS-oriented axes, spacings in mm)."""
+    """What planning measured on the dataset (in the plan's axes, spacings in mm)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,8 +99,11 @@ class Plans(BaseModel):
         modality: ``MRI`` or ``CT``.
         labels: label value -> name, background (0) included.
         num_input_channels: image channels per case.
-        axcodes: orientation every volume is brought to before resampling (``RAS``).
-        target_spacing: voxel spacing in mm along the RAS-oriented x, y, z axes.
+        axcodes: how every volume is reoriented before resampling: ``voxel`` (its own voxel
+            axes, the thickest last, no flips: :mod:`uumamba.data.orientation`; plans since
+            0.2) or a MONAI axcodes string (``RAS``: plans of 0.1, kept for their networks).
+        target_spacing: voxel spacing in mm along the reoriented axes 0, 1, 2 (``voxel``: the
+            two in-plane axes, then the slice axis).
         slice_axis: axis (0, 1, 2 of the oriented volume) with the coarsest target spacing; 2D
             models see slices orthogonal to it.
         normalization: one entry per input channel.
@@ -167,13 +171,10 @@ class Plans(BaseModel):
 # fingerprint
 
 
-def _ras_permutation(affine_ras: np.ndarray) -> np.ndarray:
-    """For each voxel axis, the RAS axis it becomes after reorientation (nearest axis code)."""
-    return io_orientation(affine_ras)[:, 0].astype(int)
-
-
-def fingerprint_dataset(index: DatasetIndex, ignore_label: int | None = None) -> Fingerprint:
-    """Measure spacings, shapes (RAS-oriented) and foreground intensities of every case.
+def fingerprint_dataset(index: DatasetIndex, ignore_label: int | None = None,
+                        axcodes: str = VOXEL_AXES) -> Fingerprint:
+    """Measure spacings, shapes (in the plan's axes, see ``axcodes``) and foreground intensities
+    of every case.
 
     Intensities: up to 10,000 foreground voxels (label > 0, ``ignore_label`` excluded) per case
     and channel, drawn with a generator seeded by the case's position, so the result is
@@ -193,7 +194,7 @@ def fingerprint_dataset(index: DatasetIndex, ignore_label: int | None = None) ->
             if image.ndim != 3:
                 raise DataError(f"{image_path}: planning needs 3D images, got shape {image.shape}")
             if c == 0:
-                perm = _ras_permutation(geom.affine_ras())
+                perm = destination_axes(geom.affine_ras(), axcodes)
                 spacing, shape = np.zeros(3), np.zeros(3, dtype=int)
                 spacing[perm], shape[perm] = geom.spacing, image.shape
                 spacings.append([float(s) for s in spacing])
@@ -411,7 +412,8 @@ def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: Plan
         modality = index.modality
     dims = model_cfg.spatial_dims
 
-    fp = fingerprint_dataset(index, dataset_cfg.ignore_label)
+    axcodes = VOXEL_AXES if plan_cfg.reorientation == "voxel" else "RAS"
+    fp = fingerprint_dataset(index, dataset_cfg.ignore_label, axcodes)
     spacings, shapes = np.asarray(fp.spacings), np.asarray(fp.shapes)
     if plan_cfg.target_spacing is not None:
         if len(plan_cfg.target_spacing) != 3:
@@ -450,7 +452,7 @@ def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: Plan
                             dataset_voxels, dims)
     return Plans(
         spatial_dims=dims, modality=modality, labels=dict(sorted(labels.items())),
-        num_input_channels=index.num_channels, axcodes="RAS",
+        num_input_channels=index.num_channels, axcodes=axcodes,
         target_spacing=[round(float(t), 6) for t in target], slice_axis=slice_axis,
         normalization=_normalization(modality, plan_cfg.normalization, fp.intensity),
         patch_size=patch, strides=strides, kernel_sizes=kernels, batch_size=int(batch),

@@ -125,6 +125,10 @@ class FoldResult:
     best_metric: float | None = None
 
 
+def _dice(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
 def parse_fold(fold: str | int, n_folds: int) -> str:
     """Normalise ``fold`` to ``"0"`` .. ``"n_folds-1"`` or ``"all"``.
 
@@ -305,7 +309,8 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     cfg, saved = open_run(cfg, fold_dir, resume, ctx.world_size)
     if saved is not None and saved["finished"]:
         log.info(f"{fold_dir}: training already finished at iteration {saved['iteration']} "
-                 f"(best mean Dice {saved['best_metric']}); nothing to do")
+                 f"(best mean Dice {_dice(saved['best_metric'])}); nothing to do (train longer "
+                 "into a new --output, or with more train.epochs in a new run)")
         return FoldResult(fold_dir, True, "already_finished", None, saved["iteration"],
                           saved["best_metric"])
     tc = cfg.train

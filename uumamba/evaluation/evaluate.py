@@ -36,13 +36,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from uumamba.data.io import read_image
+from uumamba.data.check import exact, label_values
+from uumamba.data.io import Geometry, read_image
 from uumamba.data.layouts import IMAGE_SUFFIXES, split_suffix
 from uumamba.errors import DataError, UserError
 from uumamba.evaluation.metrics import case_metrics, nan_mean
@@ -64,16 +65,52 @@ EMPTY_POLICY = (
 )
 
 
-def _read_labels(path: Path) -> tuple[np.ndarray, Any]:
+_INT32, _INT64 = np.iinfo(np.int32), np.iinfo(np.int64)
+
+
+def _read_labels(path: Path, labels: Collection[int] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a label map; its values are checked in their own dtype before any conversion.
+
+    Float maps are accepted when every value lies within 1e-3 of an integer (rounded). The
+    distinct values (:func:`uumamba.data.check.label_values`, so no value is ever narrowed or
+    used as an allocation size) must be among ``labels`` (0 always allowed) when given. The
+    map is returned as int32 when its values fit, else int64 — never wrapped.
+
+    Raises:
+        DataError: the file is unreadable or not 3D; it holds NaN / Inf, non-integer values
+            or a non-numeric dtype; a value is not a declared label, or (no labels given)
+            lies outside the int64 range — the message names the file and the exact value.
+    """
     array, geometry = read_image(path)
     if array.ndim != 3:
         raise DataError(f"{path}: expected a 3D label map, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise DataError(f"{path}: label map has {int((~finite).sum())} NaN / Inf voxel(s)")
         rounded = np.rint(array)
-        if not np.allclose(array, rounded, atol=1e-3):
-            raise DataError(f"{path}: label map has non-integer values (dtype {array.dtype})")
+        off = ~np.isclose(array, rounded, rtol=1e-5, atol=1e-3)
+        if off.any():
+            raise DataError(f"{path}: label map has non-integer values, e.g. "
+                            f"{exact(array[off][0])} (dtype {array.dtype})")
         array = rounded
-    return array.astype(np.int32), geometry
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{path}: label map of dtype {array.dtype}: expected integer values")
+    values = [int(v) for v in label_values(array)]  # exact Python integers
+    if labels is not None:
+        allowed = {int(v) for v in labels} | {0}
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more undeclared value(s))" if len(unknown) > 1 else ""
+            raise DataError(f"{path}: label value {unknown[0]} is not a declared label{more} "
+                            f"(declared: {sorted(allowed)})")
+    if values and (values[0] < _INT64.min or values[-1] > _INT64.max):
+        bad = values[0] if values[0] < _INT64.min else values[-1]
+        raise DataError(f"{path}: label value {bad} is outside the int64 range")
+    fits_int32 = not values or (values[0] >= _INT32.min and values[-1] <= _INT32.max)
+    return array.astype(np.int32 if fits_int32 else np.int64, copy=False), geometry
 
 
 def summarise(
@@ -131,13 +168,15 @@ def evaluate_pairs(
     spacing, origin and direction (relative tolerance 1e-3).
 
     Raises:
-        DataError: a file is unreadable, not 3D, not integer-valued, or its geometry differs
-            from its reference (names both files).
+        DataError: a file is unreadable, not 3D, not integer-valued, holds a value that is not
+            among ``labels`` (background 0 always allowed; named exactly, never narrowed: a
+            prediction value 2**32 + 3 is refused, not scored as label 3), or its geometry
+            differs from its reference (names both files).
     """
     per_case = []
     for case_id, pred_path, ref_path in pairs:
-        pred, pred_geom = _read_labels(Path(pred_path))
-        ref, ref_geom = _read_labels(Path(ref_path))
+        pred, pred_geom = _read_labels(Path(pred_path), labels)
+        ref, ref_geom = _read_labels(Path(ref_path), labels)
         bad = ref_geom.mismatch(pred_geom, rtol=1e-3, atol=1e-3)
         if bad:
             shown = {"shape": "spatial_shape"}
@@ -218,7 +257,7 @@ def evaluate_folders(
         found: set[int] = set()
         for _, p, r in pairs:
             for path in (p, r):
-                found.update(int(v) for v in np.unique(_read_labels(path)[0]))
+                found.update(int(v) for v in label_values(_read_labels(path)[0]))
         labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(found | {0})}
     summary = evaluate_pairs(pairs, labels, nsd_tolerance_mm)
     summary["missing_predictions"] = sorted(set(refs) - set(preds))

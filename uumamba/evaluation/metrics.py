@@ -85,8 +85,12 @@ def label_volumes(mask: np.ndarray, spacing: Sequence[float], labels: dict[int, 
                   ) -> tuple[dict[str, int], dict[str, float]]:
     """Voxel counts and volumes in mL of every foreground label of ``mask``.
 
+    Only the declared labels are counted (one comparison each), so any integer mask works:
+    values outside ``labels`` (negative, or as large as 2**40) are simply not counted, and
+    nothing is allocated by value.
+
     Args:
-        mask: integer label map (x, y, z).
+        mask: integer label map (x, y, z), any integer dtype.
         spacing: voxel size in mm per axis.
         labels: value -> name; 0 (background) is skipped; labels absent from ``mask`` get 0.
 
@@ -94,8 +98,9 @@ def label_volumes(mask: np.ndarray, spacing: Sequence[float], labels: dict[int, 
         (name -> voxel count, name -> mL).
     """
     voxel_ml = voxel_volume_ml(spacing)
-    counts = np.bincount(np.asarray(mask).ravel(), minlength=max(labels) + 1)
-    voxel_counts = {name: int(counts[v]) for v, name in sorted(labels.items()) if v != 0}
+    mask = np.asarray(mask)
+    voxel_counts = {name: int(np.count_nonzero(mask == v))
+                    for v, name in sorted(labels.items()) if v != 0}
     return voxel_counts, {name: n * voxel_ml for name, n in voxel_counts.items()}
 
 

@@ -7,6 +7,7 @@ like their images would overwrite the scans).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from uumamba.data.layouts import IMAGE_SUFFIXES, split_suffix
 from uumamba.errors import UserError
 from uumamba.utils import check_output_folder
 
+#: Stem endings of reference label maps that sit beside their images (ACDC ``_gt``).
+LABEL_TAGS = ("_gt", "_seg")
+log = logging.getLogger(__name__)
 _CHANNEL_TAG = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -21,8 +25,9 @@ def input_cases(input_path: Path, n_channels: int) -> list[tuple[str, list[Path]
     """Cases in a file or folder: (case id, one file per channel).
 
     nnU-Net naming ``CASE_0000`` (``_0001`` ...) groups channels; the suffix is dropped from
-    the case id (so ``imagesTs/CASE_0000.nii.gz`` gives ``CASE``). Hidden files and Slicer
-    ``.seg.nrrd`` files are skipped.
+    the case id (so ``imagesTs/CASE_0000.nii.gz`` gives ``CASE``). Hidden files, Slicer
+    ``.seg.nrrd`` files and reference label maps named ``*_gt`` (ACDC) or ``*_seg`` in a folder
+    are skipped (with a warning for the label maps: a patient folder holds both).
     """
     if input_path.is_file():
         files = [input_path]
@@ -30,6 +35,11 @@ def input_cases(input_path: Path, n_channels: int) -> list[tuple[str, list[Path]
         files = sorted(p for p in input_path.iterdir() if p.is_file() and not p.name.startswith(".")
                        and split_suffix(p)[1] in IMAGE_SUFFIXES
                        and not split_suffix(p)[0].endswith(".seg"))
+        labels = [p for p in files if split_suffix(p)[0].endswith(LABEL_TAGS)]
+        if labels:
+            log.warning(f"warning: {input_path}: skipping {len(labels)} label map(s) named like "
+                        f"reference segmentations ({', '.join(LABEL_TAGS)}), e.g. {labels[0].name}")
+            files = [p for p in files if p not in labels]
         if not files:
             raise UserError(f"{input_path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     else:

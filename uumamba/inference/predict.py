@@ -17,6 +17,9 @@ Flow of :meth:`Predictor.predict_file` (one 3D volume, or one file per input cha
    than resampling a label map with nearest neighbour. Where the target spacing equals the
    input's, the inversion is exact voxel for voxel (tests check this for RAS, LPS, oblique
    and qform != sform NIfTI inputs);
+   (before the network runs, :mod:`uumamba.inference.plausibility` flags inputs the model
+   cannot have been trained for: blank, constant, noise, another modality, far-off spacing or
+   field of view — per ``inference.input_check``);
 5. largest-connected-component postprocessing where validation showed that it helps
    (:mod:`uumamba.inference.postprocess`, ``postprocessing.json``);
 6. predictive entropy ``-sum_k p_k ln p_k`` (nats) of the averaged softmax and per-class
@@ -27,6 +30,7 @@ Inputs smaller than the patch are padded by the sliding window and cropped back.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,13 +46,17 @@ from uumamba.config import InferenceConfig, config_from_dict
 from uumamba.data.io import Geometry, read_geometry, read_image, write_image
 from uumamba.data.plan import Plans
 from uumamba.data.transforms import inference_transforms
+from uumamba.data.untrusted import check_local_inputs
 from uumamba.device import resolve_device
 from uumamba.errors import DataError, UserError
 from uumamba.evaluation.metrics import label_volumes
+from uumamba.inference.plausibility import assess_input
 from uumamba.inference.postprocess import apply_postprocessing
 from uumamba.inference.sliding import sliding_window_probabilities
 from uumamba.model_folder import ModelFolder, load_checkpoint
 from uumamba.utils import plain_tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +74,9 @@ class Prediction:
             4D input split into frames).
         volumes_ml: foreground label name -> volume in mL (voxels x voxel volume / 1000).
         voxel_counts: foreground label name -> voxel count.
+        warnings: reasons why the model cannot have been trained for this input
+            (:mod:`uumamba.inference.plausibility`; empty when none or when
+            ``inference.input_check`` is ``off``).
     """
 
     mask: np.ndarray
@@ -74,6 +85,7 @@ class Prediction:
     geometry: Geometry
     volumes_ml: dict[str, float] = field(default_factory=dict)
     voxel_counts: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
@@ -132,7 +144,7 @@ class Predictor:
         self.labels = dict(labels or plans.labels)
         self.fold_names = list(fold_names or [f"net_{i}" for i in range(len(networks))])
         self.scan_backend = self._resolve_scan_backend(self.networks, self.device)
-        self.transforms = inference_transforms(plans)
+        self.transforms = inference_transforms(plans, record_statistics=True)
         self._invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image",
                                nearest_interp=False, to_tensor=True)
 
@@ -214,6 +226,7 @@ class Predictor:
         tta: bool | None = None,
         probabilities: bool = False,
         entropy: bool = False,
+        cancel: Any = None,
     ) -> Prediction | list[Prediction]:
         """Segment one image file (or one file per input channel).
 
@@ -225,6 +238,8 @@ class Predictor:
             tta: mirroring TTA for this call (None: the predictor's default).
             probabilities / entropy: also return the softmax / its entropy (memory: C + 1
                 float32 volumes of the input's size).
+            cancel: optional flag (``is_set() -> bool``) checked between window batches;
+                once set, :class:`uumamba.inference.sliding.InferenceCancelled` is raised.
 
         Returns:
             A :class:`Prediction` in the input's voxel grid (a list of them for a split 4D
@@ -234,8 +249,11 @@ class Predictor:
             UserError: a 4D input without ``split_4d`` (the message names the file and the
                 number of frames), a channel count that differs from the plan, or channels on
                 different grids.
-            DataError: a missing, unreadable or truncated file.
+            DataError: a missing, unreadable or truncated file, or a header refused by
+                :func:`uumamba.data.untrusted.check_local_inputs` (too large, implausible
+                spacing, a data file outside the header's folder).
         """
+        check_local_inputs(path, self.plans.target_spacing)
         paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
         if len(paths) != self.plans.num_input_channels:
             raise UserError(f"{paths[0]}: the model takes {self.plans.num_input_channels} input "
@@ -254,13 +272,13 @@ class Predictor:
                     "refused: the model segments 3D volumes; pass --split-4d to segment every "
                     "frame, or extract the frame you want"
                 )
-            return self._predict_frames(paths, tta, probabilities, entropy)
+            return self._predict_frames(paths, tta, probabilities, entropy, cancel)
         if spatial_ndim != 3:
             raise UserError(f"{paths[0]}: expected a 3D volume, got shape {geometry.shape}")
-        return self._predict_volume(paths, geometry, tta, probabilities, entropy)
+        return self._predict_volume(paths, geometry, tta, probabilities, entropy, cancel)
 
     def _predict_frames(self, paths: list[Path], tta: bool | None, probabilities: bool,
-                        entropy: bool) -> list[Prediction]:
+                        entropy: bool, cancel: Any = None) -> list[Prediction]:
         """Write each frame to a temporary 3D NIfTI with the input's spatial geometry; predict."""
         arrays = [read_image(p)[0] for p in paths]
         n_frames = arrays[0].shape[3]
@@ -273,22 +291,25 @@ class Predictor:
                     write_image(arr[..., t], p, frame_path, dtype=np.float32, format="nii.gz")
                     frame_paths.append(frame_path)
                 geometry = read_geometry(frame_paths[0])
-                out.append(self._predict_volume(frame_paths, geometry, tta, probabilities, entropy))
+                out.append(self._predict_volume(frame_paths, geometry, tta, probabilities, entropy,
+                                                cancel))
         return out
 
     def _predict_volume(self, paths: list[Path], geometry: Geometry, tta: bool | None,
-                        want_probabilities: bool, want_entropy: bool) -> Prediction:
+                        want_probabilities: bool, want_entropy: bool, cancel: Any = None
+                        ) -> Prediction:
         use_tta = self.tta if tta is None else bool(tta)
         try:
             data = self.transforms({"image": [str(p) for p in paths]})
         except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
             raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc)}); "
                             "is the file corrupt or truncated?") from None
+        warnings = self._check_input(paths[0], data.pop("image_statistics"), geometry)
         image = data["image"]
         if not bool(torch.isfinite(plain_tensor(image)).all()):
             raise DataError(f"{paths[0]}: the image contains NaN or infinite voxel values; "
                             "fix or mask them before segmenting (see `uumamba check-data`)")
-        probs = self.ensemble_probabilities(image[None], tta=use_tta)
+        probs = self.ensemble_probabilities(image[None], tta=use_tta, cancel=cancel)
         probs_orig = self.invert(probs[0], data)
         expected = tuple(geometry.shape[:3])
         if tuple(probs_orig.shape[1:]) != expected:
@@ -304,10 +325,35 @@ class Predictor:
             geometry=Geometry(expected, geometry.spacing, geometry.origin, geometry.direction),
             volumes_ml=volumes,
             voxel_counts=counts,
+            warnings=warnings,
         )
 
-    def ensemble_probabilities(self, image: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+    def _check_input(self, path: Path, statistics: list[dict[str, Any]], geometry: Geometry
+                     ) -> list[str]:
+        """Apply ``inference.input_check`` (:mod:`uumamba.inference.plausibility`).
+
+        Returns:
+            The reasons (logged as warnings) for ``warn``; [] for ``off`` or a plausible input.
+
+        Raises:
+            DataError: ``refuse`` and at least one reason (all listed, the file named).
+        """
+        if self.inference_cfg.input_check == "off":
+            return []
+        reasons = assess_input(statistics, geometry, self.plans)
+        if reasons and self.inference_cfg.input_check == "refuse":
+            raise DataError(f"{path}: refused (inference.input_check = refuse): "
+                            + "; ".join(reasons))
+        for reason in reasons:
+            log.warning(f"warning: {path.name}: {reason}; the mask is unlikely to be meaningful")
+        return reasons
+
+    def ensemble_probabilities(self, image: torch.Tensor, tta: bool | None = None,
+                               cancel: Any = None) -> torch.Tensor:
         """Mean softmax of all folds over a preprocessed (1, C, X, Y, Z) volume.
+
+        ``cancel`` (``is_set() -> bool``) is checked between window batches (see
+        :func:`~uumamba.inference.sliding.sliding_window_probabilities`).
 
         Returns (1, K, X, Y, Z) float32 on the CPU.
         """
@@ -315,7 +361,7 @@ class Predictor:
         total = None
         for net in self.networks:
             probs = sliding_window_probabilities(net, image, self.plans, self.inference_cfg,
-                                                 tta=use_tta).cpu()
+                                                 tta=use_tta, cancel=cancel).cpu()
             total = probs if total is None else total + probs
         return total / len(self.networks)
 

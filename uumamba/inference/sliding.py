@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -34,6 +34,32 @@ if TYPE_CHECKING:
 
 #: Gaussian importance-map sigma as a fraction of the window size (nnU-Net: 1/8).
 GAUSSIAN_SIGMA_SCALE = 0.125
+
+
+class InferenceCancelled(Exception):
+    """The ``cancel`` flag of :func:`sliding_window_probabilities` was set; the volume's
+    prediction was abandoned between two window batches."""
+
+
+class CancelFlag(Protocol):
+    """Anything with ``is_set() -> bool`` (a :class:`threading.Event`, for one)."""
+
+    def is_set(self) -> bool: ...
+
+
+def _cancellable(predictor: Callable[[torch.Tensor], torch.Tensor], cancel: CancelFlag | None
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predictor`` that raises :class:`InferenceCancelled` before a window batch once
+    ``cancel.is_set()``."""
+    if cancel is None:
+        return predictor
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        if cancel.is_set():
+            raise InferenceCancelled("inference cancelled")
+        return predictor(window)
+
+    return predict
 
 
 def _softmax_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -83,6 +109,7 @@ def sliding_window_probabilities(
     plans: Plans,
     inference_cfg: InferenceConfig,
     tta: bool = False,
+    cancel: CancelFlag | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities of ``model`` over a whole preprocessed volume.
 
@@ -98,6 +125,8 @@ def sliding_window_probabilities(
         inference_cfg: ``overlap`` (fraction in [0, 1)), ``gaussian`` (Gaussian vs constant
             blending), ``sw_batch_size`` (windows per forward pass).
         tta: average over mirrored copies (see the module docstring).
+        cancel: optional flag (``is_set() -> bool``, e.g. a :class:`threading.Event`)
+            checked before every window batch; once set, the work stops within one batch.
 
     Returns:
         (1, K, X, Y, Z) float32 probabilities (sum 1 over K at each voxel) on the model's
@@ -106,6 +135,7 @@ def sliding_window_probabilities(
     Raises:
         ValueError: ``image`` is not 5D with batch 1, ``plans.patch_size`` does not match
             ``plans.spatial_dims``, ``slice_axis`` is not 0-2, or ``overlap`` is outside [0, 1).
+        InferenceCancelled: ``cancel`` was set before or during the prediction.
 
     Source: nnU-Net's sliding-window prediction with Gaussian weighting and mirroring
     (Isensee et al., Nature Methods 2021), implemented with MONAI's
@@ -140,7 +170,7 @@ def sliding_window_probabilities(
         batch = volume
         mirror_axes = (2, 3, 4)
 
-    predictor = _softmax_predictor(model)
+    predictor = _cancellable(_softmax_predictor(model), cancel)
     flips = _mirror_combinations(mirror_axes) if tta else [()]
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

@@ -40,7 +40,8 @@ def write_prediction(prediction: Prediction, case: str, reference: Path, output_
     ``CASE.<ext>`` (mask; input's format unless ``out_format``; ``seg.nrrd`` via the Slicer
     exporter), ``CASE_probabilities.nii.gz`` (x, y, z, C float32; when present),
     ``CASE_entropy.<ext>`` (float32 nats; NRRD when the mask is ``seg.nrrd``; when present),
-    ``CASE_volumes.json`` (per-label value, voxel count and mL, spacing and voxel volume).
+    ``CASE_volumes.json`` (per-label value, voxel count and mL, spacing and voxel volume, and the
+    ``warnings`` of :mod:`uumamba.inference.plausibility`).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     suffix, fmt = mask_suffix(reference, out_format)
@@ -73,6 +74,7 @@ def write_prediction(prediction: Prediction, case: str, reference: Path, output_
                    "volume_ml": prediction.volumes_ml[name]}
             for name in prediction.volumes_ml
         },
+        "warnings": list(prediction.warnings),
         **(extra or {}),
     }
     json_path = output_dir / f"{case}_volumes.json"

@@ -1,0 +1,207 @@
+"""uumamba.data.untrusted: every hostile header refused before a voxel is decoded."""
+
+from __future__ import annotations
+
+import os
+import time
+import tracemalloc
+
+import pytest
+import torch
+from hostile_files import (
+    SECRET,
+    gzip_bomb,
+    mha_data_file,
+    nifti_huge_shape,
+    nifti_volume,
+    nrrd_data_file,
+    secret_lines,
+    sitk_volume,
+)
+
+from uumamba.data.untrusted import (
+    HeaderLimits,
+    VolumeTooLarge,
+    check_image_header,
+    check_local_inputs,
+)
+from uumamba.errors import DataError
+
+UPLOAD = "uploaded volume"
+
+
+def _refused(path, match: str, exc=DataError, **kw) -> str:
+    with pytest.raises(exc, match=match) as info:
+        check_image_header(path, name=UPLOAD, **kw)
+    message = str(info.value)
+    assert message.startswith(UPLOAD) and str(path.parent) not in message
+    assert not any(line in message for line in secret_lines())
+    return message
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_honest_volumes_pass(tmp_path, suffix):
+    path = sitk_volume(tmp_path / f"v{suffix}", shape=(20, 18, 6), spacing=(1.5, 1.25, 8.0))
+    info = check_image_header(path, target_spacing=(1.25, 1.25, 10.0), name=UPLOAD)
+    assert info.shape == (20, 18, 6)
+    assert info.spacing == pytest.approx((1.5, 1.25, 8.0))
+    assert info.declared_bytes == 20 * 18 * 6 * 4
+
+
+@pytest.mark.parametrize("field", ["data file", "datafile"])
+def test_nrrd_data_file_refused_for_uploads(tmp_path, field):
+    path = nrrd_data_file(tmp_path / "x.nrrd", field=field)
+    message = _refused(path, "self-contained")
+    assert str(SECRET) not in message
+
+
+def test_nrrd_dev_zero_with_huge_sizes_refused_without_reading(tmp_path):
+    path = nrrd_data_file(tmp_path / "z.nrrd", target="/dev/zero", sizes="4096 4096 4096",
+                          encoding="raw")
+    _refused(path, "data file")
+    with pytest.raises(DataError, match="inside the header's folder"):
+        check_local_inputs(path)
+
+
+def test_detached_headers_only_locally_and_only_inside_their_folder(tmp_path):
+    nhdr = sitk_volume(tmp_path / "d.nhdr")
+    mhd = sitk_volume(tmp_path / "d.mhd")
+    _refused(nhdr, r"\.nhdr")
+    _refused(mhd, r"\.mhd")
+    check_local_inputs([nhdr])
+    check_local_inputs(mhd)
+    # absolute, '..', symlink out of the folder: refused even locally
+    sub = tmp_path / "case"
+    sub.mkdir()
+    (tmp_path / "outside.raw").write_bytes(b"\0" * 4096)
+    (sub / "link.raw").symlink_to(tmp_path / "outside.raw")
+    for target in ("/etc/passwd", "../outside.raw", "link.raw", "/proc/self/environ",
+                   "LIST", "slice%03d.raw 1 4 1"):
+        with pytest.raises(DataError, match="inside the header's folder"):
+            check_local_inputs(nrrd_data_file(sub / "x.nhdr", target=target))
+        with pytest.raises(DataError, match="inside the header's folder"):
+            check_local_inputs(mha_data_file(sub / "x.mhd", target=target))
+
+
+def test_mha_element_data_file_elsewhere_refused(tmp_path):
+    message = _refused(mha_data_file(tmp_path / "x.mha"), "ElementDataFile must be LOCAL")
+    assert str(SECRET) not in message
+
+
+def test_nifti_pairs_refused_for_uploads(tmp_path):
+    _refused(nifti_volume(tmp_path / "p.nii", magic=b"ni1"), "separate .img")
+    (tmp_path / "a.hdr").write_bytes(b"\0" * 348)
+    _refused(tmp_path / "a.hdr", "pairs are refused")
+
+
+def test_sixty_byte_nifti_declaring_a_huge_shape_is_413(tmp_path):
+    path = nifti_huge_shape(tmp_path / "huge.nii.gz")
+    assert os.path.getsize(path) < 100
+    _refused(path, "voxels", exc=VolumeTooLarge)
+
+
+def test_gzip_bomb_refused_without_inflating_it(tmp_path):
+    path = gzip_bomb(tmp_path / "bomb.nii.gz", inflated_mib=1024)
+    assert os.path.getsize(path) < 1.2e6  # ~1000:1
+    tracemalloc.start()
+    start = time.perf_counter()
+    _refused(path, "beyond the declared size", exc=VolumeTooLarge)
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 16 * 2**20, (elapsed, peak)
+
+
+def test_truncated_gzip_refused(tmp_path):
+    good = nifti_volume(tmp_path / "g.nii.gz", shape=(40, 40, 20)).read_bytes()
+    (tmp_path / "t.nii.gz").write_bytes(good[: len(good) // 2])
+    _refused(tmp_path / "t.nii.gz", "truncated")
+
+
+def test_implausible_spacing_and_resampled_size(tmp_path):
+    _refused(nifti_volume(tmp_path / "s.nii.gz", spacing=(300.0, 300.0, 300.0)),
+             "300 mm along axis 0 is implausible")
+    _refused(nifti_volume(tmp_path / "f.nii.gz", spacing=(0.01, 1.0, 1.0)), "implausible")
+    big = nifti_volume(tmp_path / "b.nii.gz", spacing=(40.0, 40.0, 40.0))
+    check_image_header(big)  # fine without a target spacing
+    _refused(big, "resampled", exc=VolumeTooLarge, target_spacing=(0.5, 0.5, 0.5))
+    small = HeaderLimits(max_voxels=1000)
+    _refused(nifti_volume(tmp_path / "n.nii.gz"), "4096 voxels", exc=VolumeTooLarge, limits=small)
+
+
+def test_only_3d_unless_4d_allowed(tmp_path):
+    four = nifti_volume(tmp_path / "c.nii.gz", shape=(8, 8, 8, 3))
+    _refused(four, "4D")
+    assert check_image_header(four, allow_4d=True).shape == (8, 8, 8, 3)
+    _refused(nifti_volume(tmp_path / "flat.nii.gz", shape=(8, 8)), "2 dimensions")
+
+
+def test_overlong_text_header_refused(tmp_path):
+    path = tmp_path / "long.nrrd"
+    path.write_text("NRRD0004\n" + "# padding\n" * 8000)
+    _refused(path, "longer than 64 KiB")
+    dup = tmp_path / "dup.mha"
+    dup.write_text("NDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\nelementdatafile = x\n"
+                   "ElementDataFile = LOCAL\n")
+    _refused(dup, "ElementDataFile must be LOCAL")
+
+
+def test_predictor_refuses_a_hostile_local_file_before_reading(tmp_path):
+    """``Predictor.predict_file`` runs the guard first (local mode)."""
+    from uumamba.data.plan import Plans  # noqa: F401  (import cost only)
+    from uumamba.inference.predict import Predictor
+
+    class Plan:
+        target_spacing = (1.0, 1.0, 1.0)
+        num_input_channels = 1
+
+    predictor = Predictor.__new__(Predictor)
+    predictor.plans = Plan()
+    with pytest.raises(DataError, match="inside the header's folder"):
+        predictor.predict_file(nrrd_data_file(tmp_path / "x.nrrd"))
+    with pytest.raises(DataError, match="implausible"):
+        predictor.predict_file(nifti_volume(tmp_path / "s.nii.gz", spacing=(300.0, 1, 1)))
+
+
+def test_sliding_window_stops_within_one_batch_once_cancelled():
+    import threading
+    from types import SimpleNamespace
+
+    from uumamba.inference.sliding import InferenceCancelled, sliding_window_probabilities
+
+    cancel = threading.Event()
+    calls = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            calls.append(x.shape[0])
+            if len(calls) == 2:
+                cancel.set()
+            return torch.zeros(x.shape[0], 2, *x.shape[2:]) + self.w
+
+    plans = SimpleNamespace(spatial_dims=3, patch_size=[8, 8, 8], slice_axis=2)
+    cfg = SimpleNamespace(overlap=0.0, gaussian=False, sw_batch_size=1)
+    image = torch.zeros(1, 1, 32, 32, 8)  # 16 windows, one per batch
+    with pytest.raises(InferenceCancelled):
+        sliding_window_probabilities(Net(), image, plans, cfg, cancel=cancel)
+    assert len(calls) == 2
+    calls.clear()
+    out = sliding_window_probabilities(Net(), image, plans, cfg, cancel=threading.Event())
+    assert out.shape == (1, 2, 32, 32, 8)
+
+
+def test_multi_member_gzip_is_read_to_the_end(tmp_path):
+    """Valid multi-member gzip (what a bomb also uses) is inflated member by member."""
+    import gzip
+
+    plain = nifti_volume(tmp_path / "v.nii", shape=(20, 20, 10)).read_bytes()
+    path = tmp_path / "m.nii.gz"
+    path.write_bytes(gzip.compress(plain[:1000]) + gzip.compress(plain[1000:5000])
+                     + gzip.compress(plain[5000:]))
+    assert check_image_header(path).shape == (20, 20, 10)
+    path.write_bytes(gzip.compress(plain[:1000]) + gzip.compress(plain[1000:5000]))
+    _refused(path, "truncated")

@@ -1,0 +1,109 @@
+"""Oblique and double-oblique inputs: the slice axis is the image's own thick voxel axis.
+
+The same voxel array under rotated affines (0°–90° about each world axis, and a double-oblique
+short-axis-like direction) must give the same network grid and the same mask in the input's
+own grid, for 2D and 3D models; a dataset of rotated copies must plan like the unrotated one.
+Under the 0.1 rule (reorientation to RAS) a tilt over 45° changes the slice axis: shown too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from uumamba.config import DatasetConfig, InferenceConfig, ModelConfig, PlanConfig
+from uumamba.data.layouts import discover
+from uumamba.data.orientation import world_rotation
+from uumamba.data.plan import plan_dataset
+from uumamba.data.synthetic import write_synthetic_dataset
+from uumamba.inference import Predictor
+from uumamba.nn import build_network
+
+ANGLES = (0.0, 30.0, 44.0, 46.0, 60.0, 90.0)
+LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
+
+
+rotation = world_rotation
+
+DOUBLE_OBLIQUE = rotation(1, 35.0) @ rotation(0, 50.0)  # short-axis-like slice normal
+
+
+def _rotated(path: Path, out: Path, r: np.ndarray) -> Path:
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), r @ img.affine), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("oblique") / "data", n_cases=3, seed=5,
+                                   shape=(64, 64, 8), spacing=(1.5, 1.5, 8.0))
+
+
+def _predictor(dataset: Path, dims: int, reorientation: str = "voxel") -> Predictor:
+    model = ModelConfig(name="umamba_bot", spatial_dims=dims, features=[4, 8, 16], d_state=4,
+                        expand=1, deep_supervision=False)
+    plans = plan_dataset(discover(dataset), DatasetConfig(labels=LABELS),
+                         PlanConfig(reorientation=reorientation, patch_size=[32, 32] if dims == 2
+                                    else [32, 32, 8], batch_size=1), model)
+    torch.manual_seed(0)
+    net = build_network(model, plans)
+    return Predictor([net], plans, InferenceConfig(sw_batch_size=8), device="cpu")
+
+
+@pytest.mark.parametrize(("dims", "in_plane_mm"), [(2, 1.5), (2, 1.3), (3, 1.3)])
+def test_rotated_affines_give_the_same_mask(dataset, tmp_path, dims, in_plane_mm):
+    """1.5 mm is the planned spacing (no resampling); 1.3 mm is resampled to it."""
+    predictor = _predictor(dataset, dims)
+    source = dataset / "images" / "synth_000.nii.gz"
+    if in_plane_mm != 1.5:
+        img = nib.load(str(source))
+        source = tmp_path / "resampled_source.nii.gz"
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj),
+                                 np.diag([in_plane_mm, in_plane_mm, 8.0, 1.0])), str(source))
+    reference = predictor.predict_file(source, probabilities=True)
+    grid = tuple(predictor.transforms({"image": [str(source)]})["image"].shape)
+    assert grid[3] == 8  # the 8 mm axis stays the slice axis, at the planned spacing
+    directions = [(axis, angle) for axis in range(3) for angle in ANGLES[1:]] + [("sax", None)]
+    for axis, angle in directions:
+        r = DOUBLE_OBLIQUE if axis == "sax" else rotation(axis, angle)
+        path = _rotated(source, tmp_path / f"r_{axis}_{angle}.nii.gz", r)
+        assert tuple(predictor.transforms({"image": [str(path)]})["image"].shape) == grid
+        pred = predictor.predict_file(path, probabilities=True)
+        assert pred.mask.shape == reference.mask.shape == (64, 64, 8)
+        np.testing.assert_allclose(pred.probabilities, reference.probabilities, atol=1e-5,
+                                   err_msg=f"rotation {angle} deg about {axis}")
+        np.testing.assert_array_equal(pred.mask, reference.mask, err_msg=f"{angle} about {axis}")
+        zooms = np.diag([1 / in_plane_mm, 1 / in_plane_mm, 1 / 8])
+        np.testing.assert_allclose(pred.geometry.direction, nib.load(str(path)).affine[:3, :3]
+                                   @ zooms * np.array([-1, -1, 1])[:, None], atol=1e-6)
+
+
+def test_ras_rule_picks_the_wrong_plane_past_45_degrees(dataset, tmp_path):
+    """What 0.1 did (kept for its plans): past 45° about x the 8 mm axis is resampled in-plane."""
+    predictor = _predictor(dataset, 2, reorientation="ras")
+    source = dataset / "images" / "synth_000.nii.gz"
+    tilted = _rotated(source, tmp_path / "t50.nii.gz", rotation(0, 50.0))
+    straight = tuple(predictor.transforms({"image": [str(source)]})["image"].shape)
+    wrong = tuple(predictor.transforms({"image": [str(tilted)]})["image"].shape)
+    assert straight[3] == 8 and wrong[3] != 8
+
+
+def test_rotated_copies_plan_like_the_unrotated_dataset(dataset, tmp_path):
+    rotated = tmp_path / "rotated"
+    shutil.copytree(dataset, rotated)
+    turns = [rotation(0, 46.0), rotation(2, 60.0), DOUBLE_OBLIQUE]
+    for folder in ("images", "labels"):
+        for path, r in zip(sorted((rotated / folder).glob("*.nii.gz")), turns, strict=True):
+            _rotated(path, path, r)
+    model = ModelConfig(spatial_dims=2, features=[8, 16, 32])
+    a = plan_dataset(discover(dataset), DatasetConfig(labels=LABELS), PlanConfig(), model)
+    b = plan_dataset(discover(rotated), DatasetConfig(labels=LABELS), PlanConfig(), model)
+    assert a.model_dump(exclude={"fingerprint"}) == b.model_dump(exclude={"fingerprint"})
+    np.testing.assert_allclose(a.fingerprint.spacings, b.fingerprint.spacings, rtol=1e-6)
+    assert a.fingerprint.shapes == b.fingerprint.shapes

@@ -1,0 +1,152 @@
+"""Which voxel axis is the slice axis: the image's own thick axis, never the world frame's.
+
+Cardiac short-axis MRI is acquired double-oblique: its 8–10 mm slice axis can point anywhere in
+the scanner's world frame. Reorienting such a volume to RAS and then taking "the z axis" as the
+slice axis picks the wrong axis as soon as the slice normal is tilted more than 45° from the
+body's z axis: the thick axis is resampled to in-plane spacing, an in-plane axis to 10 mm, and a
+2D model segments the wrong plane.
+
+uumamba therefore works in each image's own voxel axes, as nnU-Net does, with one
+permutation-only reorientation (:func:`plan_axes_order`): the voxel axis with the largest
+spacing goes last (axis 2, the plan's slice axis for anisotropic data), the other two keep
+their order, and no axis is flipped; the array then carries the canonical affine of its own
+axes (``diag(spacing)``), so resampling happens in the voxel frame. Rotating an image's affine
+(its direction in the world) therefore changes nothing the network sees, and the inverse puts
+the mask back on the input's voxel grid, with the input's own affine, exactly.
+
+Plans made before this rule (``plans.axcodes == "RAS"``) keep MONAI ``Orientationd("RAS")`` so
+their networks see what they were trained on; new plans say ``"voxel"``
+(``plan.reorientation``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, Orientationd
+from monai.utils import TraceKeys, convert_data_type
+
+#: Spacings within this relative tolerance count as equal (the later axis is then the thick one,
+#: so an isotropic volume is not permuted).
+SPACING_RTOL = 1e-3
+
+#: Axis labels of the RAS convention (MONAI's default for non-LPS tensors), passed explicitly.
+_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+#: ``plans.axcodes`` value of the voxel-axis rule (anything else is a MONAI axcodes string).
+VOXEL_AXES = "voxel"
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """(3,) spacing in mm of each voxel axis: the norms of the affine's first three columns."""
+    return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+
+
+def plan_axes_order(affine: np.ndarray) -> tuple[int, int, int]:
+    """The voxel axes in plan order: the two finer axes in their own order, the thickest last.
+
+    Args:
+        affine: (4, 4) voxel-to-world matrix (RAS or LPS: only column norms are used).
+
+    Returns:
+        ``order`` with ``order[k]`` = the input voxel axis that becomes plan axis ``k``;
+        ``(0, 1, 2)`` when the thickest axis is already last or spacings tie.
+    """
+    spacing = voxel_spacing(affine)
+    thick = int(np.flatnonzero(spacing >= spacing.max() * (1 - SPACING_RTOL))[-1])
+    return (*(a for a in range(3) if a != thick), thick)  # type: ignore[return-value]
+
+
+def world_rotation(axis: int, degrees: float) -> np.ndarray:
+    """(4, 4) rotation by ``degrees`` about world axis ``axis`` (0 x, 1 y, 2 z), to make oblique
+    copies of a volume (``rotation @ affine``) in tests and benchmarks."""
+    t = np.deg2rad(degrees)
+    c, s = np.cos(t), np.sin(t)
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(4)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def destination_axes(affine_ras: np.ndarray, axcodes: str) -> np.ndarray:
+    """For each voxel axis, the axis it becomes after the plan's reorientation.
+
+    Args:
+        affine_ras: (4, 4) RAS voxel-to-world matrix.
+        axcodes: ``"voxel"`` (plan order, thickest last) or ``"RAS"`` (nearest RAS axis).
+
+    Returns:
+        (3,) int array ``dest`` with ``dest[i]`` = the reoriented axis of voxel axis ``i``.
+    """
+    if axcodes == VOXEL_AXES:
+        order = plan_axes_order(affine_ras)
+        return np.array([order.index(i) for i in range(3)])
+    return nib.orientations.io_orientation(affine_ras)[:, 0].astype(int)
+
+
+class PlanAxes(Orientation):
+    """Permute a channel-first MetaTensor's spatial axes into plan order (:func:`plan_axes_order`)
+    and give it the canonical affine ``diag(spacing)`` of those axes.
+
+    Input ``(C, X, Y, Z)`` with its affine in ``.affine``; output ``(C, *permuted)`` whose
+    affine is ``diag(spacing[order], 1)``: no rotation, no origin. Everything after it
+    (resampling to the target spacing, cropping) then works in the image's own voxel frame, so
+    a rotated copy of the same voxels gives bit-identical network input — also when resampling
+    is needed (MONAI's ``Spacing`` on an oblique affine interpolates differently). The inverse
+    (through ``Invertd``) permutes back and restores the original affine exactly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(axcodes="RAS", labels=_LABELS)
+
+    def __call__(self, data_array: torch.Tensor, lazy: bool | None = None) -> torch.Tensor:
+        if not isinstance(data_array, MetaTensor):
+            raise TypeError("PlanAxes needs a MetaTensor (the affine decides the thick axis)")
+        spatial = tuple(int(n) for n in data_array.peek_pending_shape())
+        if len(spatial) != 3:
+            raise ValueError(f"PlanAxes: expected 3 spatial axes, got shape {spatial}")
+        affine, *_ = convert_data_type(data_array.peek_pending_affine(), np.ndarray)
+        affine = np.asarray(affine, dtype=np.float64)
+        order = plan_axes_order(affine)
+        canonical = np.diag([*voxel_spacing(affine)[list(order)], 1.0])
+        meta = self.track_transform_meta(
+            data_array, sp_size=[spatial[o] for o in order],
+            affine=np.linalg.solve(affine, canonical),  # new affine = old @ this = canonical
+            extra_info={"original_affine": affine, "order": list(order)},
+            orig_size=spatial, transform_info=self.get_transform_info(), lazy=False)
+        out = data_array.as_tensor().permute(0, *(1 + o for o in order))
+        return MetaTensor(out).copy_meta_from(meta)
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        transform = self.pop_transform(data)
+        info = transform[TraceKeys.EXTRA_INFO]
+        inverse_order = np.argsort(info["order"])
+        out = MetaTensor(data.as_tensor().permute(0, *(1 + int(i) for i in inverse_order)))
+        out.copy_meta_from(data)
+        out.affine = torch.as_tensor(np.asarray(info["original_affine"]), dtype=torch.float64)
+        return out
+
+
+class PlanAxesd(Orientationd):
+    """Dictionary version of :class:`PlanAxes`: every key is permuted by the order of its own
+    affine (image and label of a case share one grid, which the integrity check enforces)."""
+
+    def __init__(self, keys, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, axcodes="RAS", labels=_LABELS, allow_missing_keys=allow_missing_keys)
+        self.ornt_transform = PlanAxes()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None
+                 ) -> dict[Hashable, torch.Tensor]:
+        return super().__call__(data, lazy)
+
+
+def reorientation_transform(keys, axcodes: str) -> Orientationd:
+    """``PlanAxesd`` for ``axcodes == "voxel"``, else MONAI ``Orientationd(axcodes)`` (plans made
+    before the voxel-axis rule)."""
+    if axcodes == VOXEL_AXES:
+        return PlanAxesd(keys)
+    return Orientationd(keys, axcodes=axcodes, labels=_LABELS)
