@@ -34,6 +34,12 @@ class _StdoutHandler(logging.Handler):
             self.handleError(record)
 
 
+def _message_handler(level: int) -> _StdoutHandler:
+    handler = _StdoutHandler(level)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
 def _configured(logger: logging.Logger) -> bool:
     """True when ``logger`` itself has a handler. The root logger is not consulted: test
     runners and servers attach capture handlers there that do not show anything to a user."""
@@ -47,8 +53,7 @@ def default_output(level: int = logging.INFO) -> Iterator[None]:
     if _configured(logger):
         yield
         return
-    handler = _StdoutHandler(level)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler = _message_handler(level)
     previous = logger.level
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > level:
@@ -65,8 +70,6 @@ def print_messages(level: int = logging.INFO) -> None:
     setting; installing it twice has no further effect)."""
     logger = logging.getLogger(ROOT)
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        handler = _StdoutHandler(level)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(_message_handler(level))
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)

@@ -88,6 +88,21 @@ def destination_axes(affine_ras: np.ndarray, axcodes: str) -> np.ndarray:
     return nib.orientations.io_orientation(affine_ras)[:, 0].astype(int)
 
 
+def spacing_and_shape_in_plan_axes(affine_ras: np.ndarray, spacing, shape, axcodes: str
+                                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A volume's per-axis spacing (mm) and shape (voxels), given in its voxel-axis order,
+    moved to the plan's reoriented axes (:func:`destination_axes`).
+
+    Returns:
+        ((3,) float spacing, (3,) int shape) in plan order.
+    """
+    dest = destination_axes(affine_ras, axcodes)
+    out_spacing, out_shape = np.zeros(3), np.zeros(3, dtype=int)
+    out_spacing[dest] = [float(v) for v in list(spacing)[:3]]
+    out_shape[dest] = [int(v) for v in list(shape)[:3]]
+    return out_spacing, out_shape
+
+
 class PlanAxes(Orientation):
     """Permute a channel-first MetaTensor's spatial axes into plan order (:func:`plan_axes_order`)
     and give it the canonical affine ``diag(spacing)`` of those axes.

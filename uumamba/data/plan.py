@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from uumamba.config import DatasetConfig, ModelConfig, PlanConfig
 from uumamba.data.io import read_image
 from uumamba.data.layouts import DatasetIndex
-from uumamba.data.orientation import VOXEL_AXES, destination_axes
+from uumamba.data.orientation import VOXEL_AXES, spacing_and_shape_in_plan_axes
 from uumamba.errors import ConfigError, DataError
 from uumamba.utils import atomic_path
 
@@ -194,9 +194,8 @@ def fingerprint_dataset(index: DatasetIndex, ignore_label: int | None = None,
             if image.ndim != 3:
                 raise DataError(f"{image_path}: planning needs 3D images, got shape {image.shape}")
             if c == 0:
-                perm = destination_axes(geom.affine_ras(), axcodes)
-                spacing, shape = np.zeros(3), np.zeros(3, dtype=int)
-                spacing[perm], shape[perm] = geom.spacing, image.shape
+                spacing, shape = spacing_and_shape_in_plan_axes(geom.affine_ras(), geom.spacing,
+                                                                image.shape, axcodes)
                 spacings.append([float(s) for s in spacing])
                 shapes.append([int(s) for s in shape])
             values = image[foreground] if foreground.shape == image.shape else image.ravel()

@@ -71,6 +71,7 @@ from uumamba.data.dataset import case_to_item, make_dataset
 from uumamba.data.orientation import reorientation_transform
 from uumamba.data.plan import ChannelNormalization, Plans
 from uumamba.data.readers import SimpleITKReader
+from uumamba.utils import plain_tensor
 
 ANISOTROPY_RATIO = 3.0
 
@@ -135,9 +136,8 @@ class RecordIntensityStatisticsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = d[key]
-            image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-            d[f"{key}_statistics"] = [_channel_statistics(c.float().numpy()) for c in image]
+            d[f"{key}_statistics"] = [_channel_statistics(c.float().numpy())
+                                      for c in plain_tensor(d[key])]
         return d
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from uumamba.data.io import Geometry
-from uumamba.data.orientation import destination_axes
+from uumamba.data.orientation import spacing_and_shape_in_plan_axes
 from uumamba.data.plan import Plans
 
 MIN_NEIGHBOUR_CORRELATION = 0.3
@@ -74,10 +74,8 @@ def _geometry_problems(geometry: Geometry, plans: Plans) -> list[str]:
     fp = plans.fingerprint
     if fp is None or not fp.spacings:
         return []
-    dest = destination_axes(geometry.affine_ras(), plans.axcodes)
-    spacing, shape = np.zeros(3), np.zeros(3)
-    spacing[dest] = geometry.spacing[:3]
-    shape[dest] = geometry.shape[:3]
+    spacing, shape = spacing_and_shape_in_plan_axes(geometry.affine_ras(), geometry.spacing,
+                                                    geometry.shape, plans.axcodes)
     train_spacing, train_shape = np.asarray(fp.spacings), np.asarray(fp.shapes)
     problems = []
     low, high = train_spacing.min(axis=0), train_spacing.max(axis=0)

@@ -144,7 +144,8 @@ class Predictor:
         self.labels = dict(labels or plans.labels)
         self.fold_names = list(fold_names or [f"net_{i}" for i in range(len(networks))])
         self.scan_backend = self._resolve_scan_backend(self.networks, self.device)
-        self.transforms = inference_transforms(plans, record_statistics=True)
+        self.transforms = inference_transforms(
+            plans, record_statistics=self.inference_cfg.input_check != "off")
         self._invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image",
                                nearest_interp=False, to_tensor=True)
 
@@ -304,7 +305,7 @@ class Predictor:
         except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
             raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc)}); "
                             "is the file corrupt or truncated?") from None
-        warnings = self._check_input(paths[0], data.pop("image_statistics"), geometry)
+        warnings = self._check_input(paths[0], data.pop("image_statistics", []), geometry)
         image = data["image"]
         if not bool(torch.isfinite(plain_tensor(image)).all()):
             raise DataError(f"{paths[0]}: the image contains NaN or infinite voxel values; "
