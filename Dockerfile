@@ -24,11 +24,17 @@
 
 # Versions shared by both stages. torch must satisfy pyproject.toml's "torch>=2.6"; its cu124
 # wheels match the CUDA 12.4 images below. mamba-ssm / causal-conv1d are the gpu extra's
-# packages (pyproject: mamba-ssm>=2.2, causal-conv1d>=1.4); these releases' sdists ship the
-# CUDA sources (some earlier ones on PyPI do not).
+# packages, pinned inside its ranges (pyproject explains each bound):
+# - mamba-ssm 2.3.1: 2.3 is the first line that imports beside transformers 5 (2.2.x imports
+#   the removed GreedySearchDecoderOnlyOutput in its __init__, and its transformers requirement
+#   is unpinned, so pip resolves transformers 5); 2.3.1 is its last release before 2.3.2.post1,
+#   which needs tilelang / quack-kernels and triton >= 3.5 (not torch 2.6's triton 3.2).
+# - causal-conv1d 1.5.3.post1: has the cpp_functions module mamba-ssm >= 2.2.5 calls
+#   (first in 1.5.1), and builds against torch 2.6 (torch.library.custom_op, torch >= 2.4).
+# Their sdists ship the CUDA sources.
 ARG TORCH_VERSION=2.6.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-ARG MAMBA_SSM_VERSION=2.2.6.post3
+ARG MAMBA_SSM_VERSION=2.3.1
 ARG CAUSAL_CONV1D_VERSION=1.5.3.post1
 
 ############################ build: CUDA toolkit, torch, extension wheels ####################
@@ -118,8 +124,14 @@ RUN echo "torch==${TORCH_VERSION}" > /opt/constraints.txt \
 # (found there again through --find-links), their pure-Python dependencies come from PyPI.
 WORKDIR /opt/uumamba
 COPY . /opt/uumamba
+# Build check: the extensions load, the whole mamba_ssm package imports (its __init__ pulls in
+# transformers; an incompatible pair fails here, not at run time), and, when the build sees a
+# GPU (BuildKit with one attached), uumamba's probe runs selective_scan_fn and
+# causal_conv1d_fn once on it and compares them with the PyTorch reference. Without a GPU at
+# build time the imports are the check; `uumamba serve` logs and /readyz report any fallback.
 RUN pip install --no-cache-dir --constraint /opt/constraints.txt --find-links /wheels "/opt/uumamba[gpu]" \
- && python -c "import torch, selective_scan_cuda, causal_conv1d_cuda; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
+ && python -c "import torch, selective_scan_cuda, causal_conv1d_cuda, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'mamba_ssm', mamba_ssm.__version__, 'causal_conv1d', causal_conv1d.__version__)" \
+ && python -c "import sys, torch; from uumamba.nn.ops.selective_scan import probe_cuda_kernels; gpu = torch.cuda.is_available(); r = probe_cuda_kernels(0) if gpu else None; print('kernel probe:', 'no GPU at build time, imports only' if not gpu else (r.reason or 'selective_scan_fn and causal_conv1d_fn ran on ' + torch.cuda.get_device_name(0))); sys.exit(1 if gpu and (r.reason or not r.causal_conv1d) else 0)" \
  && rm -rf /wheels
 
 # Non-root user "uumamba", UID/GID 1000 (numeric below, so runtimes can check it is not root).

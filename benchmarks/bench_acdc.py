@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override KEY=VALUE (both models)")
     args = parser.parse_args(argv)
+    from uumamba.errors import UserError
+
+    if not args.data.is_dir() or not any(args.data.glob("patient*")):  # before any training
+        raise UserError(f"--data {args.data}: no ACDC patientXXX folders (README, 'The ACDC "
+                        "data', says where to obtain them)")
 
     from rich.console import Console
     from rich.table import Table
@@ -277,4 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from uumamba.commands.script import run_script
+
+    sys.exit(run_script(main))

@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_child(args)))
         return 0
+    from uumamba.device import resolve_device
+
+    resolve_device(args.device)  # --device cuda without CUDA: one line, before any child starts
     forwarded = list(argv if argv is not None else sys.argv[1:])
     print(f"one training step (forward + backward + SGD), patch {tuple(args.patch)}, batch "
           f"{args.batch}, features {tuple(args.features)}, device {args.device}, "
@@ -207,4 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from uumamba.commands.script import run_script
+
+    sys.exit(run_script(main))

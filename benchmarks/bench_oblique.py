@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/bench_oblique"))
     args = parser.parse_args(argv)
     if not args.data.is_dir() or not any(args.data.glob("patient*")):
-        print(f"error: --data {args.data}: no ACDC patientXXX folders (see shared/data/README.md)",
-              file=sys.stderr)
-        return 1
+        from uumamba.errors import UserError
+
+        raise UserError(f"--data {args.data}: no ACDC patientXXX folders (README, 'The ACDC "
+                        "data', says where to obtain them)")
 
     import nibabel as nib
 
@@ -105,4 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from uumamba.commands.script import run_script
+
+    sys.exit(run_script(main))

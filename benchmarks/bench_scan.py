@@ -226,4 +226,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from uumamba.commands.script import run_script
+
+    sys.exit(run_script(main))

@@ -280,4 +280,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from uumamba.commands.script import run_script
+
+    sys.exit(run_script(main))

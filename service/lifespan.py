@@ -48,6 +48,7 @@ def _load_model(state: ServiceState, predictor: Any) -> None:
         _warm_up(predictor, settings.model_dir, state.work_root)
     state.device = str(getattr(predictor, "device", settings.device))
     state.scan_backend = getattr(predictor, "scan_backend", None)
+    state.scan_backend_warning = getattr(predictor, "scan_backend_warning", None)
     state.info = info
     state.predictor = predictor
     state.status = "ready"
@@ -84,6 +85,9 @@ async def _load_in_background(state: ServiceState, predictor: Any) -> None:
         logger.info("model loaded", extra={"fields": {
             "model": state.info.name, "version": state.info.version, "device": state.device,
             "scan_backend": state.scan_backend, "folds": state.info.folds}})
+        if state.scan_backend_warning:
+            logger.warning("selective-scan fallback", extra={"fields": {
+                "scan_backend": state.scan_backend, "reason": state.scan_backend_warning}})
     except Exception as exc:
         state.status = "failed"
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"

@@ -17,12 +17,14 @@ class OutputFormat(str, Enum):
 
     ``nii.gz``: the label map as gzip NIfTI in the upload's voxel grid (header copied);
     ``seg.nrrd``: a 3D Slicer segmentation (names and colours per label);
-    ``json``: per-class voxel counts and volumes in mL, no image.
+    ``json``: per-class voxel counts and volumes in mL, no image;
+    ``dcm``: a DICOM Segmentation referencing the slices of an uploaded ``.zip`` series.
     """
 
     nii_gz = "nii.gz"
     seg_nrrd = "seg.nrrd"
     json = "json"
+    dcm = "dcm"
 
 
 class JobState(str, Enum):
@@ -55,6 +57,10 @@ class Readiness(BaseModel):
     scan_backend: str | None = Field(
         default=None, description="Selective-scan backend in use: cuda (mamba-ssm), cpu (numba) or torch.",
         examples=["cpu"])
+    scan_backend_warning: str | None = Field(
+        default=None, description="Why mamba-ssm's CUDA kernels are not used although wanted (auto on a GPU, "
+        "or mamba-ssm installed): the backend that runs instead and the reason; null when none.",
+        examples=[None])
     detail: str | None = Field(default=None, description="Why the service is not ready (load error).")
 
 
@@ -111,6 +117,33 @@ class VolumeSummary(BaseModel):
                     "training); empty when the input is plausible. File answers carry the count "
                     "in the `X-Input-Warnings` header.",
         examples=[[]])
+    es: VolumeSummary | None = Field(
+        default=None, description="The ES phase's summary when a second volume was uploaded in "
+                                  "`file_es` (this summary is then the ED phase's, `file`).")
+    clinical: ClinicalSummary | None = Field(
+        default=None, description="Clinical indices when two phases were uploaded together.")
+
+
+class ClinicalSummary(BaseModel):
+    """Clinical indices of a two-phase upload (``file`` = ED, ``file_es`` = ES), computed by
+    :mod:`uumamba.clinical` from the two masks' volumes."""
+
+    pairing: str = Field(description="How ED and ES were assigned.",
+                         examples=["as uploaded: 'file' = ED, 'file_es' = ES"])
+    indices: dict[str, float | None] = Field(
+        description="LV_/RV_ EDV_ml, ESV_ml, SV_ml (mL), EF_pct (%), MYO_mass_g (g, ED "
+                    "myocardium x 1.05 g/mL); null where undefined (see `undefined`).",
+        examples=[{"LV_EDV_ml": 148.4, "LV_ESV_ml": 42.0, "LV_SV_ml": 106.4,
+                   "LV_EF_pct": 71.7, "MYO_mass_g": 166.4}])
+    undefined: dict[str, str] = Field(default_factory=dict,
+                                      description="Index -> why it is null (e.g. empty ES cavity).",
+                                      examples=[{}])
+    warnings: list[str] = Field(default_factory=list,
+                                description="E.g. an ESV larger than the EDV (phases swapped?).",
+                                examples=[[]])
+
+
+VolumeSummary.model_rebuild()  # its `es` / `clinical` fields refer to models defined after it
 
 
 class JobCreated(BaseModel):

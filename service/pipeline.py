@@ -21,7 +21,7 @@ import numpy as np
 from uumamba.errors import DataError, UserError
 from uumamba.evaluation.metrics import voxel_volume_ml
 
-from .models import OutputFormat, VolumeSummary
+from .models import ClinicalSummary, OutputFormat, VolumeSummary
 
 #: ``report(stage, progress)``: called as the request moves through its stages.
 ProgressFn = Callable[[str, float], None]
@@ -30,7 +30,29 @@ MEDIA_TYPES: dict[OutputFormat, str] = {
     OutputFormat.nii_gz: "application/gzip",
     OutputFormat.seg_nrrd: "application/octet-stream",
     OutputFormat.json: "application/json",
+    OutputFormat.dcm: "application/dicom",
 }
+
+
+def dicom_volume(path: Path) -> Path:
+    """The volume to segment for an upload: ``path`` itself, or for a ``.zip`` of one DICOM
+    series its NIfTI copy in ``path``'s folder (made on first call by
+    :func:`uumamba.dicom.cases.materialize_upload`: archive caps, series refusals, messages
+    naming "uploaded archive").
+
+    Raises:
+        DataError / VolumeTooLarge: the archive or the series is refused.
+    """
+    if not path.name.lower().endswith(".zip"):
+        return path
+    work = path.parent / (path.name[:-4] + "_dicom")
+    volume = work / "series.nii"
+    if not volume.is_file():
+        from uumamba.dicom.cases import materialize_upload
+
+        work.mkdir(exist_ok=True)
+        materialize_upload(path, work)
+    return volume
 
 
 @dataclass
@@ -74,6 +96,7 @@ def check_volume(path: Path, target_spacing=None, limits=None) -> tuple[int, ...
     from uumamba.data.io import read_image
     from uumamba.data.untrusted import check_image_header
 
+    path = dicom_volume(path)  # a .zip of one DICOM series: its NIfTI copy
     check_image_header(path, target_spacing=target_spacing, limits=limits,
                        name="uploaded volume")
     try:
@@ -164,9 +187,35 @@ def predict(predictor: Any, path: Path, tta: bool | None, cancel: Any = None) ->
         raise type(exc)(_strip_path(str(exc), path)) from None
 
 
+def clinical_summary(ed: VolumeSummary, es: VolumeSummary, labels: dict[int, str]
+                     ) -> ClinicalSummary:
+    """Clinical indices of a two-phase upload from the two summaries' volumes
+    (:func:`uumamba.clinical.indices_from_volumes`; ``file`` = ED, ``file_es`` = ES).
+
+    Raises:
+        DataError: the model's labels have no LV cavity.
+    """
+    from uumamba.clinical import INDEX_FIELDS, PAIRING_TEXT, indices_from_volumes, label_roles
+
+    out = indices_from_volumes(ed.volumes_ml, es.volumes_ml, label_roles(labels))
+    warnings = list(out["warnings"])
+    # Two phases of one cine series share the grid; different grids mean two series (or two
+    # patients), whose indices would mean nothing.
+    if list(ed.shape) != list(es.shape) or any(
+            abs(a - b) > 1e-3 * max(abs(a), 1.0) for a, b in zip(ed.spacing_mm, es.spacing_mm, strict=False)):
+        warnings.append(f"ED and ES are on different grids (shape {list(ed.shape)} vs "
+                        f"{list(es.shape)}, spacing {list(ed.spacing_mm)} vs {list(es.spacing_mm)} "
+                        "mm): two phases of one cine series share the grid; another series or "
+                        "patient?")
+    return ClinicalSummary(pairing=PAIRING_TEXT["upload"],
+                           indices={k: out[k] for k in INDEX_FIELDS},
+                           undefined={k: v for k, v in out["undefined"].items() if k in INDEX_FIELDS},
+                           warnings=warnings)
+
+
 def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat, tta: bool | None,
                  labels: dict[int, str], tta_default: bool, report: ProgressFn | None = None,
-                 cancel: Any = None) -> SegmentationOutput:
+                 cancel: Any = None, es_upload: Path | None = None) -> SegmentationOutput:
     """Segment ``upload`` and write the answer in ``fmt`` into ``out_dir``.
 
     Args:
@@ -180,16 +229,40 @@ def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat,
         report: progress callback, ``report(stage, fraction)``.
         cancel: optional flag (``is_set() -> bool``) that stops the inference between window
             batches (:class:`uumamba.inference.sliding.InferenceCancelled`).
+        es_upload: a second volume (the ES phase; ``upload`` is then ED), already accepted by
+            :func:`check_volume`: its summary goes in ``summary.es`` and the clinical indices
+            in ``summary.clinical`` (``fmt`` must be ``json``).
 
     Raises:
-        UserError: the predictor refused the volume, or ``tta`` cannot be set per request.
+        UserError: the predictor refused a volume, ``tta`` cannot be set per request, or a
+            second phase was sent for a model whose labels have no LV / with a file format.
     """
     report = report or (lambda stage, progress: None)
+    upload = dicom_volume(upload)  # a .zip of one DICOM series: its NIfTI copy (and sidecar)
+    es_upload = dicom_volume(es_upload) if es_upload is not None else None
+    if fmt is OutputFormat.dcm:
+        from uumamba.dicom.cases import read_sidecar
+
+        if read_sidecar(upload) is None:
+            raise DataError("format=dcm answers a DICOM series: upload it as a .zip")
+    if es_upload is not None:
+        from uumamba.clinical import label_roles
+
+        if fmt is not OutputFormat.json:
+            raise DataError("a second phase ('file_es') is answered with clinical indices: "
+                            "use format=json")
+        label_roles(labels)  # refuse before any inference
     report("predicting", 0.1)
     prediction = predict(predictor, upload, tta, cancel)
+    summary = volume_summary(prediction, tta_default if tta is None else tta)
+    if es_upload is not None:
+        report("predicting", 0.5)
+        es_summary = volume_summary(predict(predictor, es_upload, tta, cancel),
+                                    tta_default if tta is None else tta)
+        summary = summary.model_copy(update={
+            "es": es_summary, "clinical": clinical_summary(summary, es_summary, labels)})
     report("writing", 0.9)
     mask = np.asarray(prediction.mask, dtype=np.uint8)
-    summary = volume_summary(prediction, tta_default if tta is None else tta)
     out_path: Path | None = None
     if fmt is OutputFormat.nii_gz:
         from uumamba.data.io import write_mask
@@ -201,5 +274,10 @@ def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat,
 
         out_path = out_dir / "mask.seg.nrrd"
         write_seg_nrrd(mask, upload, out_path, labels)
+    elif fmt is OutputFormat.dcm:
+        from uumamba.dicom.seg import write_seg_for_reference
+
+        out_path = out_dir / "mask.dcm"
+        write_seg_for_reference(mask, upload, out_path, labels)
     report("done", 1.0)
     return SegmentationOutput(format=fmt, path=out_path, summary=summary)

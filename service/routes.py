@@ -85,8 +85,15 @@ _UPLOAD_BODY = {
             "type": "object", "required": ["file"],
             "properties": {"file": {
                 "type": "string", "format": "binary",
-                "description": "One 3D volume: .nii, .nii.gz, .nrrd or .mha. The name only "
-                               "decides the format; it is never used as a path."}},
+                "description": "One 3D volume: .nii, .nii.gz, .nrrd or .mha, or a .zip of one "
+                               "DICOM series. The name only "
+                               "decides the format; it is never used as a path."},
+                "file_es": {
+                "type": "string", "format": "binary",
+                "description": "Optional: the end-systolic phase of the same patient (`file` "
+                               "is then end-diastolic); needs `format=json`, which then adds "
+                               "`es` and the clinical indices (`clinical`). Both files share "
+                               "the upload limit and are checked alike."}},
         }}},
     }
 }
@@ -99,8 +106,8 @@ _FILE_CONTENT = {
 }
 
 _FORMAT_QUERY = Query(OutputFormat.nii_gz, description="Output: `nii.gz` label map (default), "
-                      "`seg.nrrd` 3D Slicer segmentation, or `json` per-class voxel counts and "
-                      "volumes in mL.")
+                      "`seg.nrrd` 3D Slicer segmentation, `json` per-class voxel counts and "
+                      "volumes in mL, or `dcm` DICOM SEG (for a `.zip` of one DICOM series).")
 _TTA_QUERY = Query(None, description="Mirroring test-time augmentation; omit for the model "
                    "default (`tta_default` of `/v1/model`).")
 
@@ -138,7 +145,7 @@ async def segment(request: Request, format: OutputFormat = _FORMAT_QUERY,
     try:
         async with upload_admission(request, state):
             workdir = _work_folder(state)
-            upload = await _receive_checked(request, state, workdir)
+            upload = await _receive_checked(request, state, workdir, format)
         slot = admit(state)
         future = state.pool.submit(slot, _segment_sync, state, upload, workdir, format, tta, cancel)
         timeout_s = state.settings.request_timeout_s
@@ -176,7 +183,7 @@ async def submit_job(request: Request, response: Response, format: OutputFormat 
         except OSError:
             raise _no_work_folder() from None
         try:
-            upload = await _receive_checked(request, state, job.workdir)
+            upload = await _receive_checked(request, state, job.workdir, format)
         except BaseException:
             state.jobs.delete(job.id)
             raise
@@ -242,16 +249,28 @@ def _work_folder(state: ServiceState) -> Path:
         raise _no_work_folder() from None
 
 
-async def _receive_checked(request: Request, state: ServiceState, workdir: Path) -> ReceivedUpload:
+async def _receive_checked(request: Request, state: ServiceState, workdir: Path,
+                           fmt: OutputFormat | None = None) -> ReceivedUpload:
     """Stream the upload into ``workdir`` (deadline ``upload_timeout_s``) and check it is a
-    segmentable 3D volume, header first, under the decoding semaphore (408/413/415/422)."""
+    segmentable 3D volume, header first, under the decoding semaphore (408/413/415/422); a
+    second phase (``file_es``) is checked the same way."""
     settings = state.settings
     upload = await receive_upload(request, workdir, settings.max_upload_bytes,
                                   timeout_s=settings.upload_timeout_s)
+    if upload.es is not None:  # refused at submission, before any decoding or queueing
+        if fmt is not None and fmt is not OutputFormat.json:
+            raise ServiceError(422, "a second phase ('file_es') is answered with clinical "
+                                    "indices: use format=json")
+        from uumamba.clinical import label_roles
+
+        label_roles(state.info.labels)  # DataError (422) for a model without an LV label
     plans = getattr(state.predictor, "plans", None)
     target = getattr(plans, "target_spacing", None) or getattr(state.info, "target_spacing", None)
-    async with state.decode_gate:  # released on every path, cancellation included
-        await run_in_threadpool(check_volume, upload.path, target, settings.header_limits())
+    for received in (upload, upload.es):
+        if received is None:
+            continue
+        async with state.decode_gate:  # released on every path, cancellation included
+            await run_in_threadpool(check_volume, received.path, target, settings.header_limits())
     return upload
 
 
@@ -269,7 +288,8 @@ def _segment_sync(state: ServiceState, upload: ReceivedUpload, workdir: Path, fm
         raise InferenceCancelled(cancel.reason or "cancelled")
     cancel.start(state.settings.max_inference_s)
     return segment_file(state.predictor, upload.path, workdir, fmt, tta, state.info.labels,
-                        state.info.tta_default, cancel=cancel)
+                        state.info.tta_default, cancel=cancel,
+                        es_upload=upload.es.path if upload.es else None)
 
 
 def _run_job(state: ServiceState, job: Job, upload: ReceivedUpload) -> None:
@@ -282,8 +302,10 @@ def _run_job(state: ServiceState, job: Job, upload: ReceivedUpload) -> None:
         output = segment_file(state.predictor, upload.path, job.workdir, job.format, job.tta,
                               state.info.labels, state.info.tta_default,
                               report=lambda stage, progress: jobs.mark(job, stage, progress),
-                              cancel=job.cancel)
+                              cancel=job.cancel, es_upload=upload.es.path if upload.es else None)
         upload.path.unlink(missing_ok=True)
+        if upload.es is not None:
+            upload.es.path.unlink(missing_ok=True)
         jobs.finish(job, output, None)
         logger.info("job done", extra={"fields": {"job_id": job.id}})
     except InferenceCancelled:
@@ -309,9 +331,10 @@ def healthz() -> Health:
                    responses={503: {"model": Readiness, "description": "Model loading or failed to load."}})
 def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     """200 with the device and selective-scan backend once the model is loaded, else 503
-    (no key needed)."""
+    (no key needed); ``scan_backend_warning`` says why mamba-ssm's kernels are not in use
+    where they were wanted."""
     body = Readiness(status=state.status, device=state.device, scan_backend=state.scan_backend,
-                     detail=state.load_error)
+                     scan_backend_warning=state.scan_backend_warning, detail=state.load_error)
     if state.status == "ready":
         return JSONResponse(body.model_dump())
     return JSONResponse(body.model_dump(), status_code=503,

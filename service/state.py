@@ -38,8 +38,9 @@ class ServiceState:
         predictor, info: the loaded predictor and the ``/v1/model`` description (``None``
             until loaded).
         status: ``loading`` | ``ready`` | ``failed`` (``load_error`` says why).
-        device, scan_backend: what ``/readyz`` reports (``scan_backend`` is the predictor's
-            own ``scan_backend``).
+        device, scan_backend, scan_backend_warning: what ``/readyz`` reports (the predictor's
+            ``device``, ``scan_backend`` and ``scan_backend_warning``: why mamba-ssm's CUDA
+            kernels are not used where wanted).
         work_root: private temporary folder of this app (uploads, results), removed at
             shutdown. jobs: the job store. tasks: lifespan background tasks.
         work_lock: open lock file that marks ``work_root`` as in use (see lifespan).
@@ -56,6 +57,7 @@ class ServiceState:
     load_error: str | None = None
     device: str | None = None
     scan_backend: str | None = None
+    scan_backend_warning: str | None = None
     work_root: Path | None = None
     jobs: JobStore | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)

@@ -1,7 +1,9 @@
 """Receive one uploaded volume: stream a multipart body to a temporary file under a size limit.
 
 The body is ``multipart/form-data`` (RFC 7578) with the volume in the field ``file``, what
-``curl -F file=@case.nii.gz`` and ``requests``/``httpx`` ``files=`` send.
+``curl -F file=@case.nii.gz`` and ``requests``/``httpx`` ``files=`` send; optionally a second
+phase of the same patient in ``file_es`` (``file`` is then ED), for the clinical indices. Both
+files together are held to the one size limit, and each is checked like the first.
 
 The body is parsed while it arrives (``python-multipart``'s streaming parser), so an oversize
 upload is refused after at most ``max_bytes`` have been written to disk and nothing is held in
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,13 +32,16 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-#: Extensions accepted for upload, longest first so ``.nii.gz`` wins over ``.gz``.
-IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nrrd", ".nii", ".mha")
+#: Extensions accepted for upload, longest first so ``.nii.gz`` wins over ``.gz``; ``.zip``
+#: holds one DICOM series (unpacked by :func:`uumamba.dicom.cases.materialize_upload`).
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nrrd", ".nii", ".mha", ".zip")
 
 #: Allowance for the multipart envelope (boundaries, part headers) on top of the file limit.
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 _FIELD_LIMIT_BYTES = 4096
+#: Multipart fields that carry a volume: the (ED) phase and an optional ES phase.
+_FILE_FIELDS = ("file", "file_es")
 _MAX_PARTS = 16
 
 
@@ -59,12 +64,14 @@ class ReceivedUpload:
         size_bytes: bytes of the file part.
         stem: the client's file stem reduced to ``[A-Za-z0-9._-]`` (for download names only;
             never a path), ``"volume"`` when nothing is left.
+        es: the second volume (field ``file_es``, the ES phase) when one was sent.
     """
 
     path: Path
     suffix: str
     size_bytes: int
     stem: str
+    es: ReceivedUpload | None = None
 
 
 def image_suffix(filename: str) -> str:
@@ -100,6 +107,9 @@ class _FormSink:
         self.dest_dir = dest_dir
         self.max_bytes = max_bytes
         self.upload: ReceivedUpload | None = None
+        self.upload_es: ReceivedUpload | None = None
+        self._field = ""
+        self._total = 0
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._suffix = ""
@@ -144,18 +154,21 @@ class _FormSink:
     def _on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("latin-1")
-        if name != "file":
+        if name not in _FILE_FIELDS:
             if b"filename" in options:
-                raise UploadRejected(422, f"file part is named {safe_stem(name)!r}; send the volume in the field 'file'")
+                raise UploadRejected(422, f"file part is named {safe_stem(name)!r}; send the volume in the field 'file' (and a second phase in 'file_es')")
             return  # an ordinary form field; its value is ignored
-        if self._path is not None:
-            raise UploadRejected(422, "multipart body has more than one 'file' part; upload one volume")
+        if (self.upload if name == "file" else self.upload_es) is not None or self._field == name:
+            raise UploadRejected(422, f"multipart body has more than one {name!r} part; upload one volume per field")
         if b"filename" not in options:
-            raise UploadRejected(422, "multipart part 'file' has no filename; send it as a file upload")
+            raise UploadRejected(422, f"multipart part {name!r} has no filename; send it as a file upload")
         client_name = options[b"filename"].decode("utf-8", errors="replace")
+        self._field = name
         self._suffix = image_suffix(client_name)
         self._stem = safe_stem(client_name)
-        self._path = self.dest_dir / f"upload{self._suffix}"
+        self._size = 0
+        self._path = self.dest_dir / (f"upload{self._suffix}" if name == "file"
+                                      else f"upload_es{self._suffix}")
         self._file = open(self._path, "wb")  # closed in _on_part_end / close()
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -166,7 +179,8 @@ class _FormSink:
                 raise UploadRejected(422, f"a form field is longer than {_FIELD_LIMIT_BYTES} bytes")
             return
         self._size += n
-        if self._size > self.max_bytes:
+        self._total += n  # both files together are held to the one limit
+        if self._total > self.max_bytes:
             raise UploadRejected(413, f"upload is larger than the limit of {_mib(self.max_bytes)}")
         self._file.write(data[start:end])
 
@@ -174,7 +188,12 @@ class _FormSink:
         if self._file is not None:
             self._file.close()
             self._file = None
-            self.upload = ReceivedUpload(self._path, self._suffix, self._size, self._stem)
+            received = ReceivedUpload(self._path, self._suffix, self._size, self._stem)
+            if self._field == "file":
+                self.upload = received
+            else:
+                self.upload_es = received
+            self._field = ""
 
     def close(self) -> None:
         """Close a half-written file (the caller removes the folder)."""
@@ -261,6 +280,11 @@ async def receive_upload(request: Request, dest_dir: Path, max_bytes: int,
     if sink.upload.size_bytes == 0:
         raise UploadRejected(422, "uploaded file is empty")
     sniff_format(sink.upload.path, sink.upload.suffix)
+    if sink.upload_es is not None:
+        if sink.upload_es.size_bytes == 0:
+            raise UploadRejected(422, "uploaded file 'file_es' is empty")
+        sniff_format(sink.upload_es.path, sink.upload_es.suffix)
+        return replace(sink.upload, es=sink.upload_es)
     return sink.upload
 
 
@@ -300,6 +324,9 @@ def sniff_format(path: Path, suffix: str) -> None:
     elif suffix == ".mha":
         if b"NDims" not in head or b"ElementDataFile" not in head:
             raise UploadRejected(415, "file named .mha has no MetaImage header (NDims, ElementDataFile)")
+    elif suffix == ".zip":
+        if not head.startswith(b"PK\x03\x04"):
+            raise UploadRejected(415, "file named .zip is not a zip archive (no local file header)")
 
 
 def _is_nifti(header: bytes) -> bool:

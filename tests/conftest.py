@@ -26,7 +26,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def acdc_dir() -> Path:
     """Path of the real ACDC folder; skips the test when it is not there."""
     if not ACDC_DIR.is_dir() or not any(ACDC_DIR.glob("patient*")):
-        pytest.skip(f"real ACDC data not found at {ACDC_DIR} (see shared/data/README.md)")
+        pytest.skip(f"real ACDC data not found at {ACDC_DIR}: set UUMAMBA_ACDC_DIR to a folder of "
+                    "ACDC patientXXX folders (README, 'The ACDC data')")
     return ACDC_DIR
 
 
@@ -38,3 +39,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cuda_kernels() -> None:
+    """For ``gpu`` tests of mamba-ssm's kernels: skip without a CUDA device or without an
+    installed mamba-ssm; *fail* (with the probe's reason) when mamba-ssm is installed but its
+    kernels do not import or run (issue 19: an unusable build must not pass as a skip)."""
+    from uumamba.nn.ops.selective_scan import cuda_backend_status, mamba_ssm_installed
+
+    if not torch.cuda.is_available() or not mamba_ssm_installed():
+        pytest.skip("needs a CUDA device and mamba-ssm (pip install 'uumamba[gpu]')")
+    reason = cuda_backend_status("cuda")
+    assert reason is None, f"mamba-ssm is installed but unusable: {reason}"

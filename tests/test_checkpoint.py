@@ -1,8 +1,12 @@
-"""Checkpoint files: atomic writes, complete keys, clear errors, RNG round trip."""
+"""Checkpoint files: atomic and durable writes, the previous checkpoint kept, complete keys,
+clear errors, stale temporary files, RNG round trip."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from uumamba.engine.checkpoint import (
     save_checkpoint,
 )
 from uumamba.errors import DataError
+from uumamba.utils import remove_stale_temporaries
 
 
 def _state(weight: float = 1.0) -> dict:
@@ -98,3 +103,43 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     again = (random.random(), np.random.rand(), torch.rand(2))  # noqa: NPY002
     assert again[0] == expected[0] and again[1] == expected[1]
     assert torch.equal(again[2], expected[2])
+
+
+def test_save_keeps_the_replaced_latest_as_previous_durably(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    latest, previous = tmp_path / "checkpoint_latest.pt", tmp_path / "checkpoint_previous.pt"
+    first, second = _state(1.0), _state(2.0)
+    save_checkpoint(latest, first, previous=previous)
+    assert not previous.exists()
+    save_checkpoint(latest, second, previous=previous)
+    assert torch.equal(load_checkpoint(latest)["model"]["weight"], second["model"]["weight"])
+    assert torch.equal(load_checkpoint(previous)["model"]["weight"], first["model"]["weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [latest.name, previous.name]
+    # the file before its rename, the folder after it: twice each
+    assert synced.count(str(tmp_path)) == 2
+    assert sum(".checkpoint_latest.tmp-" in s for s in synced) == 2
+
+
+def test_empty_file_is_refused_clearly(tmp_path):
+    (tmp_path / "c.pt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty file"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    names = [f".checkpoint_latest.tmp-{dead_pid}.pt", f".config.tmp-{dead_pid}.yaml",
+             f".checkpoint_latest.tmp-{os.getpid()}.pt",  # this process: still writing
+             f".checkpoint_best.tmp-{os.getppid()}.pt",  # a live process
+             "checkpoint_latest.pt", "notes.tmp-1.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(names[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert remove_stale_temporaries(tmp_path / "missing") == []

@@ -53,12 +53,17 @@ def test_write_synthetic_dataset_layouts(tmp_path):
         write_synthetic_dataset(tmp_path / "x", layout="msd")
 
 
-def test_demo_cli_end_to_end(tmp_path):
+def test_demo_cli_end_to_end_cut_short(tmp_path):
+    """A cap far below the 600 iterations: the demo still runs end to end, and says that the
+    cap cut training short and what Dice to expect."""
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--minutes", "0.3", "--cases", "4", "--device", "cpu",
+    result = CliRunner().invoke(app, ["demo", "--minutes", "0.1", "--cases", "4", "--device", "cpu",
                                       "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "Held-out synthetic cases" in result.output
+    output = " ".join(result.output.split())
+    assert "training was cut short by the --minutes 0.1 cap" in output
+    assert "iterations (trained" in output and "on cpu)" in output and "on auto" not in output
     assert (out / "model" / "fold_all" / "checkpoint_latest.pt").is_file()
     for name in ("config.yaml", "plans.json", "dataset.json"):
         assert (out / "model" / name).is_file()
@@ -76,3 +81,19 @@ def test_demo_cli_end_to_end(tmp_path):
     again = CliRunner().invoke(app, ["demo", "--minutes", "0.3", "--output", str(out)])
     assert again.exit_code != 0
     assert "already holds a trained model" in str(again.exception) + again.output
+
+
+def test_demo_default_settings_reach_every_class_floor():
+    """The demo exactly as ``uumamba demo`` runs it (600 iterations, 8 training cases, seed 0):
+    every class reaches the promised Dice on the held-out cases. This test takes the demo's
+    time (about 2 minutes on 2 cores)."""
+    from uumamba.demo import DEFAULT_MAX_MINUTES, EXPECTED_MIN_DICE, ITERATIONS, run_demo
+
+    result = run_demo(device="cpu")
+    assert result["iterations"] == ITERATIONS and not result["cut_short"], (
+        f"the {DEFAULT_MAX_MINUTES} min cap stopped the demo after {result['iterations']} "
+        "iterations: this machine is too slow for the test to mean anything")
+    dice = {m["name"]: m["Dice"] for m in result["mean"].values()}
+    assert set(dice) == {"RV", "MYO", "LV"}
+    assert all(d >= EXPECTED_MIN_DICE for d in dice.values()), dice
+    assert result["device"] == "cpu"

@@ -8,6 +8,7 @@ CLI's ``serve`` options, the service's health route. hadolint lints it where ins
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import typer.main
@@ -186,8 +188,67 @@ def test_gencode_patch_removes_hard_coded_architectures():
 def test_runtime_installs_the_package_with_the_gpu_extra():
     assert "gpu" in PYPROJECT["project"]["optional-dependencies"]
     assert re.search(r'pip install [^\n]*"/opt/uumamba\[gpu\]"', RUNTIME.runs())
-    assert "import torch, selective_scan_cuda, causal_conv1d_cuda" in RUNTIME.runs()
     assert any("--from=build /wheels" in text for text in RUNTIME.all("COPY"))
+
+
+def _build_checks() -> list[str]:
+    """The ``python -c`` programs the runtime stage runs after installing the package."""
+    return [shlex.split(c.strip())[2] for run in RUNTIME.all("RUN") for c in run.split(" && ")
+            if c.strip().startswith("python -c ")]
+
+
+def test_build_check_imports_mamba_ssm_itself_and_probes_a_gpu_when_present():
+    """Importing only the extensions passed with mamba-ssm 2.2.x beside transformers 5 (issue
+    19): the check must import the mamba_ssm package and run the kernel probe on a GPU."""
+    checks = _build_checks()
+    assert len(checks) == 2
+    imports = set(re.search(r"^import ([\w, ]+);", checks[0]).group(1).replace(" ", "").split(","))
+    assert {"selective_scan_cuda", "causal_conv1d_cuda", "mamba_ssm", "causal_conv1d"} <= imports
+    probe = checks[1]
+    assert "probe_cuda_kernels(0) if gpu else None" in probe
+    assert "sys.exit(1 if gpu and (r.reason or not r.causal_conv1d) else 0)" in probe
+    for check in checks:
+        compile(check, "build-check", "exec")
+    selective_scan = importlib.import_module("uumamba.nn.ops.selective_scan")
+
+    assert callable(selective_scan.probe_cuda_kernels)
+    assert {"reason", "causal_conv1d"} <= set(selective_scan.KernelProbe.__dataclass_fields__)
+
+
+def test_build_check_exits_0_without_a_gpu_and_1_when_the_probe_fails(monkeypatch):
+    probe = _build_checks()[1]
+    calls = []
+    fakes = {
+        "no GPU": (False, None, 0),
+        "working kernels": (True, SimpleNamespace(reason=None, causal_conv1d=True), 0),
+        "import fails": (True, SimpleNamespace(reason="mamba-ssm 2.2.6.post3 is installed but "
+                                               "'import mamba_ssm' fails", causal_conv1d=False), 1),
+        "no causal-conv1d": (True, SimpleNamespace(reason=None, causal_conv1d=False), 1),
+    }
+    selective_scan = importlib.import_module("uumamba.nn.ops.selective_scan")
+
+    for name, (gpu, result, status) in fakes.items():
+        monkeypatch.setattr("torch.cuda.is_available", lambda gpu=gpu: gpu)
+        monkeypatch.setattr("torch.cuda.get_device_name", lambda index=0: "NVIDIA H200")
+        monkeypatch.setattr(selective_scan, "probe_cuda_kernels",
+                            lambda index, result=result: calls.append(index) or result)
+        with pytest.raises(SystemExit) as exit_:
+            exec(probe, {})
+        assert exit_.value.code == status, name
+    assert calls == [0, 0, 0]
+
+
+def test_gpu_extra_floors_admit_only_working_combinations():
+    """Floors from issue 19: mamba-ssm >= 2.3 (transformers 5), < 2.3.2 (tilelang deps);
+    causal-conv1d >= 1.5.1 (cpp_functions, needed by mamba-ssm >= 2.2.5)."""
+    extra = _gpu_extra()
+    mamba, conv = extra["mamba-ssm"].specifier, extra["causal-conv1d"].specifier
+    assert not mamba.contains("2.2.6.post3") and mamba.contains("2.3.0") and mamba.contains("2.3.1")
+    assert not mamba.contains("2.3.2.post1")
+    assert not conv.contains("1.5.0.post8") and conv.contains("1.5.1") and conv.contains("1.5.3.post1")
+    torch_req = next(Requirement(r) for r in PYPROJECT["project"]["dependencies"]
+                     if canonicalize_name(Requirement(r).name) == "torch")
+    assert not torch_req.specifier.contains("2.3.1")  # causal-conv1d's custom_op needs >= 2.4
 
 
 def test_runtime_user_port_volume_and_environment():

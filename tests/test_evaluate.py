@@ -184,3 +184,38 @@ def test_cli_refuses_an_output_that_is_a_file_before_scoring(folders, tmp_path, 
     with pytest.raises(UserError, match="exists and is not a folder"):
         evaluate_from_cli(pred_dir, gt_dir, target, Config())
     assert scored == [] and target.read_text() == "keep me"
+
+
+def test_labels_from_the_predictions_volumes_json(folders, tmp_path):
+    """Without --config or a dataset.json, the names come from the CASE_volumes.json files
+    that ``uumamba predict`` writes beside the masks; files that disagree or are not in that
+    shape give no names (a prediction folder is not trusted)."""
+    pred_dir, gt_dir = folders
+    volumes = {"labels": {"RV": {"value": 1, "voxels": 3, "volume_ml": 0.1},
+                          "MYO": {"value": 2, "voxels": 5, "volume_ml": 0.2}}}
+    (pred_dir / "c1_volumes.json").write_text(json.dumps(volumes))
+    (pred_dir / "c2_volumes.json").write_text(json.dumps(volumes))
+    (pred_dir / "c3_volumes.json").write_text("not json")  # ignored
+    out = tmp_path / "eval"
+    evaluate_from_cli(pred_dir, gt_dir, out, Config())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == {"0": "background", "1": "RV", "2": "MYO"}
+    # Two files that disagree: no names from the predictions (values only).
+    (pred_dir / "c2_volumes.json").write_text(json.dumps({"labels": {"LV": {"value": 1}}}))
+    evaluate_from_cli(pred_dir, gt_dir, out, Config())
+    assert json.loads((out / "summary.json").read_text())["labels"]["1"] != "RV"
+
+
+def test_seg_nrrd_predictions_are_scored(tmp_path):
+    """``predict --format seg.nrrd`` output is evaluated like a plain mask (perfect here)."""
+    from uumamba.export.slicer import write_seg_nrrd
+
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    label = _plate(value=1) + _plate(x0=2, z=2, value=2)
+    _save(label, gt_dir / "c1.nii.gz")
+    write_seg_nrrd(label, gt_dir / "c1.nii.gz", pred_dir / "c1.seg.nrrd", {1: "A", 2: "B"})
+    summary = evaluate_folders(pred_dir, gt_dir, {0: "background", 1: "A", 2: "B"})
+    assert summary["n_cases"] == 1
+    assert summary["mean"]["1"]["Dice"] == 1.0 and summary["mean"]["2"]["Dice"] == 1.0

@@ -7,7 +7,6 @@ sign of A, conv cropping, gate) fail even when every scan backend agrees with th
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -196,11 +195,7 @@ def test_spatial_mamba_runs_in_float32_under_autocast():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("mamba_ssm") is None,
-    reason="needs a CUDA device and mamba-ssm",
-)
-def test_state_dict_round_trip_with_mamba_ssm():
+def test_state_dict_round_trip_with_mamba_ssm(cuda_kernels):
     from mamba_ssm import Mamba as MambaSSM
 
     torch.manual_seed(8)

@@ -206,9 +206,11 @@ def test_entropy_and_volumes_json(tmp_path):
     info = json.loads((out / "v_volumes.json").read_text())
     n = int(_expected(image).sum())
     assert info["labels"]["blob"]["voxels"] == n
-    assert info["labels"]["blob"]["volume_ml"] == pytest.approx(n * 1.2 * 1.3 * 3.0 / 1000)
+    # Volumes are reported to 0.01 mL, without the float noise of n * voxel volume.
+    assert info["labels"]["blob"]["volume_ml"] == round(n * 1.2 * 1.3 * 3.0 / 1000, 2)
     assert info["voxel_volume_ml"] == pytest.approx(1.2 * 1.3 * 3.0 / 1000)
-    assert pred.volumes_ml["blob"] == pytest.approx(n * 1.2 * 1.3 * 3.0 / 1000)
+    assert pred.volumes_ml["blob"] == round(n * 1.2 * 1.3 * 3.0 / 1000, 2)
+    assert '"volume_ml": ' + repr(round(n * 1.2 * 1.3 * 3.0 / 1000, 2)) in (out / "v_volumes.json").read_text()
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,9 +299,14 @@ def test_cli_single_file_seg_nrrd_and_probabilities(model_dir, tmp_path):
     seg, header = nrrd.read(str(out / "one.seg.nrrd"))
     assert seg.shape == (20, 18, 4)
     assert header["Segment0_Name"] == "RV"
-    probs = nib.load(str(out / "one_probabilities.nii.gz"))
-    assert probs.shape == (20, 18, 4, 4)
-    np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-4)
+    # Float maps beside a seg.nrrd are plain NRRD too (not NIfTI), on the same grid.
+    assert not (out / "one_probabilities.nii.gz").exists()
+    probs, probs_header = nrrd.read(str(out / "one_probabilities.nrrd"))
+    channel_axis = [i for i, k in enumerate(probs_header["kinds"]) if k == "vector"]
+    assert len(channel_axis) == 1 and probs.shape[channel_axis[0]] == 4
+    np.testing.assert_allclose(probs.sum(channel_axis[0]), 1.0, atol=1e-4)
+    assert np.moveaxis(probs, channel_axis[0], -1).shape == (20, 18, 4, 4)
+    np.testing.assert_allclose(probs_header["space origin"], header["space origin"], atol=1e-4)
     with pytest.raises(UserError, match="--format"):
         predict_from_cli(model_dir, path, out, out_format="png", device="cpu")
 

@@ -283,14 +283,9 @@ def test_wrong_shapes_name_the_argument():
         selective_scan(**dict(inputs, A=inputs["A"][:3]), backend="torch")
 
 
-def _mamba_ssm_available():
-    return torch.cuda.is_available() and scan_mod._mamba_ssm_import_error() is None
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _mamba_ssm_available(), reason="needs a CUDA GPU and mamba-ssm")
 @pytest.mark.parametrize("options", ["plain", "all"])
-def test_parity_with_mamba_ssm(options):
+def test_parity_with_mamba_ssm(options, cuda_kernels):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     inputs = make_inputs(1000, batch=2, d_inner=16, d_state=16, **OPTION_SETS[options])

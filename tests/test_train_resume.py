@@ -17,7 +17,7 @@ from uumamba.data.synthetic import write_synthetic_dataset
 from uumamba.engine.callbacks import Callback
 from uumamba.engine.checkpoint import BEST, LATEST, load_checkpoint
 from uumamba.engine.train import PatchBatchSampler, SeededPatchDataset, run_fold
-from uumamba.errors import UserError
+from uumamba.errors import ConfigError, UserError
 
 SETTINGS = ["train.epochs=2", "train.iterations_per_epoch=2", "train.val_every=1",
             "train.time_limit_minutes=null", "inference.sw_batch_size=16"]
@@ -67,7 +67,7 @@ def _comparable_history(history):
     return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in history]
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, capsys):
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
     cfg = tiny_config()
     straight = run_fold(cfg, data_dir, tmp_path / "straight", fold="0", device="cpu",
                         progress=False)
@@ -85,12 +85,17 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, capsys
     assert (second.reason, second.iteration) == ("signal", 2)
     assert load_checkpoint(out / "fold_0" / LATEST)["pending_epoch_end"] is True
 
-    # a changed trajectory setting is reported and ignored: the checkpoint's config rules
-    capsys.readouterr()
-    third = run_fold(tiny_config("optim.lr=0.5"), data_dir, out, fold="0", resume=True,
-                     device="cpu", progress=False)
-    assert "ignoring changed optim.lr" in capsys.readouterr().out.replace("\n", "")
+    # a changed trajectory setting is refused, naming the key and both values
+    with pytest.raises(ConfigError, match=r"optim\.lr \(0\.01 -> 0\.5\)") as err:
+        run_fold(tiny_config("optim.lr=0.5", "train.epochs=3"), data_dir, out, fold="0",
+                 resume=True, device="cpu", progress=False)
+    assert "train.epochs (2 -> 3)" in str(err.value)
+    # settings that may change on resume are taken (trajectory unchanged)
+    third = run_fold(tiny_config("train.checkpoint_every_minutes=7", "train.val_every=1"),
+                     data_dir, out, fold="0", resume=True, device="cpu", progress=False)
     assert third.finished and third.reason == "completed" and third.iteration == 4
+    assert load_checkpoint(out / "fold_0" / LATEST)["config"]["train"][
+        "checkpoint_every_minutes"] == 7
 
     a = load_checkpoint(tmp_path / "straight" / "fold_0" / LATEST)
     b = load_checkpoint(out / "fold_0" / LATEST)
@@ -107,9 +112,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, capsys
     lines = (out / "fold_0" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # no duplicated epochs after two resumes
 
-    # resuming a finished run reports it and trains nothing
-    again = run_fold(cfg, data_dir, out, fold="0", resume=True, device="cpu", progress=False)
+    # resuming a finished run reports it and trains nothing; changed settings are refused
+    again = run_fold(tiny_config("train.checkpoint_every_minutes=7"), data_dir, out,
+                     fold="0", resume=True, device="cpu", progress=False)
     assert again.reason == "already_finished" and again.iteration == 4
+    with pytest.raises(ConfigError, match=r"already finished.*train\.time_limit_minutes"):
+        run_fold(tiny_config("train.checkpoint_every_minutes=7", "train.time_limit_minutes=5"),
+                 data_dir, out, fold="0", resume=True, device="cpu", progress=False)
     _assert_same_tensors(load_checkpoint(out / "fold_0" / LATEST)["model"], b["model"], "model")
 
     # the CLI says so and exits 0; without --resume it refuses to overwrite
@@ -117,9 +126,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, capsys
     base = ["train", "--data", str(data_dir), "--output", str(out), "--config",
             str(TINY_YAML), "--fold", "0", "--device", "cpu"]
     sets = [x for s in SETTINGS for x in ("--set", s)]
-    res = runner.invoke(app, [*base, *sets, "--resume"])
+    res = runner.invoke(app, [*base, *sets, "--set", "train.checkpoint_every_minutes=7",
+                              "--resume"])
     assert res.exit_code == 0, res.output
     assert "already finished" in res.output
+    # without --config, --resume reads the run's config.yaml (the first session's settings)
+    res = runner.invoke(app, [*base[:-6], *base[-4:], "--resume"])
+    assert res.exit_code == 0 and "already finished" in res.output, res.output
     with pytest.raises(UserError, match="--resume"):
         run_fold(cfg, data_dir, out, fold="0", device="cpu", progress=False)
 

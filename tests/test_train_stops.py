@@ -37,14 +37,16 @@ def data_dir(tmp_path_factory):
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(data_dir, tmp_path):
+    """An asynchronous SIGTERM to the process group at an arbitrary moment (as a cluster
+    sends it); tests/test_train_faults.py stops at chosen iterations and resumes."""
     out = tmp_path / "model"
-    sets = [*BASE, "train.epochs=1", "train.iterations_per_epoch=2000"]
+    sets = [*BASE, "train.epochs=1", "train.iterations_per_epoch=2000", "train.num_workers=2"]
     cmd = [sys.executable, "-m", "uumamba.cli", "train", "--data", str(data_dir), "--output",
            str(out), "--config", str(REPO / "configs/tiny.yaml"), "--fold", "all",
            "--device", "cpu", *[x for s in sets for x in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
+                            env=env, cwd=tmp_path, start_new_session=True)
     try:
         events = out / "fold_all" / "tensorboard"
         deadline = time.monotonic() + 240
@@ -52,7 +54,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(data_dir, tmp_path):
             time.sleep(0.5)  # the TensorBoard folder appears when the loop starts
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(2.0)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, DataLoader workers included
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -62,6 +64,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(data_dir, tmp_path):
     ckpt = load_checkpoint(out / "fold_all" / LATEST)
     assert ckpt["finished"] is False and 1 <= ckpt["iteration"] < 2000
     assert ckpt["metric_history"] == [] and len(ckpt["epoch_state"]["losses"]) == ckpt["iteration"]
+    assert not [p.name for p in (out / "fold_all").iterdir() if ".tmp-" in p.name]
 
 
 def test_time_limit_validates_saves_and_marks_finished(data_dir, tmp_path):

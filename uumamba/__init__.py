@@ -18,4 +18,14 @@ import os as _os
 # user setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import logging as _logging  # noqa: E402
+import warnings as _warnings  # noqa: E402
+
+# MONAI (1.5) warns twice on every import of monai.data when pydicom is installed but NVIDIA's
+# nvImageCodec GPU decoder is not (every CPU machine): a UserWarning and a log record of its
+# pydicom-plugin module. uumamba reads DICOM with pydicom's own decoders, so both only add
+# noise to every command's output; nothing else of MONAI's is silenced.
+_warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+_logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERROR)
+
 __version__ = "0.1.0"

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from uumamba.errors import ConfigError
 from uumamba.utils import atomic_path
@@ -89,7 +96,11 @@ class ModelConfig(_Section):
         deep_supervision: return one output per decoder level in training mode.
         d_state, d_conv, expand: Mamba state size, causal-conv width and expansion factor.
         scan_backend: ``auto`` | ``cuda`` | ``cpu`` | ``torch`` (env ``UUMAMBA_SCAN_BACKEND``
-            overrides ``auto``).
+            overrides ``auto``). ``cuda`` (mamba-ssm's kernels) needs ``d_state <= 256`` and
+            ``2 <= d_conv <= 4``: outside them it is a configuration error here; with ``auto``
+            the same limits are checked when the network is built on a GPU (the device is
+            not known here). ``cuda`` that cannot run on the device is an error, never a
+            fallback.
     """
 
     name: Literal["umamba_bot", "umamba_enc", "unet"] = "umamba_bot"
@@ -104,6 +115,20 @@ class ModelConfig(_Section):
     d_conv: int = Field(4, ge=1)
     expand: int = Field(2, ge=1)
     scan_backend: Literal["auto", "cuda", "cpu", "torch"] = "auto"
+
+    @field_validator("scan_backend")
+    @classmethod
+    def _cuda_kernel_limits(cls, v: str, info: ValidationInfo) -> str:
+        # d_state and d_conv are declared above, so they are validated (and in info.data) here.
+        if v == "cuda":
+            from uumamba.nn.ops.selective_scan import cuda_kernel_limit_errors
+
+            errors = cuda_kernel_limit_errors(info.data.get("d_state"), info.data.get("d_conv"))
+            if errors:
+                raise ValueError("'cuda' runs mamba-ssm's kernels, which refuse this model: "
+                                 + "; ".join(f"model.{e}" for e in errors)
+                                 + " (use model.scan_backend torch for these settings)")
+        return v
 
 
 class LossConfig(_Section):
@@ -170,12 +195,17 @@ class TrainConfig(_Section):
 
     Attributes:
         epochs / iterations_per_epoch: length of the run.
-        time_limit_minutes: stop (and save) after this wall time; ``None`` = no limit.
+        time_limit_minutes: total wall-time budget of the run in minutes, summed over
+            ``--resume`` sessions (kept in the checkpoint); when spent, the run validates,
+            saves and ends as finished. ``None`` = no limit.
         schedule_by_time: with a time limit, the poly learning-rate decay advances by the
             larger of the iteration fraction and the elapsed fraction of the time budget, so
             the rate anneals within the budget (not reproducible step for step; off by
             default).
         val_every: validate every N epochs (and at the end).
+        checkpoint_every_minutes: also save ``checkpoint_latest.pt`` when this many minutes
+            of training passed since the last save (besides every epoch's end); bounds what
+            a SIGKILL or power loss can lose. ``None``: only at epoch ends.
         n_folds / seed: patient-grouped k-fold split.
         foreground_oversample: fraction of patches centred on a random foreground class.
         cache: ``memory`` | ``disk`` | ``none`` caching of preprocessed cases.
@@ -191,6 +221,7 @@ class TrainConfig(_Section):
     time_limit_minutes: float | None = Field(None, gt=0)
     schedule_by_time: bool = False
     val_every: int = Field(5, ge=1)
+    checkpoint_every_minutes: float | None = Field(5.0, gt=0)
     n_folds: int = Field(5, ge=2)
     seed: int = 12345
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)

@@ -38,3 +38,16 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
         except RuntimeError:
             pass
     raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """True when ``device`` is a GPU with bf16 tensor cores (compute capability 8.0 or newer:
+    Ampere, Ada, Hopper, Blackwell), the rule by which training and inference pick bf16 over
+    fp16. ``torch.cuda.is_bf16_supported()`` is not this: it also counts bf16 that torch
+    emulates on older GPUs (V100 7.0, T4 7.5), slowly and without kernels for some 3D
+    convolutions. False for every non-CUDA device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8

@@ -1,36 +1,140 @@
-"""Small shared helpers: atomic file writes, output-folder checks, strict JSON values,
-plain tensors out of MONAI MetaTensors."""
+"""Small shared helpers: atomic (optionally durable) file writes and their stale temporary
+files, output-folder checks, strict JSON values, plain tensors out of MONAI MetaTensors."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from uumamba.errors import UserError
 
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(\.[^/]*)?$")
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    The temporary name keeps the file's suffixes (``.tmp-<pid>.nii.gz`` style) so writers that
-    infer the format from the extension still work. On an exception the temporary file is
-    removed and ``path`` is left untouched, so no half-written output or checkpoint remains.
-    """
-    path = Path(path)
+def _temporary_name(path: Path, pid: int) -> Path:
+    """``DIR/.STEM.tmp-<pid>SUFFIXES`` beside ``path`` (the name :func:`atomic_path` writes)."""
     suffix = "".join(path.suffixes)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+    return path.with_name(f".{stem}.tmp-{pid}{suffix}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def _keep_as_previous(path: Path, previous: Path) -> None:
+    """Make the current ``path`` (if any) ``previous`` without a moment where ``path`` is
+    missing: a hard link renamed onto ``previous``; a plain rename where links are not
+    supported (then ``path`` is missing until the caller's rename)."""
+    if not path.is_file():
+        return
+    link = _temporary_name(previous, os.getpid())
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        link.unlink(missing_ok=True)
+        os.replace(path, previous)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, durable: bool = False,
+                previous: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The temporary name keeps the file's suffixes (``.NAME.tmp-<pid>.nii.gz`` style) so writers
+    that infer the format from the extension still work. On an exception the temporary file is
+    removed and ``path`` is left untouched, so no half-written output or checkpoint remains.
+    A process killed while writing (SIGKILL, power loss) leaves its temporary file behind:
+    :func:`remove_stale_temporaries` deletes those of processes no longer alive.
+
+    Args:
+        path: the destination.
+        durable: ``fsync`` the written file before the rename and the folder after it, so
+            that after a power loss ``path`` is the old or the new file, complete (without it
+            the rename may reach the disk before the data, leaving an empty file).
+        previous: where the file at ``path`` goes before it is replaced (e.g.
+            ``checkpoint_previous.pt``); ``path`` never disappears when the file system
+            supports hard links. None: the old file is simply replaced.
+
+    Raises:
+        OSError: from writing, syncing or renaming (the temporary file is removed).
+    """
+    path = Path(path)
+    tmp = _temporary_name(path, os.getpid())
     try:
         yield tmp
+        if durable:
+            _fsync_file(tmp)
+        if previous is not None:
+            _keep_as_previous(path, Path(previous))
         os.replace(tmp, path)
+        if durable:
+            _fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` (not below it) when
+    their writer was killed: names ``.NAME.tmp-<pid>...`` whose pid is not a live process.
+
+    Files of live processes (including this one) are kept. Only meaningful where every writer
+    into ``folder`` runs on this machine (a fold folder: only its run writes there).
+
+    Returns:
+        The removed paths (empty when ``folder`` does not exist).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        m = _TEMPORARY.match(p.name)
+        if m is None or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def check_output_folder(path: str | Path, flag: str = "--output") -> None:

@@ -1,5 +1,5 @@
 """The ``uumamba`` command line: demo, check-data, train, predict, evaluate, serve,
-export-slicer — the one place that prints.
+export-slicer, export-dicom, pacs — the one place that prints.
 
 This module parses flags (typer) and hands each command to its module in this package
 (``train``, ``predict``, ``evaluate``, ``check``, ``export``, ``demo``; imported lazily, so
@@ -53,11 +53,12 @@ def _require(path: Path, flag: str, folder: bool) -> None:
 @app.command("demo")
 def demo(
     output: Annotated[Path | None, typer.Option(help="keep the synthetic dataset in OUTPUT/data and the model in OUTPUT/model")] = None,
-    minutes: Annotated[float, typer.Option(help="training time budget in minutes")] = 2.0,
+    minutes: Annotated[float, typer.Option(help="wall-time cap on training in minutes (training "
+                                               "normally ends after 600 iterations, well before)")] = 10.0,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     cases: Annotated[int, typer.Option(help="number of synthetic cases to write")] = 8,
 ) -> None:
-    """Write a synthetic cardiac-MRI-like dataset, train briefly, predict, evaluate, print Dice."""
+    """Write a synthetic cardiac-MRI-like dataset, train 600 iterations, predict, evaluate, print Dice."""
     from uumamba.commands.demo import demo_from_cli
 
     demo_from_cli(output=output, minutes=minutes, device=device, n_cases=cases)
@@ -92,6 +93,8 @@ def train(
     from uumamba.config import load_config
 
     _require(data, "--data", folder=True)
+    if resume and config is None and (output / "config.yaml").is_file():
+        config = output / "config.yaml"  # --resume without --config: the run's own settings
     cfg = load_config(config, set_ or [])
     from uumamba.commands.train import train_from_cli
 
@@ -101,15 +104,18 @@ def train(
 @app.command("predict")
 def predict(
     model: Annotated[Path, typer.Option(help="trained model folder")],
-    input: Annotated[Path, typer.Option(help="image file or folder of images")],
+    input: Annotated[Path, typer.Option(help="image file, folder of images, or DICOM (folder of series / .zip)")],
     output: Annotated[Path, typer.Option(help="output folder")],
     folds: Annotated[str | None, typer.Option(help="comma-separated folds, default: all present")] = None,
     tta: Annotated[bool, typer.Option(help="mirroring test-time augmentation")] = False,
-    format: Annotated[str | None, typer.Option(help="nii.gz | nrrd | mha | seg.nrrd (default: input's)")] = None,
+    format: Annotated[str | None, typer.Option(help="nii.gz | nrrd | mha | seg.nrrd | dcm (DICOM SEG; DICOM input) (default: input's)")] = None,
     probabilities: Annotated[bool, typer.Option(help="also write softmax probabilities")] = False,
     uncertainty: Annotated[bool, typer.Option(help="also write per-voxel predictive entropy")] = False,
     split_4d: Annotated[bool, typer.Option(help="split 4D inputs into frames")] = False,
+    frame: Annotated[int | None, typer.Option(help="temporal position (0-based) of 4D DICOM series to segment")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases for clinical.csv (default: ACDC names + Info.cfg)")] = None,
+    report: Annotated[bool, typer.Option("--report", help="also write PATIENT_report.html (mid slices, indices, reference ranges) per patient")] = False,
 ) -> None:
     """Segment images with a trained model; masks keep the input's geometry."""
     _require(model, "--model", folder=True)
@@ -119,7 +125,7 @@ def predict(
     predict_from_cli(
         model_dir=model, input_path=input, output_dir=output, folds=folds, tta=tta,
         out_format=format, probabilities=probabilities, uncertainty=uncertainty,
-        split_4d=split_4d, device=device,
+        split_4d=split_4d, device=device, pairs=pairs, report=report, frame=frame,
     )
 
 
@@ -130,6 +136,8 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(help="where to write summary.json / metrics.csv (default: PRED)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (labels, NSD tolerance)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE")] = None,
+    clinical: Annotated[bool, typer.Option("--clinical", help="also compare EDV, ESV, EF and myocardial mass per patient (r, bias, limits of agreement, Bland-Altman plot)")] = False,
+    pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases (default: ACDC names + Info.cfg)")] = None,
 ) -> None:
     """Dice, HD95 (mm), NSD and volumes per case and class; summary.json + metrics.csv."""
     from uumamba.config import load_config
@@ -139,7 +147,8 @@ def evaluate(
     cfg = load_config(config, set_ or [])
     from uumamba.commands.evaluate import evaluate_from_cli
 
-    evaluate_from_cli(pred_dir=pred, gt_dir=gt, output_dir=output, cfg=cfg)
+    evaluate_from_cli(pred_dir=pred, gt_dir=gt, output_dir=output, cfg=cfg, clinical=clinical,
+                      pairs=pairs)
 
 
 @app.command("serve")
@@ -173,6 +182,42 @@ def export_slicer(
     from uumamba.commands.export import export_from_cli
 
     export_from_cli(mask=mask, reference=reference, output=output, labels=labels)
+
+
+@app.command("export-dicom")
+def export_dicom(
+    mask: Annotated[Path, typer.Option(help="label map (NIfTI / NRRD / MHA) on the series' grid")],
+    reference_series: Annotated[Path, typer.Option(help="folder of the DICOM series the mask belongs to")],
+    output: Annotated[Path, typer.Option(help="OUT.dcm")],
+    labels: Annotated[str | None, typer.Option(help="'1=RV,2=MYO,3=LV' or a model folder / dataset.json")] = None,
+) -> None:
+    """Write a DICOM Segmentation (SEG) referencing the source series, frame by frame."""
+    from uumamba.commands.export import export_dicom_from_cli
+
+    _require(mask, "--mask", folder=False)
+    _require(reference_series, "--reference-series", folder=True)
+    export_dicom_from_cli(mask=mask, reference_series=reference_series, output=output, labels=labels)
+
+
+@app.command("pacs")
+def pacs(
+    url: Annotated[str, typer.Option(help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")],
+    study: Annotated[str, typer.Option(help="StudyInstanceUID")],
+    model: Annotated[Path, typer.Option(help="trained model folder")],
+    output: Annotated[Path, typer.Option(help="folder for the masks and SEG files kept locally")],
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID (default: every image series of the study)")] = None,
+    user: Annotated[str | None, typer.Option(envvar="UUMAMBA_PACS_USER", help="HTTP basic user")] = None,
+    password: Annotated[str | None, typer.Option(envvar="UUMAMBA_PACS_PASSWORD", help="HTTP basic password")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds per HTTP request")] = 60.0,
+    frame: Annotated[int | None, typer.Option(help="temporal position of 4D series")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+) -> None:
+    """Retrieve a series from a PACS (WADO-RS), segment it, store the DICOM SEG back (STOW-RS)."""
+    _require(model, "--model", folder=True)
+    from uumamba.commands.pacs import pacs_from_cli
+
+    pacs_from_cli(url=url, study=study, series=series, model_dir=model, output_dir=output,
+                  user=user, password=password, timeout=timeout, frame=frame, device=device)
 
 
 def main() -> None:

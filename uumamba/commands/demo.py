@@ -24,6 +24,15 @@ def demo_from_cli(output: Path | None, minutes: float, device: str, n_cases: int
     console.rule("uumamba demo")
     result = run_demo(output=output, minutes=minutes, device=device, n_cases=n_cases)
     print_summary(result, title="Held-out synthetic cases")
+    floor = result["expected_min_dice"]
+    low = [f"{m['name']} {m['Dice']:.3f}" for m in result["mean"].values()
+           if m["Dice"] is not None and m["Dice"] < floor]
+    console.print(f"expected: Dice >= {floor} for every class after {result['planned_iterations']} "
+                  f"iterations (trained {result['iterations']} on {result['device']})"
+                  + (f"; below it: {', '.join(low)}" if low else "; every class reached it"))
+    if result["cut_short"]:
+        console.print(f"[yellow]training was cut short by the --minutes {minutes:g} cap; rerun with "
+                      "a larger --minutes for the full result[/yellow]")
     if output is not None:
         root = Path(result["root"])
         console.print(f"kept: data {root / 'data'}, model {root / 'model'}, predictions and "

@@ -30,8 +30,13 @@ def train_from_cli(cfg: Config, data_dir: Path, output_dir: Path, fold: str, res
                    device: str) -> None:
     """Run :func:`uumamba.engine.loop.run_fold` with the progress bar.
 
+    With ``--resume`` and no ``--config`` the CLI reads ``OUTPUT/config.yaml`` (the run's own
+    settings) before the ``--set`` overrides; a setting that differs from the checkpoint's in
+    a key that may not change on resume is refused (see :mod:`uumamba.engine.resume`).
+
     Raises:
-        UserError: propagated to the CLI (one line, exit status 1).
+        UserError: propagated to the CLI (one line, exit status 1); ConfigError for settings
+            that differ from the resumed run's.
         SystemExit: 130 after SIGINT, 143 after SIGTERM (checkpoint saved).
     """
     check_output_dir(data_dir, output_dir)

@@ -12,7 +12,10 @@ errors
     dataset's own metadata, ``ignore_label`` included); NaN / Inf voxels; 4D images (unless
     ``dataset.split_4d``); 2D images (training and prediction read 3D volumes, for 2D models
     too; single-slice volumes are an error for 3D models); voxel sizes that are zero or
-    negative (NIfTI ``pixdim``, NRRD / MHA spacing); no labels declared at all.
+    negative (NIfTI ``pixdim``, NRRD / MHA spacing); no labels declared at all; DICOM series
+    folders refused by the series rules (:func:`uumamba.data.io.read_dicom_folder`: mixed
+    orientations, uneven, duplicated or missing slices, 4D, non-image or compressed objects
+    without a decoder, several series in one folder), one error naming the folder and the rule.
 warnings
     empty label maps (background only); 4D images that will be split into frames.
 """
@@ -220,8 +223,11 @@ def _check_label(out: _Collector, path: Path, label: np.ndarray, declared: set[i
 
 def _read(path: Path) -> tuple[np.ndarray, Geometry]:
     """The header-first guard (:func:`uumamba.data.untrusted.check_image_header`: detached data
-    files only inside the header's folder, size and spacing caps), then :func:`read_image`."""
-    check_image_header(path, allow_detached=True, allow_4d=True, require_3d=False)
+    files only inside the header's folder, size and spacing caps), then :func:`read_image`.
+    A DICOM series folder gets the same caps from its slice headers, before any pixel is
+    decoded (:func:`uumamba.data.io.read_dicom_folder`)."""
+    if not path.is_dir():
+        check_image_header(path, allow_detached=True, allow_4d=True, require_3d=False)
     return read_image(path)
 
 

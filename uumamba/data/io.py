@@ -9,6 +9,11 @@ format: for NIfTI the RAS affine nibabel reports (sform when its code is set, el
 converted by negating the first two world axes. NIfTI is read with nibabel (the reader MONAI's
 ``NibabelReader`` uses, so geometry and transforms agree); NRRD and MetaImage with SimpleITK.
 
+A *folder* is read as one DICOM series (:func:`read_dicom_folder`, through
+:mod:`uumamba.data.dicom_series`, loaded on first use): the grid is the one ``predict`` gives a
+DICOM input (x = columns, y = rows, z = increasing position along the slice normal, origin =
+the first slice's ImagePositionPatient), so a NIfTI label drawn on that series overlays it.
+
 Writers take an array in a reference image's voxel grid and give it the reference's geometry:
 NIfTI by copying the reference's header (qform and sform, codes included), NRRD / MHA by
 setting the reference's origin, spacing and direction (what ``CopyInformation`` copies). Files
@@ -18,87 +23,25 @@ to the reference's geometry before they replace ``out_path``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from uumamba.data.geometry import Geometry, as_floats
 from uumamba.data.layouts import split_suffix
 from uumamba.errors import DataError
 from uumamba.utils import atomic_path
+
+if TYPE_CHECKING:  # uumamba.dicom imports this module; pydicom loads on first DICOM read
+    from uumamba.data.dicom_series import DicomLimits, SeriesGeometry
 
 #: Output formats accepted by the writers, with their file endings.
 FORMATS: dict[str, str] = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}
 _FORMAT_OF_SUFFIX = {".nii.gz": "nii.gz", ".nii": "nii", ".nrrd": "nrrd", ".nhdr": "nrrd",
                      ".mha": "mha", ".mhd": "mha"}
-_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Voxel grid of an image in LPS world coordinates (ITK convention).
-
-    Attributes:
-        shape: array shape in ``(x, y, z[, t or c])`` order (2D images: ``(x, y)``).
-        spacing: voxel size in mm along x, y, z (3 values; 1.0 for a missing third axis).
-        origin: world position (mm, LPS) of the centre of voxel (0, 0, 0).
-        direction: 3x3 matrix whose columns are the LPS directions of the x, y, z axes.
-    """
-
-    shape: tuple[int, ...]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[tuple[float, float, float], ...]
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        """The first (up to three) axes of ``shape``: the spatial grid."""
-        return self.shape[:3]
-
-    def affine_lps(self) -> np.ndarray:
-        """4x4 voxel-index -> LPS-mm matrix (float64)."""
-        affine = np.eye(4)
-        affine[:3, :3] = np.asarray(self.direction) * np.asarray(self.spacing)[None, :]
-        affine[:3, 3] = self.origin
-        return affine
-
-    def affine_ras(self) -> np.ndarray:
-        """4x4 voxel-index -> RAS-mm matrix (float64), as nibabel / MONAI use it."""
-        return _LPS_FROM_RAS @ self.affine_lps()
-
-    @classmethod
-    def from_affine_ras(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
-        """Geometry from a 4x4 RAS affine (nibabel convention) and an array shape."""
-        lps = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
-        spacing = np.linalg.norm(lps[:3, :3], axis=0)
-        spacing = np.where(spacing > 0, spacing, 1.0)
-        direction = lps[:3, :3] / spacing[None, :]
-        return cls(tuple(int(s) for s in shape), _tuple(spacing), _tuple(lps[:3, 3]),
-                   tuple(_tuple(row) for row in direction))
-
-    def mismatch(self, other: Geometry, rtol: float = 1e-5, atol: float = 1e-5) -> list[str]:
-        """Names of the fields (``shape``, ``spacing``, ``origin``, ``direction``) that differ.
-
-        Spacing and origin compare with ``np.allclose(rtol, atol)`` (mm); direction with
-        ``atol`` only (unitless); shape compares the spatial axes exactly.
-        """
-        out = []
-        if self.spatial_shape != other.spatial_shape:
-            out.append("shape")
-        if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=atol):
-            out.append("spacing")
-        origin_tol = atol + rtol * max(1.0, float(np.max(np.abs(self.origin))))
-        if not np.allclose(self.origin, other.origin, rtol=0, atol=origin_tol):
-            out.append("origin")
-        if not np.allclose(self.direction, other.direction, rtol=0, atol=max(atol, rtol)):
-            out.append("direction")
-        return out
-
-
-def _tuple(values) -> tuple[float, ...]:
-    return tuple(float(v) for v in values)
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -130,8 +73,8 @@ def _sitk_geometry(spacing, origin, direction, shape) -> Geometry:
     sp[:k] = spacing[:k]
     org = np.zeros(3)
     org[:k] = origin[:k]
-    return Geometry(tuple(int(s) for s in shape), _tuple(sp), _tuple(org),
-                    tuple(_tuple(row) for row in d3))
+    return Geometry(tuple(int(s) for s in shape), as_floats(sp), as_floats(org),
+                    tuple(as_floats(row) for row in d3))
 
 
 def _sitk_xyz_shape(size: tuple[int, ...], components: int) -> tuple[int, ...]:
@@ -204,14 +147,18 @@ def _sitk_reader(path: Path) -> sitk.ImageFileReader:
 
 
 def read_geometry(path: str | Path) -> Geometry:
-    """Read only the header of an image and return its :class:`Geometry`.
+    """Read only the header of an image (or the headers of a DICOM series folder, no pixel
+    decoded) and return its :class:`Geometry`.
 
     Raises:
         DataError: the file is missing, its header cannot be read, or its voxel size along a
             spatial axis is zero, negative or not a number (NIfTI ``pixdim``, NRRD / MHA
-            spacing); the message names the file (and the axis).
+            spacing); the message names the file (and the axis). For a folder: the series
+            refusals of :func:`read_dicom_folder`.
     """
     path = Path(path)
+    if path.is_dir():
+        return read_dicom_folder(path, decode=False)[1].geometry
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     if not is_nifti(path):
@@ -230,19 +177,24 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a whole image (fully decompressed) and its geometry.
 
     Args:
-        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` file.
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` file, or a
+            folder holding one DICOM series (:func:`read_dicom_folder`).
 
     Returns:
         ``(array, geometry)``: array indexed ``(x, y, z[, t|c])``; dtype as stored on disk,
         or floating point when a NIfTI ``scl_slope`` / ``scl_inter`` applies (so a scaled
-        label map can read back as 0.999 — the integrity check reports that).
+        label map can read back as 0.999 — the integrity check reports that). A DICOM series
+        gives ``(x, y, z)`` rescaled values (int16, int32 or float32).
 
     Raises:
         DataError: the file is missing, unreadable, or truncated, or its voxel size along a
             spatial axis is zero, negative or not a number (as :func:`read_geometry`); the
-            message names the file (and the axis).
+            message names the file (and the axis). For a folder: as :func:`read_dicom_folder`.
     """
     path = Path(path)
+    if path.is_dir():
+        array, plan = read_dicom_folder(path, decode=True)
+        return array, plan.geometry
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     if not is_nifti(path):
@@ -268,6 +220,60 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     except Exception as exc:  # EOFError / zlib.error for truncated files
         raise _unreadable(path, exc) from None
     return array, Geometry.from_affine_ras(img.affine, array.shape)
+
+
+def read_dicom_folder(path: str | Path, decode: bool = True, limits: DicomLimits | None = None
+                      ) -> tuple[np.ndarray | None, SeriesGeometry]:
+    """Read a folder holding exactly one DICOM image series (searched recursively).
+
+    Args:
+        path: the folder.
+        decode: decode the pixels (``False``: headers only, the array is ``None``).
+        limits: :class:`uumamba.data.dicom_series.DicomLimits` (default caps: 20,000 files, 8 GiB,
+            the :class:`~uumamba.data.untrusted.HeaderLimits` voxel / byte / spacing caps,
+            checked from the headers before any pixel is decoded).
+
+    Returns:
+        ``(array, plan)``: array ``(x, y, z)`` of rescaled values (int16 / int32 / float32,
+        see :func:`uumamba.data.dicom_series.read_series_volume`) or ``None``, and the
+        :class:`uumamba.data.dicom_series.SeriesGeometry` whose ``geometry`` is the grid (LPS, mm).
+
+    Raises:
+        DataError: ``"{path}: DICOM series: {rule}"`` for every refusal of
+            :func:`uumamba.data.dicom_series.series_geometry` (mixed orientations, uneven,
+            duplicated or missing slices, tilt, multi-frame, non-image or colour objects,
+            undecodable transfer syntax) and for a 4D series (several temporal positions:
+            one 3D series per folder is needed); no DICOM file, non-image objects only, or
+            more than one series in the folder; an undecodable slice.
+            :class:`~uumamba.data.untrusted.VolumeTooLarge` (a DataError) for the size caps.
+    """
+    from uumamba.data.dicom_series import (
+        Series4D,
+        discover_series,
+        read_series_volume,
+        series_geometry,
+    )
+    from uumamba.data.untrusted import VolumeTooLarge
+
+    path = Path(path)
+    found = discover_series(path, limits)
+    if len(found) != 1:
+        names = ", ".join(s.case for s in found)
+        raise DataError(f"{path}: holds {len(found)} DICOM image series ({names}); a case "
+                        "folder must hold exactly one series")
+    (series,) = found
+    series.where = str(path)
+    prefix = f"{series.label}: "
+    try:
+        plan = series_geometry(series, frame=None, limits=limits)
+        array = read_series_volume(plan, series.label) if decode else None
+    except Series4D as exc:
+        raise DataError(f"{path}: DICOM series: 4D series with {exc.n_frames} temporal "
+                        "positions (cine); a case folder must hold one 3D series") from None
+    except DataError as exc:
+        kind = VolumeTooLarge if isinstance(exc, VolumeTooLarge) else DataError
+        raise kind(f"{path}: DICOM series: {str(exc).removeprefix(prefix)}") from None
+    return array, plan
 
 
 def _unreadable(path: Path, exc: Exception) -> DataError:

@@ -3,7 +3,8 @@
 Supported layouts, tried in this order by ``discover(root, layout="auto")``:
 
 1. ``nnunet`` — nnU-Net v2 raw: ``dataset.json`` with ``channel_names`` / ``file_ending``,
-   ``imagesTr/CASE_0000.ext`` (one file per channel), ``labelsTr/CASE.ext``, ``imagesTs/``.
+   ``imagesTr/CASE_0000.ext`` (one file per channel; or a folder ``imagesTr/CASE_0000/``
+   holding one DICOM series), ``labelsTr/CASE.ext``, ``imagesTs/``.
 2. ``msd`` — Medical Segmentation Decathlon: ``dataset.json`` with a ``training`` list of
    ``{"image", "label"}`` pairs (paths relative to the folder) and an optional ``test`` list.
 3. ``acdc`` — ACDC as downloaded: ``patientXXX/patientXXX_frameNN.nii.gz`` with
@@ -14,7 +15,10 @@ Supported layouts, tried in this order by ``discover(root, layout="auto")``:
 5. ``aortaseg24`` — AortaSeg24: ``subjectNNN_CTA.mha`` + ``subjectNNN_label.mha`` (any
    sub-folder).
 6. ``folder`` — ``images/`` + ``labels/`` with matching file stems (``.nii``, ``.nii.gz``,
-   ``.nrrd``, ``.mha``); images without a label become test images.
+   ``.nrrd``, ``.mha``); images without a label become test images. A sub-folder
+   ``images/NAME/`` holding DICOM files is the image of case ``NAME`` (one series, read by
+   :func:`uumamba.data.io.read_dicom_folder`; label ``labels/NAME.nii.gz``); whether it holds
+   exactly one valid series is checked when it is read (``check-data``), not here.
 
 Outside ACDC the group of a case is its id (one case per patient). Label maps and modality
 come from ``dataset.json`` where there is one, or from what the challenge defines (ACDC,
@@ -135,6 +139,35 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
+#: Files looked at per folder when deciding whether a folder holds DICOM (as ``predict`` does).
+_DICOM_PROBE_FILES = 50
+
+
+def holds_dicom(folder: Path) -> bool:
+    """True when ``folder`` (searched recursively, symbolic links not followed) holds a DICOM
+    Part 10 file among the first 50 files (sorted by name) of one of its folders."""
+    import os
+
+    from uumamba.data.dicom_series import is_part10  # uumamba.dicom imports uumamba.data.io
+
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files)[:_DICOM_PROBE_FILES]:
+            path = Path(parent) / name
+            if not path.is_symlink() and is_part10(path):
+                return True
+    return False
+
+
+def _dicom_folders(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` (hidden ones skipped) that hold DICOM files, sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+                  and holds_dicom(p))
+
+
 def _modality_from_names(names: list[str]) -> str:
     """nnU-Net convention: channels named ``CT`` get CT normalisation, all others z-score."""
     return "CT" if names and all(n.strip().upper() in ("CT", "CTA") for n in names) else "MRI"
@@ -159,13 +192,22 @@ def _discover_nnunet(root: Path) -> DatasetIndex:
     ending = meta.get("file_ending", ".nii.gz")
     labels = labels_from_mapping(meta["labels"], meta_path) if meta.get("labels") else None
 
+    def channel_path(folder: Path, case_id: str, c: int) -> Path:
+        file = folder / f"{case_id}_{c:04d}{ending}"
+        series = folder / f"{case_id}_{c:04d}"
+        return series if not file.is_file() and series.is_dir() else file
+
     def collect(folder: Path, labelled: bool) -> list[Case]:
         pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
-        ids = sorted({m.group(1) for p in folder.glob(f"*{ending}") if (m := pattern.match(p.name))})
+        ids = {m.group(1) for p in folder.glob(f"*{ending}") if (m := pattern.match(p.name))}
+        series_pattern = re.compile(r"^(.*)_(\d{4})$")  # CASE_0000/ holding a DICOM series
+        entries = folder.iterdir() if folder.is_dir() else ()
+        ids |= {m.group(1) for p in entries if p.is_dir() and not p.is_symlink()
+                and (m := series_pattern.match(p.name)) and holds_dicom(p)}
         cases = []
-        for case_id in ids:
-            images = [folder / f"{case_id}_{c:04d}{ending}" for c in channel_keys]
-            missing = [p for p in images if not p.is_file()]
+        for case_id in sorted(ids):
+            images = [channel_path(folder, case_id, c) for c in channel_keys]
+            missing = [p for p in images if not p.exists()]
             if missing:
                 raise DataError(f"{missing[0]}: channel file missing for case '{case_id}' "
                                 f"({len(channel_keys)} channels declared in {meta_path})")
@@ -309,12 +351,19 @@ def _discover_aortaseg24(root: Path) -> DatasetIndex:
 
 
 def _is_folder(root: Path) -> bool:
-    return bool(_image_files(root / "images")) and (root / "labels").is_dir()
+    if not (root / "labels").is_dir():
+        return False
+    return bool(_image_files(root / "images") or _dicom_folders(root / "images"))
 
 
 def _discover_folder(root: Path) -> DatasetIndex:
     labels = {split_suffix(p)[0]: p for p in _image_files(root / "labels")}
     images = {split_suffix(p)[0]: p for p in _image_files(root / "images")}
+    for folder in _dicom_folders(root / "images"):
+        if folder.name in images:
+            raise DataError(f"{folder}: duplicate case id '{folder.name}' in {root} (also "
+                            f"{images[folder.name].name})")
+        images[folder.name] = folder
     orphans = [(labels[s], f"label without a matching image in {root / 'images'}")
                for s in sorted(set(labels) - set(images))]
     cases = [Case(s, s, [p], labels[s]) for s, p in sorted(images.items()) if s in labels]

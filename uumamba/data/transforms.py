@@ -5,7 +5,7 @@ Keys: ``image`` (list of paths, one per channel -> ``(C, *spatial)`` float32) an
 
 Shared preprocessing (deterministic, so ``CacheDataset`` / ``PersistentDataset`` cache it):
 ``LoadImaged`` (NibabelReader for NIfTI, :class:`~uumamba.data.readers.SimpleITKReader` for
-NRRD / MHA) -> ``EnsureChannelFirstd`` -> the plan's reorientation
+NRRD / MHA, :class:`~uumamba.data.readers.DicomSeriesReader` for DICOM series folders) -> ``EnsureChannelFirstd`` -> the plan's reorientation
 (:func:`uumamba.data.orientation.reorientation_transform`: the image's own voxel axes with the
 thickest last, or ``Orientationd("RAS")`` for older plans) -> ``Spacingd``
 (``plans.target_spacing`` along those axes, direction kept; images bilinear, labels nearest) -> [``CropForegroundd`` to the
@@ -70,7 +70,7 @@ from uumamba.config import AugmentationConfig, TrainConfig
 from uumamba.data.dataset import case_to_item, make_dataset
 from uumamba.data.orientation import reorientation_transform
 from uumamba.data.plan import ChannelNormalization, Plans
-from uumamba.data.readers import SimpleITKReader
+from uumamba.data.readers import DicomSeriesReader, SimpleITKReader
 from uumamba.utils import plain_tensor
 
 ANISOTROPY_RATIO = 3.0
@@ -274,7 +274,8 @@ def _enlarged(plans: Plans, aug: AugmentationConfig) -> list[int]:
 
 def _reader_transform(keys: list[str]) -> LoadImaged:
     # LoadImage tries readers in reverse order and picks the first whose suffix matches.
-    return LoadImaged(keys, reader=[NibabelReader(), SimpleITKReader()], image_only=True)
+    return LoadImaged(keys, reader=[NibabelReader(), SimpleITKReader(), DicomSeriesReader()],
+                      image_only=True)
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:

@@ -295,6 +295,10 @@ def _nifti_gz(path: Path, label: str, limits: HeaderLimits) -> HeaderInfo:
     """Parse the header from the first inflated bytes, then inflate the rest in bounded chunks
     (nothing kept) and refuse more than vox_offset + declared bytes, or a truncated stream."""
     with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":  # gzip's magic number (RFC 1952): a renamed file
+            raise DataError(f"{label}: named .nii.gz but not gzip-compressed (not a NIfTI "
+                            "file, or a .nii renamed)")
+        f.seek(0)
         inflater = _Inflater(f, label)
         head = inflater.read(540)
         header, magic, info = _nifti_checked(head, label, limits, ".nii.gz")

@@ -1,8 +1,9 @@
 """What a training checkpoint holds beyond the weights: the global RNG states.
 
-The checkpoint *file* (names ``checkpoint_latest.pt`` / ``checkpoint_best.pt``, required keys,
-atomic save, safe load) belongs to the model folder, :mod:`uumamba.model_folder.checkpoints`;
-its names are re-exported here for the engine's callers.
+The checkpoint *file* (names ``checkpoint_latest.pt`` / ``checkpoint_previous.pt`` /
+``checkpoint_best.pt``, required keys, atomic and durable save, safe load) belongs to the
+model folder, :mod:`uumamba.model_folder.checkpoints`; its names are re-exported here for the
+engine's callers.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from uumamba.model_folder.checkpoints import (
     BEST,
     CHECKPOINT_KEYS,
     LATEST,
+    PREVIOUS,
     load_checkpoint,
     save_checkpoint,
 )
 
-__all__ = ["BEST", "CHECKPOINT_KEYS", "LATEST", "capture_rng_state", "load_checkpoint",
+__all__ = ["BEST", "CHECKPOINT_KEYS", "LATEST", "PREVIOUS", "capture_rng_state", "load_checkpoint",
            "restore_rng_state", "save_checkpoint"]
 
 

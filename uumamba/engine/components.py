@@ -13,22 +13,35 @@ import torch
 
 from uumamba.config import Config
 from uumamba.data.plan import Plans
+from uumamba.device import native_bf16
 from uumamba.errors import ConfigError
 from uumamba.losses import build_loss
-from uumamba.nn import build_network
+from uumamba.nn import build_network, network_scan_backend
 from uumamba.optim import PolyLRScheduler, build_optimizer
 
 
 def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
     """Autocast dtype and GradScaler for ``train.amp`` on ``device``.
 
-    CPU: always float32 (None, None). CUDA: ``auto`` -> bf16 when the GPU supports it (no
-    scaler), else fp16 with :class:`torch.amp.GradScaler`; ``bf16`` / ``fp16`` force one;
-    ``off`` -> float32.
+    CPU: always float32 (None, None). CUDA: ``auto`` -> bf16 (no scaler) on GPUs of compute
+    capability 8.0 or newer (:func:`uumamba.device.native_bf16`: bf16 tensor cores), else
+    fp16 with :class:`torch.amp.GradScaler` (Volta 7.0, Turing 7.5, Pascal 6.x); not
+    ``torch.cuda.is_bf16_supported()``, which counts emulated bf16.
+    ``fp16`` forces fp16 + scaler; ``bf16`` forces bf16; ``off`` -> float32.
+
+    Raises:
+        ConfigError: ``train.amp=bf16`` on a GPU of compute capability below 8.0 (naming the
+            GPU and its capability).
     """
     if device.type != "cuda" or amp == "off":
         return None, None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    bf16_cores = native_bf16(device)
+    if amp == "bf16" and not bf16_cores:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"train.amp=bf16: {device} has compute capability {major}.{minor}, "
+                          "without bf16 tensor cores (bf16 needs 8.0 or newer); use "
+                          "train.amp=auto or fp16 (with a GradScaler)")
+    if amp == "bf16" or (amp == "auto" and bf16_cores):
         return torch.bfloat16, None
     return torch.float16, torch.amp.GradScaler("cuda")
 
@@ -95,10 +108,22 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
     """Build network, loss (``n_outputs`` = deep-supervision outputs), optimizer (σ in their
     own group), poly schedule and AMP settings, all on ``device``.
 
+    The network's selective-scan backend is resolved on ``device`` before anything else
+    (:func:`uumamba.nn.network_scan_backend`): a fallback from mamba-ssm's kernels is logged
+    with its reason.
+
     Raises:
-        ConfigError: invalid optimizer / loss / schedule settings (naming the key).
+        ConfigError: invalid optimizer / loss / schedule settings (naming the key);
+            ``model.scan_backend=cuda`` that cannot run on ``device``, or ``d_state`` /
+            ``d_conv`` outside the CUDA kernels' limits where they may run; ``train.amp=bf16``
+            on a GPU older than compute capability 8.0.
     """
     model = build_network(cfg.model, plans).to(device)
+    try:  # probe the scan backend now (logs a fallback warning), not at the first batch
+        network_scan_backend([model], device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model.scan_backend={cfg.model.scan_backend!r} on {device}: "
+                          f"{exc}") from None
     n_outputs = model.n_deep_supervision_outputs if cfg.model.deep_supervision else 1
     loss_fn = build_loss(cfg.loss, plans.num_classes, cfg.dataset.ignore_label, n_outputs)
     loss_fn = loss_fn.to(device)

@@ -19,8 +19,12 @@ Flow of :func:`train_fold`
        GradScaler, float32 on CPU);
     4. every ``val_every`` epochs and at the end: full-volume sliding-window validation on the
        held-out fold (Dice per class and mean); fold ``all`` has no validation;
-    5. ``checkpoint_latest.pt`` after every epoch, ``checkpoint_best.pt`` when the mean Dice
-       improves.
+    5. ``checkpoint_latest.pt`` at every epoch's end — *before* that epoch's validation when
+       one is due, and again after it — and every ``train.checkpoint_every_minutes`` within
+       an epoch; ``checkpoint_best.pt`` when the mean Dice improves. Each save keeps the
+       replaced latest as ``checkpoint_previous.pt`` (written durably, see
+       :mod:`uumamba.model_folder.checkpoints`). Temporary files left by a killed process
+       are removed at the start.
 
 Reproducibility and exact resume
     Every training patch is a pure function of ``(train.seed, rank, iteration, position in
@@ -40,12 +44,21 @@ Resume semantics (``--resume``)
     The checkpoint's configuration defines the run; see :mod:`uumamba.engine.resume`.
 
 Stopping
-    SIGINT / SIGTERM set a flag: the current iteration finishes, ``checkpoint_latest.pt`` is
-    saved (``finished`` False) and the CLI exits with 128 + signal number (130 for SIGINT,
-    143 for SIGTERM), the shell convention; a second SIGINT aborts at once.
-    ``train.time_limit_minutes`` (wall time since :func:`train_fold` was called) ends the run
-    cleanly: the iteration finishes, validation runs, the checkpoint is saved with
-    ``finished`` True, exit status 0. More than ``train.max_nonfinite_steps`` consecutive
+    SIGINT / SIGTERM (to the process or its whole group: DataLoader workers ignore them) set a
+    flag: the current iteration finishes, ``checkpoint_latest.pt`` is saved (``finished``
+    False) and the CLI exits with 128 + signal number (130 for SIGINT, 143 for SIGTERM), the
+    shell convention. A signal during validation abandons it at the next sliding-window batch
+    (the checkpoint saved just before it carries ``pending_end``, and a resume validates
+    first). A second SIGINT aborts at once, except during a save, which it lets finish. What a
+    stop loses: a signal, nothing but the current iteration's wait and the save (and a
+    validation in progress, which is redone); a SIGKILL or power loss, the iterations since
+    the last save, at most ``train.checkpoint_every_minutes`` or one epoch (whichever is
+    shorter) plus the save's own duration.
+    ``train.time_limit_minutes`` is the run's total budget: the wall time of every session
+    since :func:`run_fold` was called, summed over resumes (``elapsed`` in the checkpoint;
+    each session logs what is left). When it is spent the iteration finishes, validation
+    runs, the checkpoint is saved with ``finished`` True, the log says how many of the
+    planned iterations ran, exit status 0. More than ``train.max_nonfinite_steps`` consecutive
     non-finite losses (each skipped by the step) save the checkpoint and raise
     :class:`~uumamba.errors.UserError`.
 
@@ -55,6 +68,7 @@ Stopping
     ``val_dice`` (class name -> Dice, or null), ``val_mean_dice``, ``time`` (s, epoch incl.
     validation), ``elapsed`` (s since the first start, summed over resumes),
     ``nonfinite_steps``, ``partial`` (True for an epoch cut short by the time limit).
+    ``elapsed`` counts each session from the :func:`run_fold` call (setup included).
 
 Distributed
     Under ``torchrun`` every rank trains on its own patches (per-rank seeding), gradients of
@@ -74,6 +88,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from uumamba.config import Config
@@ -85,7 +101,7 @@ from uumamba.engine.callbacks import (
     RunContext,
     default_callbacks,
 )
-from uumamba.engine.checkpoint import BEST, LATEST, save_checkpoint
+from uumamba.engine.checkpoint import BEST, LATEST, PREVIOUS, save_checkpoint
 from uumamba.engine.components import Components, build_components, seed_everything
 from uumamba.engine.prepare import Prepared, prepare_everywhere
 from uumamba.engine.resume import LoopState, checkpoint_state, open_run, restore_from_checkpoint
@@ -99,7 +115,7 @@ from uumamba.evaluation.metrics import class_means
 from uumamba.inference.postprocess import determine_postprocessing
 from uumamba.logs import default_output
 from uumamba.model_folder import ModelFolder
-from uumamba.utils import plain_tensor
+from uumamba.utils import plain_tensor, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +160,30 @@ def parse_fold(fold: str | int, n_folds: int) -> str:
                     "or 'all'")
 
 
+class _ValidationAbandoned(Exception):
+    """A stop signal arrived during validation (raised from the network's forward)."""
+
+
+class _StopAware(nn.Module):
+    """The network, checking the stop flag before every forward pass (each sliding-window
+    batch of a validation), so a signal abandons a validation within one window batch."""
+
+    def __init__(self, model: nn.Module, signals: StopSignals) -> None:
+        super().__init__()
+        self.model = model
+        self.signals = signals
+        self.train(model.training)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.signals.received is not None:
+            raise _ValidationAbandoned
+        return self.model(x)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60.0:.1f} min"
+
+
 @dataclass
 class _FoldRun:
     """One fold's training: the run's fixed facts, its components (``parts``) and loop state
@@ -161,26 +201,40 @@ class _FoldRun:
     parts: Components
     state: LoopState
     t_call: float
-    t_start: float = field(default_factory=time.monotonic)
+    rotate_latest: bool = True  # False while checkpoint_latest.pt is unreadable
+    signals: StopSignals = field(default_factory=StopSignals)
+    last_save: float = 0.0
 
     @property
     def total(self) -> int:
         return self.cfg.train.epochs * self.cfg.train.iterations_per_epoch
 
     def elapsed(self) -> float:
-        """Training seconds since the first start, summed over resumes."""
-        return self.state.elapsed_before + time.monotonic() - self.t_start
+        """Seconds of the time budget spent: this session's since :func:`run_fold` was called
+        plus the earlier sessions' (saved in the checkpoint)."""
+        return self.state.elapsed_before + time.monotonic() - self.t_call
 
-    def save(self, finished: bool, pending: bool = False, best: bool = False) -> None:
-        """Rank 0: ``checkpoint_best.pt`` (when ``best``), then ``checkpoint_latest.pt``."""
+    def budget_left(self) -> float | None:
+        """Seconds left of ``train.time_limit_minutes`` (None without a limit; may be < 0)."""
+        limit = self.cfg.train.time_limit_minutes
+        return None if limit is None else limit * 60.0 - self.elapsed()
+
+    def save(self, finished: bool, best: bool = False) -> None:
+        """Rank 0: ``checkpoint_best.pt`` (when ``best``), then ``checkpoint_latest.pt``
+        (the one it replaces kept as ``checkpoint_previous.pt``). A second SIGINT during the
+        save waits for it to finish."""
+        self.last_save = time.monotonic()
         if not self.ctx.is_main:
             return
         state = checkpoint_state(self.parts, self.state, self.cfg, self.prepared, self.fold,
                                  self.ctx.rank, self.ctx.world_size, finished=finished,
-                                 pending=pending, elapsed=self.elapsed())
-        if best:
-            save_checkpoint(self.fold_dir / BEST, state)
-        save_checkpoint(self.fold_dir / LATEST, state)
+                                 elapsed=self.elapsed())
+        with self.signals.protect():
+            if best:
+                save_checkpoint(self.fold_dir / BEST, state)
+            save_checkpoint(self.fold_dir / LATEST, state,
+                            previous=self.fold_dir / PREVIOUS if self.rotate_latest else None)
+        self.rotate_latest = True
 
     def validate(self, final: bool = False) -> ValidationResult:
         """Each rank validates its share of the cases; results are gathered on every rank.
@@ -188,11 +242,15 @@ class _FoldRun:
         The final validation also decides the postprocessing (largest connected component per
         class where it raises the validation Dice, nnU-Net's rule) from the main rank's cases
         and writes ``postprocessing.json`` into the fold folder for the predictor.
+
+        Raises:
+            _ValidationAbandoned: a stop signal arrived (checked before every window batch).
         """
         ctx, plans, ignore = self.ctx, self.prepared.plans, self.cfg.dataset.ignore_label
-        part = validate_cases(self.parts.model, self.val_set, self.val_case_ids, plans,
-                              self.cfg.inference, ctx.device, ignore_label=ignore,
-                              overlay_case=0 if ctx.is_main else None, keep_masks=final)
+        part = validate_cases(_StopAware(self.parts.model, self.signals), self.val_set,
+                              self.val_case_ids, plans, self.cfg.inference, ctx.device,
+                              ignore_label=ignore, overlay_case=0 if ctx.is_main else None,
+                              keep_masks=final)
         per_case = {k: v for d in ddp.gather_objects(part.per_case, ctx) for k, v in d.items()}
         names = [name for k, name in sorted(self.info.labels.items()) if k not in (0, ignore)]
         dice, mean = class_means(per_case, names)
@@ -203,16 +261,26 @@ class _FoldRun:
         return ValidationResult(dice=dice, mean_dice=mean, per_case=per_case,
                                 overlay=part.overlay, seconds=part.seconds)
 
+    def validation_due(self, partial: bool, final: bool) -> bool:
+        """The epoch ending at the current iteration is validated: every ``val_every``
+        epochs, at the end of the run and when the time limit cuts an epoch short."""
+        tc, it = self.cfg.train, self.state.iteration
+        epoch = (it - 1) // tc.iterations_per_epoch + 1
+        return self.val_set is not None and (epoch % tc.val_every == 0 or final or partial)
+
     def end_epoch(self, partial: bool, final: bool = False) -> bool:
         """Validate when due, append the epoch's record, call the loggers; True when the
         validation mean Dice improved on the best so far. ``final``: the run ends after this
-        epoch (the validation then also decides the postprocessing)."""
+        epoch (the validation then also decides the postprocessing).
+
+        Raises:
+            _ValidationAbandoned: a stop signal arrived during validation (nothing recorded).
+        """
         tc, loop = self.cfg.train, self.state
         it = loop.iteration
         epoch = (it - 1) // tc.iterations_per_epoch + 1
-        due = self.val_set is not None and (epoch % tc.val_every == 0 or it >= self.total
-                                            or partial)
-        result = self.validate(final=final or it >= self.total) if due else None
+        due = self.validation_due(partial, final)
+        result = self.validate(final=final) if due else None
         train_loss, grad_norm = loop.epoch.means()
         record = {
             "epoch": epoch, "iteration": it, "train_loss": train_loss,
@@ -244,8 +312,7 @@ class _FoldRun:
                             grad_clip=self.cfg.optim.grad_clip, device_type=dev.type)
         parts.scheduler.step()
         if tc.time_limit_minutes and tc.schedule_by_time:
-            parts.scheduler.set_time_progress(
-                (time.monotonic() - self.t_call) / (tc.time_limit_minutes * 60.0))
+            parts.scheduler.set_time_progress(self.elapsed() / (tc.time_limit_minutes * 60.0))
         self.state.record_step(float(res.loss), float(res.grad_norm), bool(res.finite))
         self.state.epoch.seconds += time.perf_counter() - t0
         it = self.state.iteration
@@ -253,6 +320,38 @@ class _FoldRun:
             iteration=it, epoch=(it - 1) // tc.iterations_per_epoch + 1, loss=float(res.loss),
             finite=bool(res.finite), lr=parts.lr(), sigmas=parts.sigmas(),
             grad_norm=float(res.grad_norm)))
+
+    def stopped(self) -> FoldResult:
+        """The result of a run stopped by a signal (its checkpoint is saved)."""
+        return FoldResult(self.fold_dir, False, "signal",
+                          self.signals.received or signal.SIGTERM, self.state.iteration,
+                          self.state.best_metric)
+
+    def finish_epoch(self) -> FoldResult | None:
+        """Do the pending epoch end (``state.pending_end``: validation, record), then save.
+
+        Returns:
+            The run's result when it ends here: stopped by a signal during the validation
+            (the checkpoint saved before it stays, still pending), or the final epoch.
+        """
+        loop = self.state
+        pending = loop.pending_end or {"partial": False, "final": False}
+        try:
+            improved = self.end_epoch(partial=pending["partial"], final=pending["final"])
+        except _ValidationAbandoned:
+            log.info(f"validation at iteration {loop.iteration} abandoned (stop signal); "
+                     "it runs first on --resume")
+            return self.stopped()
+        loop.pending_end = None
+        self.save(finished=pending["final"], best=improved)
+        if not pending["final"]:
+            return None
+        it, total = loop.iteration, self.total
+        if it >= total:
+            return FoldResult(self.fold_dir, True, "completed", None, it, loop.best_metric)
+        log.info(f"time limit of {self.cfg.train.time_limit_minutes} min reached after {it} "
+                 f"of {total} planned iterations ({100.0 * it / total:.0f} %)")
+        return FoldResult(self.fold_dir, True, "time_limit", None, it, loop.best_metric)
 
     def loop(self, loader: DataLoader, signals: StopSignals) -> FoldResult:
         """Iterate until all epochs are done, the time limit is reached, a signal arrives or
@@ -262,21 +361,22 @@ class _FoldRun:
             UserError: more than ``train.max_nonfinite_steps`` consecutive non-finite losses
                 (after saving the checkpoint).
         """
+        self.signals = signals
         tc, loop = self.cfg.train, self.state
-        limit = tc.time_limit_minutes
-        if loop.pending_epoch_end:  # stopped by a signal right at an epoch's end
-            loop.pending_epoch_end = False
-            improved = self.end_epoch(partial=False)
-            self.save(finished=loop.iteration >= self.total, best=improved)
+        every = tc.checkpoint_every_minutes
+        self.last_save = time.monotonic()
+        if loop.pending_end is not None:  # stopped before an epoch's validation
+            result = self.finish_epoch()
+            if result is not None:
+                return result
         batches = iter(loader)
         while loop.iteration < self.total:
             self.iteration(next(batches))
             it = loop.iteration
+            left = self.budget_left()
             stop_signal, time_up, diverged = ddp.any_rank([
-                signals.received is not None,
-                limit is not None and time.monotonic() - self.t_call >= limit * 60.0,
+                signals.received is not None, left is not None and left <= 0,
                 loop.consecutive_nonfinite > tc.max_nonfinite_steps], self.ctx)
-            boundary = it % tc.iterations_per_epoch == 0
             if diverged:
                 self.save(False)
                 raise UserError(
@@ -284,18 +384,22 @@ class _FoldRun:
                     f"consecutive non-finite losses (train.max_nonfinite_steps = "
                     f"{tc.max_nonfinite_steps}); lower optim.lr, check the data with `uumamba "
                     f"check-data`, or set train.amp=off. Checkpoint: {self.fold_dir / LATEST}")
-            if stop_signal and it < self.total:
-                self.save(False, pending=boundary)
-                return FoldResult(self.fold_dir, False, "signal",
-                                  signals.received or signal.SIGTERM, it, loop.best_metric)
-            if boundary or time_up:
-                stop_early = time_up and it < self.total
-                improved = self.end_epoch(partial=stop_early and not boundary, final=stop_early)
-                self.save(finished=it >= self.total or stop_early, best=improved)
-                if stop_early:
-                    log.info(f"time limit of {limit} min reached at iteration {it}")
-                    return FoldResult(self.fold_dir, True, "time_limit", None, it,
-                                      loop.best_metric)
+            boundary = it % tc.iterations_per_epoch == 0
+            final = it >= self.total or time_up
+            if boundary or final:
+                loop.pending_end = {"partial": not boundary, "final": final}
+                if stop_signal or self.validation_due(not boundary, final):
+                    self.save(False)  # before the validation: a signal during it loses nothing
+                if stop_signal:
+                    return self.stopped()
+                result = self.finish_epoch()
+                if result is not None:
+                    return result
+            elif stop_signal:
+                self.save(False)
+                return self.stopped()
+            elif every is not None and time.monotonic() - self.last_save >= every * 60.0:
+                self.save(False)
         return FoldResult(self.fold_dir, True, "completed", None, loop.iteration,
                           loop.best_metric)
 
@@ -306,7 +410,11 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     """Open or resume the run, prepare data and components, run the loop, report the end."""
     fold = parse_fold(fold, cfg.train.n_folds)
     fold_dir = folder.fold_dir(fold)
-    cfg, saved = open_run(cfg, fold_dir, resume, ctx.world_size)
+    if ctx.is_main:
+        for stale in remove_stale_temporaries(fold_dir):
+            log.info(f"removed {stale.name}, left in {fold_dir} by a killed process")
+    opened = open_run(cfg, fold_dir, resume, ctx.world_size)
+    cfg, saved = opened.cfg, opened.saved
     if saved is not None and saved["finished"]:
         log.info(f"{fold_dir}: training already finished at iteration {saved['iteration']} "
                  f"(best mean Dice {_dice(saved['best_metric'])}); nothing to do (train longer "
@@ -327,7 +435,7 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     train_set, val_set, val_ids = prepared.datasets(tc, ctx.rank, ctx.world_size, cache_dir)
     total = tc.epochs * tc.iterations_per_epoch
     parts = build_components(cfg, plans, ctx.device, total)
-    state = restore_from_checkpoint(parts, saved) if saved is not None else LoopState()
+    state = restore_from_checkpoint(parts, saved, total) if saved is not None else LoopState()
     parts.train_model = ddp.wrap_ddp(parts.model, ctx)
     loader = make_patch_loader(train_set, plans.batch_size, tc.seed, ctx.rank, state.iteration,
                                total, tc.num_workers, pin_memory=ctx.device.type == "cuda")
@@ -342,7 +450,12 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
                       model=parts.model, loss=parts.loss_fn)
     builtin = default_callbacks(fold_dir, progress) if ctx.is_main else []
     run = _FoldRun(cfg, ctx, fold, fold_dir, prepared, val_set, val_ids,
-                   CallbackList([*builtin, *extra]), info, parts, state, t_call)
+                   CallbackList([*builtin, *extra]), info, parts, state, t_call,
+                   rotate_latest=opened.latest_readable)
+    left = run.budget_left()
+    if left is not None:
+        log.info(f"time budget: {_minutes(run.elapsed())} of {tc.time_limit_minutes} min "
+                 f"spent, {_minutes(max(left, 0.0))} left")
 
     result = FoldResult(fold_dir, False, "error", None, state.iteration, state.best_metric)
     run.callbacks.on_train_start(info)
@@ -352,8 +465,10 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     finally:
         run.callbacks.on_train_end(info, result.finished, result.reason)
     if result.signal is not None:
+        left = run.budget_left()
+        budget = "" if left is None else f"; {_minutes(max(left, 0.0))} of the time budget left"
         log.info(f"stopped by {signal.Signals(result.signal).name} at iteration "
-                 f"{result.iteration}; continue with --resume ({fold_dir / LATEST})")
+                 f"{result.iteration}{budget}; continue with --resume ({fold_dir / LATEST})")
     elif result.finished:
         dice = "" if result.best_metric is None else \
             f", best validation mean Dice {result.best_metric:.4f}"

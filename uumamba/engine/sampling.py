@@ -96,9 +96,14 @@ class SeededPatchDataset(Dataset):
             return self.dataset[index]
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process (which saves and stops)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process (which saves and stops,
+    then shuts the workers down). A signal sent to the whole process group (Ctrl-C, SLURM,
+    systemd, ``kill -- -PGID``) would otherwise end the workers, and the main process would
+    fail on their exit instead of saving. A worker whose parent dies still exits (the
+    DataLoader's watchdog)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_patch_loader(dataset: Any, batch_size: int, seed: int, rank: int, start: int,
@@ -108,7 +113,7 @@ def make_patch_loader(dataset: Any, batch_size: int, seed: int, rank: int, start
     Collation is MONAI's ``list_data_collate`` (flattens transforms that return lists of
     patches). The loader has its own generator, so creating it does not consume the global
     torch RNG. Its ``dataset`` is the :class:`SeededPatchDataset` wrapper (see its
-    ``reproducible``).
+    ``reproducible``). Workers ignore SIGINT and SIGTERM (:func:`_ignore_stop_signals`).
     """
     from monai.data import list_data_collate
 
@@ -116,6 +121,6 @@ def make_patch_loader(dataset: Any, batch_size: int, seed: int, rank: int, start
     return DataLoader(
         SeededPatchDataset(dataset), batch_sampler=sampler, num_workers=num_workers,
         collate_fn=list_data_collate, pin_memory=pin_memory,
-        worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )

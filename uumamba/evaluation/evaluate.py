@@ -200,16 +200,31 @@ def _case_files(folder: Path, reference: bool) -> dict[str, Path]:
     if reference and not any(split_suffix(p)[1] in IMAGE_SUFFIXES for p in files):
         files = sorted(p for p in folder.rglob("*") if p.is_file())  # e.g. ACDC patient folders
     out: dict[str, Path] = {}
+    slicer: dict[str, Path] = {}
     for path in files:
         stem, suffix = split_suffix(path)
         if suffix not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
-        if stem.endswith(".seg") or stem.endswith(_SIDE_OUTPUT_TAGS):
+        if stem.endswith(_SIDE_OUTPUT_TAGS):
+            continue
+        if stem.endswith(".seg"):
+            if not reference and suffix == ".nrrd":
+                slicer[stem[: -len(".seg")]] = path
             continue
         out[stem] = path
+    # `predict --format seg.nrrd` masks (a labelmap whose voxels are the label values) count
+    # when no plain mask of the case is there.
+    for stem, path in slicer.items():
+        out.setdefault(stem, path)
     if reference and any(s.endswith("_gt") for s in out):
         out = {s[: -len("_gt")]: p for s, p in out.items() if s.endswith("_gt")}
     return out
+
+
+def case_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(case id -> prediction file, case id -> reference file) of two folders, named and
+    filtered as :func:`evaluate_folders` pairs them (used by ``evaluate --clinical``)."""
+    return _case_files(Path(pred_dir), reference=False), _case_files(Path(gt_dir), reference=True)
 
 
 def evaluate_folders(
@@ -222,8 +237,9 @@ def evaluate_folders(
 
     Files pair by case name: the file name without its image ending (``.nii.gz``, ``.nii``,
     ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``). In ``pred_dir``, side outputs of
-    ``uumamba predict`` (``CASE_probabilities``, ``CASE_entropy``, ``CASE_volumes.json``,
-    ``CASE.seg.nrrd``) are ignored. In ``gt_dir``, when some names end in ``_gt`` (ACDC), only
+    ``uumamba predict`` (``CASE_probabilities``, ``CASE_entropy``, ``CASE_volumes.json``) are
+    ignored; a ``CASE.seg.nrrd`` (``--format seg.nrrd``) is the case's mask when no plain
+    mask of the case is there. In ``gt_dir``, when some names end in ``_gt`` (ACDC), only
     those are references and the suffix is dropped; when ``gt_dir`` holds no image file
     directly, its sub-folders are searched (ACDC's ``patientXXX/``).
 
@@ -303,3 +319,42 @@ def find_reference_labels(gt_dir: str | Path) -> dict[int, str] | None:
             if labels:
                 return labels
     return None
+
+
+#: ``uumamba predict`` writes ``CASE_volumes.json`` beside each mask; at most this many (of
+#: at most this many bytes each) are read to learn the label names of a prediction folder.
+_VOLUMES_FILES_READ = 8
+_VOLUMES_FILE_MAX_BYTES = 1 << 20
+
+
+def find_prediction_labels(pred_dir: str | Path) -> dict[int, str] | None:
+    """Labels recorded by ``uumamba predict`` in the ``CASE_volumes.json`` files of ``pred_dir``.
+
+    Each such file lists ``labels: {name: {"value": int, ...}}`` (the model folder's labels);
+    the first :data:`_VOLUMES_FILES_READ` files (sorted by name) are read and must agree.
+    Files that are too large, not JSON or not in that shape are ignored (a prediction folder
+    is not trusted to carry them).
+
+    Returns:
+        value -> name with ``0: "background"`` added, or None when no file gives labels or
+        the files disagree.
+    """
+    found: dict[int, str] | None = None
+    files = sorted(Path(pred_dir).glob("*_volumes.json"))[:_VOLUMES_FILES_READ]
+    for path in files:
+        try:
+            if path.stat().st_size > _VOLUMES_FILE_MAX_BYTES:
+                continue
+            entries = json.loads(path.read_text()).get("labels")
+            labels = {int(v["value"]): str(name) for name, v in entries.items()
+                      if isinstance(v, dict) and isinstance(v.get("value"), int)
+                      and 0 < v["value"] < 256}
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+        if not labels:
+            continue
+        labels = {0: "background", **labels}
+        if found is not None and labels != found:
+            return None
+        found = labels
+    return found

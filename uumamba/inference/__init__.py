@@ -15,20 +15,31 @@ This package reads the model folder through :mod:`uumamba.model_folder` and neve
 training engine.
 """
 
-from uumamba.inference.inputs import check_output_dir, input_cases
-from uumamba.inference.postprocess import apply_postprocessing, determine_postprocessing
-from uumamba.inference.predict import Prediction, Predictor
-from uumamba.inference.sliding import sliding_window_probabilities
-from uumamba.inference.writer import OUTPUT_FORMATS, write_prediction
+from __future__ import annotations
 
-__all__ = [
-    "OUTPUT_FORMATS",
-    "Prediction",
-    "Predictor",
-    "apply_postprocessing",
-    "check_output_dir",
-    "determine_postprocessing",
-    "input_cases",
-    "sliding_window_probabilities",
-    "write_prediction",
-]
+import importlib
+from typing import Any
+
+#: Public name -> submodule. Imported on first use (PEP 562), so that ``uumamba predict`` can
+#: read inputs and refuse a bad file before torch and MONAI load.
+_EXPORTS = {
+    "OUTPUT_FORMATS": "writer",
+    "Prediction": "predict",
+    "Predictor": "predict",
+    "apply_postprocessing": "postprocess",
+    "check_output_dir": "inputs",
+    "determine_postprocessing": "postprocess",
+    "input_cases": "inputs",
+    "sliding_window_probabilities": "sliding",
+    "write_prediction": "writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'uumamba.inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"uumamba.inference.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

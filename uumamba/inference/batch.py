@@ -36,16 +36,25 @@ class CaseFailure:
 
 @dataclass
 class BatchResult:
-    """Outcome of :func:`predict_cases`: files written and cases skipped."""
+    """Outcome of :func:`predict_cases`: files written and cases skipped.
+
+    ``volumes_ml``: output case name -> foreground label name -> mL of its mask (what
+    :mod:`uumamba.clinical` pairs ED with ES from); ``inputs``: output case name -> its first
+    input file."""
 
     written: list[Path] = field(default_factory=list)
     failures: list[CaseFailure] = field(default_factory=list)
+    volumes_ml: dict[str, dict[str, float]] = field(default_factory=dict)
+    inputs: dict[str, Path] = field(default_factory=dict)
 
 
 def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_dir: Path, *,
                  split_4d: bool = False, probabilities: bool = False, entropy: bool = False,
-                 out_format: str | None = None, extra: dict[str, Any] | None = None) -> list[Path]:
+                 out_format: str | None = None, extra: dict[str, Any] | None = None,
+                 volumes: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """Segment one case (one file per channel) and write its outputs; return their paths.
+
+    ``volumes``, when given, receives output case name -> label name -> mL of each mask.
 
     Raises:
         UserError / DataError: from :meth:`Predictor.predict_file` and the writer.
@@ -58,6 +67,8 @@ def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_
     for name, pred in items:
         written.extend(write_prediction(pred, name, Path(files[0]), Path(output_dir),
                                         predictor.labels, out_format, extra))
+        if volumes is not None:
+            volumes[name] = dict(pred.volumes_ml)
     return written
 
 
@@ -87,7 +98,11 @@ def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, list[Path]]],
             on_start(i, case)
         failure = None
         try:
-            result.written.extend(predict_case(predictor, case, files, output_dir, **options))
+            volumes: dict[str, dict[str, float]] = {}
+            result.written.extend(predict_case(predictor, case, files, output_dir,
+                                               volumes=volumes, **options))
+            result.volumes_ml.update(volumes)
+            result.inputs.update({name: Path(files[0]) for name in volumes})
         except (UserError, ValueError, RuntimeError, OSError) as exc:
             failure = CaseFailure(case, Path(files[0]), _one_line(exc, Path(files[0])))
             result.failures.append(failure)

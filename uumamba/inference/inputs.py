@@ -72,3 +72,17 @@ def check_output_dir(input_path: Path, output_dir: Path) -> None:
     if output_dir.exists() and output_dir.resolve() == input_dir.resolve():
         raise UserError(f"--output {output_dir} is the input folder: masks would overwrite the "
                         "input images; choose another folder")
+
+
+def is_dicom_input(input_path: Path) -> bool:
+    """True for a ``.zip`` file, or a folder holding no NIfTI / NRRD / MHA image directly but
+    DICOM Part 10 files somewhere below it (:mod:`uumamba.dicom.cases` reads those)."""
+    if input_path.is_file():
+        return input_path.name.lower().endswith(".zip")
+    if not input_path.is_dir():
+        return False
+    if any(p.is_file() and split_suffix(p)[1] in IMAGE_SUFFIXES for p in input_path.iterdir()):
+        return False
+    from uumamba.dicom.cases import looks_like_dicom
+
+    return looks_like_dicom(input_path)

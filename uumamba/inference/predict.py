@@ -58,6 +58,10 @@ from uumamba.utils import plain_tensor
 
 log = logging.getLogger(__name__)
 
+#: Decimals of the reported volumes (mL): 0.01 mL is far below one voxel of any clinical scan
+#: that matters for a volume, and ``41.471999999999994`` helps no reader.
+VOLUME_DECIMALS = 2
+
 
 @dataclass
 class Prediction:
@@ -72,7 +76,8 @@ class Prediction:
             ln C = uniform), or None when not requested.
         geometry: the input's :class:`~uumamba.data.io.Geometry` (LPS; spatial part for a
             4D input split into frames).
-        volumes_ml: foreground label name -> volume in mL (voxels x voxel volume / 1000).
+        volumes_ml: foreground label name -> volume in mL (voxels x voxel volume / 1000),
+            rounded to :data:`VOLUME_DECIMALS` decimals (the sum's float noise removed).
         voxel_counts: foreground label name -> voxel count.
         warnings: reasons why the model cannot have been trained for this input
             (:mod:`uumamba.inference.plausibility`; empty when none or when
@@ -118,6 +123,9 @@ class Predictor:
             ``torch`` or ``cuda``; from each Mamba layer's configured ``model.scan_backend``
             and ``UUMAMBA_SCAN_BACKEND``), None for networks without Mamba layers. This is what
             the service reports in ``/readyz``.
+        scan_backend_warning: why mamba-ssm's CUDA kernels are not used where they were
+            wanted (``auto`` on a GPU, or mamba-ssm installed), else None; also logged as a
+            warning (``uumamba predict`` shows it) and reported by ``/readyz``.
 
     Build it from a model folder with :meth:`from_model_dir`.
     """
@@ -143,7 +151,8 @@ class Predictor:
         self.postprocessing = postprocessing
         self.labels = dict(labels or plans.labels)
         self.fold_names = list(fold_names or [f"net_{i}" for i in range(len(networks))])
-        self.scan_backend = self._resolve_scan_backend(self.networks, self.device)
+        self.scan_backend, self.scan_backend_warning = self._resolve_scan_backend(
+            self.networks, self.device)
         self.transforms = inference_transforms(
             plans, record_statistics=self.inference_cfg.input_check != "off")
         self._invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image",
@@ -201,23 +210,24 @@ class Predictor:
 
     @staticmethod
     def _resolve_scan_backend(networks: Sequence[torch.nn.Module], device: torch.device
-                              ) -> str | None:
+                              ) -> tuple[str | None, str | None]:
         """The selective-scan backend the networks' Mamba layers run on ``device`` (each
-        layer's configured ``scan_backend``, resolved as its forward resolves it); None when
-        the networks have no Mamba layer.
+        layer's configured ``scan_backend`` = the model's ``model.scan_backend``, resolved
+        as its forward resolves it, mamba-ssm's kernels probed on a GPU) and the fallback
+        warning, if any (:func:`uumamba.nn.network_scan_backend`, which also logs it);
+        (None, None) when the networks have no Mamba layer.
 
         Raises:
-            UserError: a configured backend cannot run on ``device`` (the reason given).
+            UserError: a configured backend cannot run on ``device``, or the model's
+                ``d_state`` / ``d_conv`` are outside the CUDA kernels' limits there (why).
         """
-        from uumamba.nn import Mamba, resolve_scan_backend
+        from uumamba.nn import network_scan_backend
 
-        configured = {m.scan_backend for net in networks for m in net.modules()
-                      if isinstance(m, Mamba)}
         try:
-            resolved = sorted({resolve_scan_backend(b, device) for b in configured})
-        except (RuntimeError, ValueError) as exc:
+            choice = network_scan_backend(networks, device)
+        except (RuntimeError, ValueError, TypeError) as exc:
             raise UserError(f"model.scan_backend: {exc}") from None
-        return ",".join(resolved) if resolved else None
+        return (None, None) if choice is None else (choice.backend, choice.warning)
 
     # ------------------------------------------------------------------------------------
     def predict_file(
@@ -324,7 +334,7 @@ class Predictor:
             probabilities=probs_orig if want_probabilities else None,
             entropy=predictive_entropy(probs_orig) if want_entropy else None,
             geometry=Geometry(expected, geometry.spacing, geometry.origin, geometry.direction),
-            volumes_ml=volumes,
+            volumes_ml={name: round(ml, VOLUME_DECIMALS) for name, ml in volumes.items()},
             voxel_counts=counts,
             warnings=warnings,
         )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from monai.inferers import sliding_window_inference
 
+from uumamba.device import native_bf16
 from uumamba.utils import plain_tensor
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ def sliding_window_probabilities(
     predictor = _cancellable(_softmax_predictor(model), cancel)
     flips = _mirror_combinations(mirror_axes) if tta else [()]
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        torch.autocast("cuda", dtype=torch.bfloat16 if native_bf16(device) else torch.float16)
         if device.type == "cuda"
         else nullcontext()
     )

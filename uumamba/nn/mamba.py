@@ -13,21 +13,21 @@ mamba-ssm on a GPU loads here with ``strict=True`` and back.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uumamba.nn.ops.selective_scan import resolve_scan_backend, selective_scan
-
-
-def _causal_conv1d_cuda():
-    """Return ``causal_conv1d.causal_conv1d_fn`` or None when the package is not importable."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:  # ImportError, or a CUDA/ABI error raised while loading the extension
-        return None
-    return causal_conv1d_fn
+from uumamba.nn.ops.selective_scan import (
+    ScanBackendChoice,
+    causal_conv1d_usable,
+    choose_scan_backend,
+    cuda_kernel_limit_errors,
+    cuda_may_run,
+    resolve_scan_backend,
+    selective_scan,
+)
 
 
 class Mamba(nn.Module):
@@ -39,8 +39,8 @@ class Mamba(nn.Module):
     1. ``in_proj``: ``(B, L, d_model) -> (B, 2*d_inner, L)``, split into ``x`` and the gate
        ``z``;
     2. causal depthwise convolution of ``x`` (width ``d_conv``), then SiLU
-       (``causal_conv1d_fn`` when the scan backend is ``cuda`` and causal-conv1d imports,
-       else ``F.conv1d`` with ``d_conv - 1`` padding, cropped to the first ``L`` outputs);
+       (``causal_conv1d_fn`` when the scan backend is ``cuda`` and causal-conv1d passed the
+       start-up probe, :func:`~uumamba.nn.ops.selective_scan.probe_cuda_kernels`; else ``F.conv1d`` with ``d_conv - 1`` padding, cropped to the first ``L`` outputs);
     3. ``x_proj``: per position ``dt`` (rank ``dt_rank``), ``B`` and ``C`` (``d_state`` each);
     4. ``dt_proj`` weight only: ``delta_raw = W_dt dt``; its bias enters the scan as
        ``delta_bias`` with ``delta_softplus=True``;
@@ -75,9 +75,17 @@ class Mamba(nn.Module):
             :func:`uumamba.nn.ops.selective_scan.resolve_scan_backend` from the input's device
             (env ``UUMAMBA_SCAN_BACKEND`` overrides ``auto``).
 
+    CUDA kernels' limits: mamba-ssm's selective_scan takes ``d_state <= 256`` and
+    causal-conv1d ``2 <= d_conv <= 4``, both float32 / float16 / bfloat16 only. They are
+    checked whenever the scan is or may be those kernels (``scan_backend="cuda"``, or ``auto``
+    on a CUDA device; :func:`~uumamba.nn.ops.selective_scan.cuda_may_run`); the torch and cpu
+    backends have none of them (float64 included).
+
     Raises:
         ValueError: a size argument is not a positive integer, ``dt_min``/``dt_max`` are not
-            ``0 < dt_min <= dt_max``, or ``dt_init`` is unknown (messages name the argument).
+            ``0 < dt_min <= dt_max``, or ``dt_init`` is unknown (messages name the argument);
+            ``scan_backend="cuda"`` with ``d_state`` / ``d_conv`` outside the kernels'
+            limits (naming the limit).
     """
 
     def __init__(
@@ -109,6 +117,9 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if scan_backend == "cuda":
+            for error in cuda_kernel_limit_errors(d_state=d_state, d_conv=d_conv):
+                raise ValueError(f"Mamba(scan_backend='cuda'): {error}; use scan_backend='torch'")
 
         self.d_model = d_model
         self.d_state = d_state
@@ -149,13 +160,26 @@ class Mamba(nn.Module):
         self.D.fill_(1.0)
         self.D._no_weight_decay = True
 
+    def check_cuda_limits(self, dtype: torch.dtype | None, device: torch.device | str) -> None:
+        """Raise when this layer's ``d_state`` / ``d_conv`` or ``dtype`` are outside the CUDA
+        kernels' limits (the message names the layer's setting, the limit and ``device``).
+
+        Raises:
+            ValueError: ``d_state`` > 256 or ``d_conv`` outside 2..4; TypeError: float64.
+        """
+        for error in cuda_kernel_limit_errors(self.d_state, self.d_conv, dtype):
+            kind = TypeError if error.startswith("dtype") else ValueError
+            raise kind(f"Mamba (scan_backend={self.scan_backend!r} on {device}, where the scan "
+                       f"is or may be mamba-ssm's CUDA kernels): {error}; use "
+                       "scan_backend='torch' to run outside these limits")
+
     def _conv_silu(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         """Causal depthwise conv + SiLU of ``x`` (B, d_inner, L) -> (B, d_inner, L)."""
-        if backend == "cuda":
-            causal_conv1d_fn = _causal_conv1d_cuda()
-            if causal_conv1d_fn is not None:
-                weight = self.conv1d.weight.squeeze(1)
-                return causal_conv1d_fn(x, weight, self.conv1d.bias, activation="silu")
+        if backend == "cuda" and causal_conv1d_usable(x.device):
+            from causal_conv1d import causal_conv1d_fn
+
+            weight = self.conv1d.weight.squeeze(1)
+            return causal_conv1d_fn(x, weight, self.conv1d.bias, activation="silu")
         length = x.shape[-1]
         return F.silu(self.conv1d(x)[..., :length])
 
@@ -163,14 +187,21 @@ class Mamba(nn.Module):
         """Map ``(B, L, d_model)`` -> ``(B, L, d_model)``.
 
         Raises:
-            ValueError: the input is not 3-D or its last dimension is not ``d_model``.
+            ValueError: the input is not 3-D or its last dimension is not ``d_model``;
+                ``d_state`` / ``d_conv`` outside the CUDA kernels' limits where the scan is or
+                may be those kernels (see the class docstring).
+            TypeError: a float64 input there.
+            RuntimeError: ``scan_backend="cuda"`` cannot run on the input's device (why).
         """
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(
                 f"Mamba: expected input of shape (batch, length, {self.d_model}), "
                 f"got {tuple(hidden_states.shape)}"
             )
-        backend = resolve_scan_backend(self.scan_backend, hidden_states.device)
+        device = hidden_states.device
+        if cuda_may_run(self.scan_backend, device):
+            self.check_cuda_limits(hidden_states.dtype, device)
+        backend = resolve_scan_backend(self.scan_backend, device)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = self._conv_silu(x.contiguous(), backend)  # (B, d_inner, L)
@@ -187,3 +218,34 @@ class Mamba(nn.Module):
             delta_softplus=True, backend=backend,
         )
         return self.out_proj(y.transpose(1, 2))
+
+
+def network_scan_backend(networks: Sequence[nn.Module], device: torch.device | str
+                         ) -> ScanBackendChoice | None:
+    """The selective-scan backend the Mamba layers of ``networks`` will run on ``device``.
+
+    Resolves each layer's ``scan_backend`` as its forward does (probing mamba-ssm's kernels
+    on a GPU once) and checks the CUDA kernels' limits where the scan is or may be those
+    kernels, so a run fails at start-up rather than at its first batch. Any fallback warning
+    is logged (once) by :func:`~uumamba.nn.ops.selective_scan.resolve_scan_backend`.
+
+    Returns:
+        None when the networks have no Mamba layer; else the backend names (comma-joined
+        when layers differ) and the fallback warnings joined, or None.
+
+    Raises:
+        ValueError / TypeError: ``d_state`` / ``d_conv`` outside the CUDA kernels' limits
+            where they may run (:meth:`Mamba.check_cuda_limits`); an unknown backend name.
+        RuntimeError: a layer's ``scan_backend="cuda"`` cannot run on ``device`` (why).
+    """
+    layers = [m for net in networks for m in net.modules() if isinstance(m, Mamba)]
+    if not layers:
+        return None
+    for layer in layers:
+        if cuda_may_run(layer.scan_backend, device):
+            layer.check_cuda_limits(None, device)
+    configured = sorted({layer.scan_backend for layer in layers})
+    backends = sorted({resolve_scan_backend(b, device) for b in configured})
+    warnings = sorted({w for b in configured
+                       if (w := choose_scan_backend(b, device).warning) is not None})
+    return ScanBackendChoice(",".join(backends), "; ".join(warnings) or None)

@@ -15,7 +15,11 @@ uses.
 
 Backends (see :func:`resolve_scan_backend`):
 
-* ``cuda``  - mamba-ssm's fused CUDA kernel, imported lazily, only for CUDA tensors.
+* ``cuda``  - mamba-ssm's fused CUDA kernel, imported lazily, only for CUDA tensors; before
+  first use on a GPU its kernels are imported and run once on small inputs
+  (:func:`probe_cuda_kernels`), so a build that imports but cannot run is reported, never
+  used. An explicit ``cuda`` that cannot run is an error; ``auto`` falls back with a logged
+  warning that gives the reason.
 * ``cpu``   - fused multi-threaded numba kernels (:mod:`uumamba.nn.ops.scan_cpu`).
 * ``torch`` - pure PyTorch, any device (:mod:`uumamba.nn.ops.scan_torch`): blocks of up to
   64 positions solved in closed form by cumulative sums, chunks of blocks whose entry states
@@ -29,7 +33,11 @@ training. The result is cast back to u's dtype.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +46,21 @@ from uumamba.nn.ops.scan_torch import scan_core_torch
 
 __all__ = [
     "BACKENDS",
+    "CUDA_DTYPES",
+    "CUDA_D_CONV_RANGE",
+    "CUDA_MAX_D_STATE",
     "ENV_VAR",
+    "KernelProbe",
+    "ScanBackendChoice",
+    "causal_conv1d_usable",
+    "choose_scan_backend",
     "cuda_backend_status",
+    "cuda_kernel_limit_errors",
+    "cuda_may_run",
+    "mamba_ssm_installed",
+    "probe_cuda_kernels",
+    "probe_kernels",
+    "requested_scan_backend",
     "resolve_scan_backend",
     "selective_scan",
     "selective_scan_cuda",
@@ -54,34 +75,206 @@ ENV_VAR = "UUMAMBA_SCAN_BACKEND"
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _mamba_ssm_import_error() -> str | None:
-    """Return None when mamba-ssm's selective_scan_fn imports, else the import error text."""
+#: Limits of mamba-ssm's and causal-conv1d's CUDA kernels (their ``TORCH_CHECK``s):
+#: ``selective_scan_fwd``: "selective_scan only supports state dimension <= 256", inputs
+#: float32 / float16 / bfloat16; ``causal_conv1d_fwd``: "causal_conv1d only supports width
+#: between 2 and 4", the same three dtypes.
+CUDA_MAX_D_STATE = 256
+CUDA_D_CONV_RANGE = (2, 4)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+log = logging.getLogger(__name__)
+
+
+def cuda_kernel_limit_errors(d_state: int | None = None, d_conv: int | None = None,
+                             dtype: torch.dtype | None = None) -> list[str]:
+    """Say which of ``d_state``, ``d_conv`` and ``dtype`` mamba-ssm's / causal-conv1d's CUDA
+    kernels refuse (one sentence each, naming the value and the kernel's limit); empty when
+    all are within the limits (None is not checked)."""
+    errors = []
+    if d_state is not None and d_state > CUDA_MAX_D_STATE:
+        errors.append(f"d_state={d_state} exceeds {CUDA_MAX_D_STATE}, the largest state size "
+                      "mamba-ssm's selective_scan CUDA kernel supports")
+    low, high = CUDA_D_CONV_RANGE
+    if d_conv is not None and not low <= d_conv <= high:
+        errors.append(f"d_conv={d_conv} is outside {low}..{high}, the widths causal-conv1d's "
+                      "CUDA kernel supports")
+    if dtype is not None and dtype not in CUDA_DTYPES:
+        errors.append(f"dtype {dtype} is not one of float32 / float16 / bfloat16, the input "
+                      "types of the selective_scan and causal_conv1d CUDA kernels")
+    return errors
+
+
+def mamba_ssm_installed() -> bool:
+    """True when a ``mamba_ssm`` package can be found (whether or not it imports or runs)."""
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def _installed_version(distribution: str) -> str:
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
-    except Exception as exc:  # ImportError, or OSError / RuntimeError from a broken CUDA build
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
+
+
+@dataclass(frozen=True)
+class KernelProbe:
+    """What :func:`probe_cuda_kernels` found on one GPU.
+
+    Attributes:
+        reason: why the ``cuda`` backend cannot run there, or None when it can.
+        causal_conv1d: causal-conv1d's kernel imported and ran correctly (the Mamba layer
+            then uses ``causal_conv1d_fn``; without the package it uses ``F.conv1d``).
+        note: what the probe saw besides (e.g. causal-conv1d not installed).
+    """
+
+    reason: str | None
+    causal_conv1d: bool = False
+    note: str | None = None
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    err = float((got.double() - expected.double()).abs().max()
+                / expected.double().abs().max().clamp_min(1e-30))
+    if not err <= 1e-3:  # also catches NaN
+        raise RuntimeError(f"{what} differs from the PyTorch reference (relative error {err:.2e})")
+
+
+def _exercise_selective_scan(device: torch.device) -> None:
+    """One small forward and backward of ``selective_scan_fn`` on ``device``, compared with
+    :func:`selective_scan_torch` on the same inputs; raises on any failure or mismatch."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    g = torch.Generator().manual_seed(0)
+    batch, d_inner, d_state, length = 1, 4, 4, 16
+    shapes = {"u": (batch, d_inner, length), "delta": (batch, d_inner, length),
+              "B": (batch, d_state, length), "C": (batch, d_state, length),
+              "z": (batch, d_inner, length), "D": (d_inner,), "delta_bias": (d_inner,)}
+    inputs = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
+    inputs["A"] = -torch.rand(d_inner, d_state, generator=g) - 0.5
+    results = []
+    for fn, dev in ((selective_scan_fn, device), (selective_scan_torch, torch.device("cpu"))):
+        leaves = {k: v.clone().to(dev).requires_grad_() for k, v in inputs.items()}
+        out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                 D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
+                 delta_softplus=True)
+        out.sum().backward()
+        results.append((out.detach().cpu(), leaves["u"].grad.cpu(), leaves["A"].grad.cpu()))
+    (y, du, dA), (y_ref, du_ref, dA_ref) = results
+    _close(y, y_ref, "selective_scan_fn's output")
+    _close(du, du_ref, "selective_scan_fn's gradient of u")
+    _close(dA, dA_ref, "selective_scan_fn's gradient of A")
+
+
+def _exercise_causal_conv1d(device: torch.device) -> None:
+    """One small ``causal_conv1d_fn`` (width 4, SiLU) forward and backward on ``device``,
+    compared with ``F.conv1d``; raises on any failure or mismatch."""
+    from causal_conv1d import causal_conv1d_fn
+
+    g = torch.Generator().manual_seed(0)
+    x0, w0, b0 = torch.randn(1, 8, 16, generator=g), torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
+    x, w, b = (t.clone().to(device).requires_grad_() for t in (x0, w0, b0))
+    y = causal_conv1d_fn(x, w, b, activation="silu")
+    y.sum().backward()
+    xr, wr, br = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    y_ref = F.silu(F.conv1d(xr, wr.unsqueeze(1), br, padding=3, groups=8)[..., :16])
+    y_ref.sum().backward()
+    _close(y.detach().cpu(), y_ref.detach(), "causal_conv1d_fn's output")
+    _close(x.grad.cpu(), xr.grad, "causal_conv1d_fn's gradient of x")
+
+
+@functools.cache
+def probe_cuda_kernels(index: int) -> KernelProbe:
+    """Import mamba-ssm (and causal-conv1d) and run their compiled kernels once on GPU ``index``.
+
+    Cached per GPU; see :func:`probe_kernels` for what is checked. Never raises.
+    """
+    return probe_kernels(torch.device("cuda", index))
+
+
+def probe_kernels(device: torch.device) -> KernelProbe:
+    """Import mamba-ssm (and causal-conv1d) and run their kernels once on ``device``.
+
+    Cached per GPU: the first Mamba forward (or the predictor / training start-up) on a GPU
+    pays a few milliseconds, later calls nothing. Checks, in order, each failure giving the
+    ``reason`` with the exception's first line:
+
+    1. a ``mamba_ssm`` package is installed;
+    2. ``import mamba_ssm`` succeeds (its ``__init__`` imports the whole package: mamba-ssm
+       < 2.3 fails there with transformers >= 5, "cannot import name
+       'GreedySearchDecoderOnlyOutput'");
+    3. ``selective_scan_fn`` runs forward and backward on the GPU and matches the PyTorch
+       reference (catches extensions built without ``selective_scan_cuda``, which import but
+       raise on first call, or built for another GPU architecture: "no kernel image");
+    4. causal-conv1d, when installed, imports and ``causal_conv1d_fn`` matches ``F.conv1d``
+       (an installed but broken causal-conv1d also makes the backend unavailable; a missing
+       one only means the convolution runs as ``F.conv1d``, as in ``mamba_ssm.Mamba``).
+
+    Never raises: every failure is reported in ``reason``. (``device`` is a GPU in use;
+    the tests run the same checks with fake modules on the CPU.)
+    """
+    if not mamba_ssm_installed():
+        return KernelProbe("mamba-ssm is not installed (pip install 'uumamba[gpu]')")
+    version = _installed_version("mamba-ssm")
+    try:
+        import mamba_ssm  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError / RuntimeError from a broken build
+        hint = ""
+        if "GreedySearchDecoderOnlyOutput" in str(exc):
+            hint = (" (mamba-ssm < 2.3 imports GreedySearchDecoderOnlyOutput, which "
+                    "transformers 5 removed: install mamba-ssm>=2.3 or transformers<5)")
+        return KernelProbe(f"mamba-ssm {version} is installed but 'import mamba_ssm' fails: "
+                           f"{_first_line(exc)}{hint}")
+    try:
+        with torch.autocast(device.type, enabled=False):
+            _exercise_selective_scan(device)
+    except Exception as exc:
+        return KernelProbe(f"mamba-ssm {version} imports, but its selective_scan_fn failed "
+                           f"a test call on {device}: {_first_line(exc)}")
+    if importlib.util.find_spec("causal_conv1d") is None:
+        return KernelProbe(None, False, "causal-conv1d is not installed: the causal "
+                           "convolution runs as F.conv1d")
+    conv_version = _installed_version("causal-conv1d")
+    try:
+        with torch.autocast(device.type, enabled=False):
+            _exercise_causal_conv1d(device)
+    except Exception as exc:
+        return KernelProbe(f"causal-conv1d {conv_version} is installed but its "
+                           f"causal_conv1d_fn failed a test call on {device}: "
+                           f"{_first_line(exc)}")
+    return KernelProbe(None, True, None)
+
+
+def _probe_for(device: torch.device) -> KernelProbe:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return probe_cuda_kernels(index)
 
 
 def cuda_backend_status(device: torch.device | str) -> str | None:
     """Say why the ``cuda`` backend cannot run on ``device``, or return None when it can.
 
-    Checks, in order: the tensors are on a CUDA device, torch sees a GPU, and
-    ``mamba_ssm.ops.selective_scan_interface`` imports (its error text is included).
+    Checks, in order: the tensors are on a CUDA device, torch sees a GPU, and mamba-ssm's
+    (and causal-conv1d's) kernels import and run on that GPU (:func:`probe_cuda_kernels`,
+    cached per GPU; its reason is included).
     """
     device = torch.device(device)
     if device.type != "cuda":
         return f"the tensors are on device '{device}', not on a CUDA device"
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False (no GPU or no CUDA build of torch)"
-    error = _mamba_ssm_import_error()
-    if error is not None:
-        return (
-            "mamba-ssm is not importable (install the 'gpu' extra: pip install 'uumamba[gpu]'); "
-            f"import error: {error}"
-        )
-    return None
+    return _probe_for(device).reason
+
+
+def causal_conv1d_usable(device: torch.device | str) -> bool:
+    """True when causal-conv1d's kernel passed :func:`probe_cuda_kernels` on ``device``."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and _probe_for(device).causal_conv1d)
 
 
 def _check_backend_name(name: str, origin: str) -> str:
@@ -90,31 +283,73 @@ def _check_backend_name(name: str, origin: str) -> str:
     return name.lower()
 
 
-def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
-    """Pick the concrete backend (``"cuda"``, ``"cpu"`` or ``"torch"``) for tensors on ``device``.
-
-    Args:
-        backend: ``auto`` | ``cuda`` | ``cpu`` | ``torch``. ``auto`` is first replaced by the
-            environment variable ``UUMAMBA_SCAN_BACKEND`` when it is set; an explicit name wins
-            over the environment. ``auto`` then means: ``cuda`` for CUDA tensors when mamba-ssm
-            imports, ``cpu`` for CPU tensors, ``torch`` otherwise (e.g. a GPU without
-            mamba-ssm, MPS).
-        device: the device the scan inputs live on.
+def requested_scan_backend(backend: str) -> str:
+    """The backend name asked for: ``backend``, with ``auto`` replaced by the environment
+    variable ``UUMAMBA_SCAN_BACKEND`` when it is set (an explicit name wins).
 
     Raises:
-        ValueError: unknown backend name (argument or environment variable), or ``cpu``
-            requested for tensors that are not on the CPU.
-        RuntimeError: ``cuda`` requested where it cannot run; the message says why (not a
-            CUDA device, no GPU, mamba-ssm missing with its import error).
+        ValueError: unknown backend name (argument or environment variable).
     """
-    device = torch.device(device)
     name = _check_backend_name(backend, "backend")
     if name == "auto":
         name = _check_backend_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
-    if name == "auto":
-        if device.type == "cuda" and cuda_backend_status(device) is None:
-            return "cuda"
-        return "cpu" if device.type == "cpu" else "torch"
+    return name
+
+
+def cuda_may_run(backend: str, device: torch.device | str) -> bool:
+    """True when the scan for ``backend`` on ``device`` is, or may be, mamba-ssm's kernels:
+    ``cuda`` asked for, or ``auto`` on a CUDA device. The CUDA kernels' limits
+    (:func:`cuda_kernel_limit_errors`) are enforced then, whether or not mamba-ssm is
+    installed here, so a model does not stop working when it moves to a machine that has it.
+    """
+    name = requested_scan_backend(backend)
+    return name == "cuda" or (name == "auto" and torch.device(device).type == "cuda")
+
+
+@dataclass(frozen=True)
+class ScanBackendChoice:
+    """The backend a scan runs on and, when it is not the one wanted, why.
+
+    Attributes:
+        backend: ``cuda`` | ``cpu`` | ``torch``.
+        warning: set when ``auto`` does not run the cuda backend on a CUDA device, or
+            mamba-ssm is installed but another backend runs; says which runs and the reason
+            (:func:`cuda_backend_status`). None otherwise (and for an explicit ``cpu`` /
+            ``torch``, the user's own choice).
+    """
+
+    backend: str
+    warning: str | None = None
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def choose_scan_backend(backend: str, device: torch.device | str) -> ScanBackendChoice:
+    """:func:`resolve_scan_backend` plus the warning to show when cuda was wanted and another
+    backend runs (logged once per backend / device by :func:`resolve_scan_backend`).
+
+    Raises:
+        ValueError / RuntimeError: as :func:`resolve_scan_backend`.
+    """
+    device = torch.device(device)
+    name = requested_scan_backend(backend)
+    if name != "auto":
+        return ScanBackendChoice(_check_explicit(name, device))
+    if device.type == "cuda":
+        reason = cuda_backend_status(device)
+        if reason is None:
+            return ScanBackendChoice("cuda")
+        return ScanBackendChoice("torch", f"selective scan on {device} runs the torch backend, "
+                                 f"not mamba-ssm's CUDA kernels: {reason}")
+    chosen = "cpu" if device.type == "cpu" else "torch"
+    if mamba_ssm_installed():
+        return ScanBackendChoice(chosen, f"mamba-ssm is installed but the selective scan runs "
+                                 f"the {chosen} backend: {cuda_backend_status(device)}")
+    return ScanBackendChoice(chosen)
+
+
+def _check_explicit(name: str, device: torch.device) -> str:
     if name == "cuda":
         reason = cuda_backend_status(device)
         if reason is not None:
@@ -125,6 +360,37 @@ def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
             "use backend='torch' or 'cuda' there"
         )
     return name
+
+
+def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
+    """Pick the concrete backend (``"cuda"``, ``"cpu"`` or ``"torch"``) for tensors on ``device``.
+
+    Args:
+        backend: ``auto`` | ``cuda`` | ``cpu`` | ``torch``. ``auto`` is first replaced by the
+            environment variable ``UUMAMBA_SCAN_BACKEND`` when it is set; an explicit name wins
+            over the environment. ``auto`` then means: ``cuda`` for CUDA tensors when
+            mamba-ssm's kernels import and pass their test call (:func:`probe_cuda_kernels`),
+            ``cpu`` for CPU tensors, ``torch`` otherwise (e.g. a GPU without a working
+            mamba-ssm, MPS). When ``auto`` does not get the cuda backend on a GPU, or
+            mamba-ssm is installed but unusable, a warning with the reason is logged (once
+            per backend and device; :func:`choose_scan_backend`).
+        device: the device the scan inputs live on.
+
+    Raises:
+        ValueError: unknown backend name (argument or environment variable), or ``cpu``
+            requested for tensors that are not on the CPU.
+        RuntimeError: ``cuda`` requested where it cannot run; the message says why (not a
+            CUDA device, no GPU, mamba-ssm missing, not importable or failing its test call,
+            with the error). An explicit ``cuda`` never falls back.
+    """
+    device = torch.device(device)
+    choice = choose_scan_backend(backend, device)
+    if choice.warning is not None:
+        key = (str(backend), str(device), choice.backend)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning(choice.warning)
+    return choice.backend
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,12 +516,22 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     """mamba-ssm's fused CUDA selective scan on float32 copies of the inputs.
 
     Shapes as :func:`selective_scan`; returns (batch, d_inner, L) float32. mamba-ssm is
-    imported here, never at module import. Raises RuntimeError (with the reason) when the
-    tensors are not on a CUDA device, there is no GPU, or mamba-ssm does not import.
+    imported here, never at module import.
+
+    Raises:
+        RuntimeError: the tensors are not on a CUDA device, there is no GPU, or mamba-ssm's
+            kernels do not import or fail their test call (:func:`cuda_backend_status`).
+        ValueError: ``d_state`` (A's second size) above 256, the kernel's limit.
+        TypeError: a float64 input (the kernel takes float32 / float16 / bfloat16 only; it
+            would otherwise be computed in float32 without a word): use the torch backend.
     """
     reason = cuda_backend_status(u.device)
     if reason is not None:
         raise RuntimeError(f"selective-scan backend 'cuda' is unavailable: {reason}")
+    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    for error in cuda_kernel_limit_errors(d_state=A.shape[1], dtype=dtype):
+        kind = TypeError if error.startswith("dtype") else ValueError
+        raise kind(f"selective-scan backend 'cuda': {error}; use backend='torch' for it")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     f32 = [None if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
