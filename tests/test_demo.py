@@ -84,15 +84,15 @@ def test_demo_cli_end_to_end_cut_short(tmp_path):
 
 
 def test_demo_default_settings_reach_every_class_floor():
-    """The demo exactly as ``uumamba demo`` runs it (600 iterations, 8 training cases, seed 0):
-    every class reaches the promised Dice on the held-out cases. This test takes the demo's
-    time (about 2 minutes on 2 cores)."""
-    from uumamba.demo import DEFAULT_MAX_MINUTES, EXPECTED_MIN_DICE, ITERATIONS, run_demo
+    """The demo as ``uumamba demo`` runs it (600 iterations, 8 training cases, seed 0): every
+    class reaches the promised Dice on the held-out cases. This test takes the demo's time
+    (4-6 minutes on 2 cores)."""
+    from uumamba.demo import EXPECTED_MIN_DICE, ITERATIONS, run_demo
 
-    result = run_demo(device="cpu")
-    assert result["iterations"] == ITERATIONS and not result["cut_short"], (
-        f"the {DEFAULT_MAX_MINUTES} min cap stopped the demo after {result['iterations']} "
-        "iterations: this machine is too slow for the test to mean anything")
+    # The demo's settings except the wall-time cap, raised so that a slow CI machine still
+    # runs all 600 iterations (the cap itself is tested by the cut-short test above).
+    result = run_demo(device="cpu", minutes=30.0)
+    assert result["iterations"] == ITERATIONS and not result["cut_short"], result["iterations"]
     dice = {m["name"]: m["Dice"] for m in result["mean"].values()}
     assert set(dice) == {"RV", "MYO", "LV"}
     assert all(d >= EXPECTED_MIN_DICE for d in dice.values()), dice
