@@ -125,8 +125,7 @@ def test_export_dicom_command(tmp_path, capsys):
     from uumamba.dicom.cases import write_volume
 
     ref = tmp_path / "ref.nii"
-    write_volume(np.zeros(label.shape, np.int16), plan.geometry, plan,
-                 discover_series(tmp_path / "s")[0], ref, tmp_path / "s")
+    write_volume(plan, discover_series(tmp_path / "s")[0], ref, tmp_path / "s")
     mask_path = write_mask(label, ref, tmp_path / "mask.nii.gz")
     out = export_dicom_from_cli(mask_path, tmp_path / "s", tmp_path / "out.dcm", labels=str(MODEL))
     assert "DICOM SEG with 3 segments (RV, MYO, LV)" in capsys.readouterr().out

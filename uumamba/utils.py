@@ -7,7 +7,7 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +173,21 @@ def plain_tensor(x: Any) -> Any:
     if hasattr(x, "as_tensor"):
         return x.as_tensor()
     return torch.as_tensor(x)
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A PEP 562 module ``__getattr__`` for ``package`` that imports each public name from its
+    submodule on first use (``exports``: name -> submodule, relative to ``package``), so that
+    importing the package itself stays light.
+
+    Raises (from the returned function):
+        AttributeError: a name that is not in ``exports``.
+    """
+    import importlib
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+
+    return __getattr__

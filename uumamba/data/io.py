@@ -332,12 +332,19 @@ def _write_nifti(data: np.ndarray, reference_path: Path, ref_geom: Geometry, tmp
         header.set_intent("none")
         img = nib.Nifti1Image(data, None, header=header)  # affine None keeps qform and sform
     else:
-        affine = ref_geom.affine_ras()
-        img = nib.Nifti1Image(data, affine)
-        img.header.set_qform(affine, code=1)
-        img.header.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm", "sec")
+        img = nifti_on_grid(data, ref_geom)
     nib.save(img, str(tmp))
+
+
+def nifti_on_grid(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+    """A NIfTI-1 image of ``data`` ((x, y, z[, c]) in ``geometry``'s voxel grid) whose qform and
+    sform (both code 1, scanner) are ``geometry``'s RAS affine, units mm."""
+    affine = geometry.affine_ras()
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    return img
 
 
 def _write_sitk(data: np.ndarray, ref_geom: Geometry, tmp: Path) -> None:

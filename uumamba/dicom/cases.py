@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 from uumamba.data.dicom_series import (
     DicomLimits,
@@ -28,7 +27,7 @@ from uumamba.data.dicom_series import (
     read_series_volume,
     series_geometry,
 )
-from uumamba.data.io import Geometry, read_geometry
+from uumamba.data.io import nifti_on_grid, read_geometry
 from uumamba.dicom.archive import ZipLimits, extract_zip, is_zip
 from uumamba.errors import DataError, UserError
 
@@ -102,20 +101,17 @@ def scrub(message: str, root: Path, name: Path | str) -> str:
     return message.replace(str(root), str(name))
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, plan: SeriesGeometry, series: DicomSeries,
-                 path: Path, source: Path) -> Path:
-    """Write one frame as ``path`` (``.nii``, sform and qform = the DICOM grid) and its sidecar.
+def write_volume(plan: SeriesGeometry, series: DicomSeries, path: Path, source: Path) -> Path:
+    """Decode one frame (``plan``) of ``series`` and write it as ``path`` (``.nii``, sform and
+    qform = the DICOM grid) with its sidecar.
 
     Raises:
+        DataError: as :func:`uumamba.data.dicom_series.read_series_volume`.
         RuntimeError: the NIfTI read back has another grid (float32 sform rounding beyond
             1e-4 mm would be a bug).
     """
-    affine = geometry.affine_ras()
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
+    geometry = plan.geometry
+    nib.save(nifti_on_grid(read_series_volume(plan, series.label), geometry), str(path))
     bad = geometry.mismatch(read_geometry(path), rtol=1e-6, atol=1e-4)
     if bad:
         raise RuntimeError(f"{path}: NIfTI copy of {series.label} has another {', '.join(bad)}")
@@ -165,27 +161,19 @@ def materialize_cases(input_path: Path, work: Path, n_channels: int = 1, frame: 
         raise UserError("--frame and --split-4d exclude each other")
     result = DicomCases()
     for series in open_series(input_path, work, limits, refused=result.refused):
-        n_frames = 0
         try:
             try:
-                plan = series_geometry(series, frame=frame, limits=limits)
+                frames = [(series.case, series_geometry(series, frame=frame, limits=limits))]
             except Series4D as exc:
                 if not split_4d:
                     raise
-                plan, n_frames = None, exc.n_frames
-            if plan is None:
-                for t in range(n_frames):
-                    p = series_geometry(series, frame=t, limits=limits)
-                    name = f"{series.case}_frame{t:02d}"
-                    out = work / f"{name}.nii"
-                    write_volume(read_series_volume(p, series.label), p.geometry, p, series, out,
-                                 input_path)
-                    result.cases.append((name, [out]))
-            else:
-                out = work / f"{series.case}.nii"
-                write_volume(read_series_volume(plan, series.label), plan.geometry, plan, series,
-                             out, input_path)
-                result.cases.append((series.case, [out]))
+                frames = ((f"{series.case}_frame{t:02d}",  # one frame at a time, as before
+                           series_geometry(series, frame=t, limits=limits))
+                          for t in range(exc.n_frames))
+            for name, plan in frames:
+                out = work / f"{name}.nii"
+                write_volume(plan, series, out, input_path)
+                result.cases.append((name, [out]))
         except DataError as exc:
             result.refused.append(scrub(str(exc), work, "(temporary folder)"))
     return result
@@ -225,7 +213,6 @@ def materialize_upload(archive: Path, work: Path, frame: int | None = None,
     s.where = name
     try:
         plan = series_geometry(s, frame=frame, limits=UPLOAD_DICOM_LIMITS)
-        array = read_series_volume(plan, s.label)
+        return write_volume(plan, s, work / "series.nii", Path(name))
     except DataError as exc:
         raise DataError(str(exc).replace(str(root) + "/", "").replace(str(root), name)) from None
-    return write_volume(array, plan.geometry, plan, s, work / "series.nii", Path(name))

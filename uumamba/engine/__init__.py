@@ -16,27 +16,21 @@ The names below are imported on first use, so ``import uumamba.engine`` stays li
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from uumamba.utils import lazy_exports
 
 _EXPORTS = {
-    "train_fold": "uumamba.engine.loop",
-    "run_fold": "uumamba.engine.loop",
-    "FoldResult": "uumamba.engine.loop",
-    "save_checkpoint": "uumamba.engine.checkpoint",
-    "load_checkpoint": "uumamba.engine.checkpoint",
-    "CHECKPOINT_KEYS": "uumamba.engine.checkpoint",
-    "validate": "uumamba.engine.validate",
-    "ValidationResult": "uumamba.engine.validate",
-    "Callback": "uumamba.engine.callbacks",
-    "training_step": "uumamba.engine.step",
-    "StepResult": "uumamba.engine.step",
+    "train_fold": "loop",
+    "run_fold": "loop",
+    "FoldResult": "loop",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "CHECKPOINT_KEYS": "checkpoint",
+    "validate": "validate",
+    "ValidationResult": "validate",
+    "Callback": "callbacks",
+    "training_step": "step",
+    "StepResult": "step",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'uumamba.engine' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -17,8 +17,7 @@ training engine.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from uumamba.utils import lazy_exports
 
 #: Public name -> submodule. Imported on first use (PEP 562), so that ``uumamba predict`` can
 #: read inputs and refuse a bad file before torch and MONAI load.
@@ -35,11 +34,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'uumamba.inference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"uumamba.inference.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
