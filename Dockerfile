@@ -120,7 +120,7 @@ RUN echo "torch==${TORCH_VERSION}" > /opt/constraints.txt \
  && pip install --no-cache-dir --no-index --no-deps --find-links /wheels \
         "mamba-ssm==${MAMBA_SSM_VERSION}" "causal-conv1d==${CAUSAL_CONV1D_VERSION}"
 
-# The package with its gpu extra; the extra's two packages are already installed from /wheels
+# The package with its gpu extra (and the queue extra for --broker); the extra's two packages are already installed from /wheels
 # (found there again through --find-links), their pure-Python dependencies come from PyPI.
 WORKDIR /opt/uumamba
 COPY . /opt/uumamba
@@ -129,7 +129,7 @@ COPY . /opt/uumamba
 # GPU (BuildKit with one attached), uumamba's probe runs selective_scan_fn and
 # causal_conv1d_fn once on it and compares them with the PyTorch reference. Without a GPU at
 # build time the imports are the check; `uumamba serve` logs and /readyz report any fallback.
-RUN pip install --no-cache-dir --constraint /opt/constraints.txt --find-links /wheels "/opt/uumamba[gpu]" \
+RUN pip install --no-cache-dir --constraint /opt/constraints.txt --find-links /wheels "/opt/uumamba[gpu,queue]" \
  && python -c "import torch, selective_scan_cuda, causal_conv1d_cuda, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'mamba_ssm', mamba_ssm.__version__, 'causal_conv1d', causal_conv1d.__version__)" \
  && python -c "import sys, torch; from uumamba.nn.ops.selective_scan import probe_cuda_kernels; gpu = torch.cuda.is_available(); r = probe_cuda_kernels(0) if gpu else None; print('kernel probe:', 'no GPU at build time, imports only' if not gpu else (r.reason or 'selective_scan_fn and causal_conv1d_fn ran on ' + torch.cuda.get_device_name(0))); sys.exit(1 if gpu and (r.reason or not r.causal_conv1d) else 0)" \
  && rm -rf /wheels
@@ -137,11 +137,13 @@ RUN pip install --no-cache-dir --constraint /opt/constraints.txt --find-links /w
 # Non-root user "uumamba", UID/GID 1000 (numeric below, so runtimes can check it is not root).
 RUN groupadd --gid 1000 uumamba \
  && useradd --create-home --uid 1000 --gid 1000 --shell /bin/bash uumamba \
- && mkdir -p /models \
- && chown uumamba:uumamba /models
+ && mkdir -p /models /state \
+ && chown uumamba:uumamba /models /state
 
 # Caches under /tmp so any --user UID (matching a mounted folder's owner) can write them.
+# Jobs are stored in /state (a volume: they survive a container restart).
 ENV UUMAMBA_MODEL=/models/model \
+    UUMAMBA_STATE_DIR=/state \
     UUMAMBA_HOST=0.0.0.0 \
     UUMAMBA_PORT=8000 \
     MPLCONFIGDIR=/tmp/matplotlib \
@@ -150,7 +152,7 @@ ENV UUMAMBA_MODEL=/models/model \
 
 USER 1000:1000
 WORKDIR /home/uumamba
-VOLUME ["/models"]
+VOLUME ["/models", "/state"]
 EXPOSE 8000
 
 # /readyz, not /healthz: a model that failed to load (corrupt checkpoint, wrong folder) keeps

@@ -11,6 +11,15 @@ Usage::
 
     python benchmarks/bench_service.py                      # tiny model trained on the fly
     python benchmarks/bench_service.py --model runs/acdc --input case.nii.gz --device cuda
+    python benchmarks/bench_service.py --workers 1,2 --jobs-only          # worker processes
+    python benchmarks/bench_service.py --workers 1,2 --jobs-only --broker auto   # RQ on Redis
+
+``--workers N[,M...]``: the API runs no jobs itself (``--no-run-jobs``) and N ``uumamba
+worker`` processes take them from its state folder (SQLite), or with ``--broker`` from Redis
+(``auto``: a throw-away ``redis-server`` on loopback); one run per count, side by side, each
+with a fresh server and state, reported in one table. ``--jobs-only``: every request is a job
+(the worker processes run only jobs). Without ``--workers`` the API runs everything itself with
+``--threads`` inference threads.
 
 Targets: no 5xx, no lost job, memory flat after the first requests (the RSS growth between
 the end of warm-up and the end is printed).
@@ -166,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=1, help="UUMAMBA_WORKERS_PER_DEVICE")
+    parser.add_argument("--threads", type=int, default=1, help="UUMAMBA_WORKERS_PER_DEVICE")
+    parser.add_argument("--workers", default=None,
+                        help="comma-separated counts of 'uumamba worker' processes, one run each")
+    parser.add_argument("--broker", default=None,
+                        help="redis://HOST:PORT/DB for the workers, or 'auto' (a loopback redis-server)")
+    parser.add_argument("--jobs-only", action="store_true", help="every request through /v1/jobs")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (model, server log)")
     parser.add_argument("--hostile", type=int, default=0, help="hostile requests mixed in")
@@ -190,17 +204,84 @@ def main(argv: list[str] | None = None) -> int:
             upload = sorted((write_synthetic_dataset(scratch / "data", n_cases=1) / "images").glob("*"))[0]
     payload = upload.read_bytes()
 
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
+    redis_proc = None
+    broker = args.broker
+    try:
+        if broker == "auto":
+            redis_proc, broker = start_redis(scratch / "redis")
+        rows, status = [], 0
+        for n in counts:
+            row, bad = run_one(args, model_dir, upload, payload, scratch, n, broker)
+            rows.append(row)
+            status |= bad
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+        if args.keep:
+            print(f"scratch folder kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if len(rows) > 1 or args.workers:
+        mode = "RQ on Redis" if broker else "SQLite state folder"
+        print(f"\n| worker processes ({mode}) | requests | throughput (requests/s) | p50 (s) | p95 (s) | 5xx | lost |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['workers']} | {row['n']} | {row['throughput']:.2f} | {row['p50']:.3f} | "
+                  f"{row['p95']:.3f} | {row['5xx']} | {row['lost']} |")
+    return status
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A throw-away ``redis-server`` on a free loopback port (no persistence); its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("--broker auto needs redis-server (Debian: apt-get install redis-server)")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not answer")
+
+
+def run_one(args, model_dir: Path, upload: Path, payload: bytes, scratch: Path,
+            n_workers: int | None, broker: str | None) -> tuple[dict, int]:
+    """One load run against a fresh server (and ``n_workers`` worker processes); returns
+    its summary row and 1 when a target was missed."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "UUMAMBA_MAX_QUEUE": str(max(args.clients * 2, 8)),
-           "UUMAMBA_WORKERS_PER_DEVICE": str(args.workers), "UUMAMBA_REQUEST_TIMEOUT_S": str(args.timeout),
+           "UUMAMBA_WORKERS_PER_DEVICE": str(args.threads), "UUMAMBA_REQUEST_TIMEOUT_S": str(args.timeout),
            "UUMAMBA_UPLOAD_TIMEOUT_S": str(args.upload_timeout),
            "UUMAMBA_MAX_UPLOADS_PER_CLIENT": str(args.clients + args.hostile_clients + 1)}
-    log_path = scratch / "server.log"
+    run_dir = Path(tempfile.mkdtemp(prefix=f"run-{n_workers}-", dir=scratch))
+    if broker:
+        env["UUMAMBA_BROKER_URL"] = broker
+    else:
+        env["UUMAMBA_STATE_DIR"] = str(run_dir / "state")
+    serve = [sys.executable, "-m", "uumamba.cli", "serve", "--model", str(model_dir),
+             "--host", "127.0.0.1", "--port", str(port), "--device", args.device]
+    if n_workers is not None:
+        serve.append("--no-run-jobs")
+    log_path = run_dir / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uumamba.cli", "serve", "--model", str(model_dir),
-                                 "--host", "127.0.0.1", "--port", str(port), "--device", args.device],
-                                env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(serve, env=env, stdout=log, stderr=log)
+        workers = [subprocess.Popen([sys.executable, "-m", "uumamba.cli", "worker", "--model", str(model_dir),
+                                     "--device", args.device], env={**env, "OMP_NUM_THREADS": str(args.threads)},
+                                    stdout=log, stderr=log)
+                   for _ in range(n_workers or 0)]
     sampler = RssSampler(proc.pid)
     try:
         t0 = time.monotonic()
@@ -209,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(log_path.read_text()[-3000:])
                 raise SystemExit(f"server exited with {proc.returncode}")
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                # with worker processes: also until each has loaded and warmed up the model
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200 and (
+                        not n_workers or log_path.read_text().count('"msg": "worker started"') >= n_workers):
                     break
             except httpx.TransportError:
                 pass
@@ -229,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 cf.ThreadPoolExecutor(max(1, args.hostile_clients)) as bad:
             hostile = [bad.submit(one_hostile, base, *kinds[i % len(kinds)], args.upload_timeout * 2)
                        for i in range(args.hostile)]
-            futures = [ex.submit(one_request, base, payload, upload.name, i % 2 == 1, args.timeout)
+            futures = [ex.submit(one_request, base, payload, upload.name, args.jobs_only or i % 2 == 1,
+                                 args.timeout)
                        for i in range(args.requests)]
             for fut in cf.as_completed(futures):
                 results.append(fut.result())
@@ -241,15 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
     finally:
         sampler.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if args.keep:
-            print(f"scratch folder kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        for child in [*workers, proc]:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
     latencies = sorted(r[1] for r in results)
     codes = collections.Counter(r[0] for r in results)
@@ -276,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
               f"honest requests not answered 200: {refused_honest}")
     queue_lines = [line for line in metrics.splitlines() if line.startswith("uumamba_queue_depth")]
     print("server metrics at end: " + "; ".join(queue_lines))
-    return 1 if n_5xx or lost or hostile_5xx or leaks or (hostile_results and refused_honest) else 0
+    row = {"workers": n_workers if n_workers is not None else f"in-API ({args.threads} threads)",
+           "n": len(results), "throughput": len(results) / wall, "p50": statistics.median(latencies),
+           "p95": p95, "5xx": n_5xx, "lost": lost}
+    return row, int(bool(n_5xx or lost or hostile_5xx or leaks or (hostile_results and refused_honest)))
+
+
 
 
 if __name__ == "__main__":

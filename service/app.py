@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,30 @@ async def _user_error(request: Request, exc: UserError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of an unavailable job store: SQLite (locked past its busy timeout,
+    corrupt, disk error) and, when installed, Redis (unreachable, timed out)."""
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import redis
+
+        errors.append(redis.exceptions.RedisError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The job store failed (locked, corrupt, unreachable): 503 with ``Retry-After``; the
+    cause goes to the log only (it may name server paths)."""
+    logger.error("job store unavailable", exc_info=exc,
+                 extra={"fields": {"error": f"{type(exc).__name__}: {exc}"[:300]}})
+    return JSONResponse({"detail": "job store unavailable (busy or unreachable); retry later"},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
 def _new_state(settings: ServiceSettings) -> ServiceState:
     """The state of one app, with the metrics' gauges reading it at scrape time."""
     metrics = Metrics()
@@ -110,7 +135,8 @@ def create_app(settings: ServiceSettings, predictor: Any = None) -> FastAPI:
         docs_url=None if protected_docs else "/docs",
         redoc_url=None if protected_docs else "/redoc",
         exception_handlers={ServiceError: _service_error, UploadRejected: _upload_rejected,
-                            VolumeTooLarge: _too_large, UserError: _user_error},
+                            VolumeTooLarge: _too_large, UserError: _user_error,
+                            **{error: _store_unavailable for error in _store_errors()}},
     )
     app.state.service = state
     app.include_router(health_router)
@@ -152,7 +178,9 @@ def default_allowed_hosts(host: str) -> list[str]:
 
 
 def serve_from_cli(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                   device: str = "auto", insecure_no_auth: bool = False) -> None:
+                   device: str = "auto", insecure_no_auth: bool = False,
+                   state_dir: Path | None = None, broker: str | None = None,
+                   run_jobs: bool = True, processes: int = 1) -> None:
     """``uumamba serve``: validate the model folder, then run the app with uvicorn.
 
     Other settings come from ``UUMAMBA_*`` environment variables (see
@@ -161,18 +189,24 @@ def serve_from_cli(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8
 
     Args:
         insecure_no_auth: allow a non-loopback ``host`` without ``UUMAMBA_API_KEY``.
+        state_dir / broker / run_jobs: the job store (see :class:`ServiceSettings`).
+        processes: uvicorn worker processes; more than one starts the app in each through
+            :func:`app_from_env`, all sharing the job store.
 
     Raises:
         UserError: one line when the model folder is missing or not a trained model folder,
-            a setting from the environment is invalid, or ``host`` is not a loopback address
-            while no API key is set and ``insecure_no_auth`` is false.
+            a setting from the environment is invalid, the state folder cannot be created,
+            or ``host`` is not a loopback address while no API key is set and
+            ``insecure_no_auth`` is false.
     """
     import uvicorn
     from pydantic import ValidationError
 
     path = ModelFolder(model_dir).require().root
+    given = {"state_dir": state_dir, "broker_url": broker}
     try:
-        settings = ServiceSettings(model_dir=path, device=device)
+        settings = ServiceSettings(model_dir=path, device=device, run_jobs=run_jobs,
+                                   **{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"UUMAMBA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         raise UserError(f"invalid service setting: {problems}") from None
@@ -182,11 +216,42 @@ def serve_from_cli(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8
                         "bind 127.0.0.1, or pass --insecure-no-auth")
     if settings.allowed_hosts is None:
         settings = settings.model_copy(update={"allowed_hosts": default_allowed_hosts(host)})
+    if settings.broker_url:
+        from .redis_queue import check_broker
+
+        check_broker(settings.broker_url)
+    else:
+        from .jobs import open_state_folder
+
+        open_state_folder(settings).close()  # a one-line UserError for a bad state folder
     configure_logging(library=True)
-    logger.info("starting", extra={"fields": {"model_dir": str(path), "host": host, "port": port,
-                                               "device": device}})
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=10)
+    logger.info("starting", extra={"fields": {
+        "model_dir": str(path), "host": host, "port": port, "device": device,
+        "processes": processes, "jobs": settings.broker_url and "redis" or str(settings.resolved_state_dir)}})
+    if processes == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None,
+                    timeout_graceful_shutdown=10)
+        return
+    os.environ.update({
+        "UUMAMBA_MODEL_DIR": str(path), "UUMAMBA_DEVICE": settings.device,
+        "UUMAMBA_RUN_JOBS": str(settings.run_jobs).lower(),
+        "UUMAMBA_ALLOWED_HOSTS": ",".join(settings.allowed_hosts or []),
+        **({"UUMAMBA_BROKER_URL": settings.broker_url} if settings.broker_url else
+           {"UUMAMBA_STATE_DIR": str(settings.resolved_state_dir)}),
+    })
+    # uvicorn kills a child that does not answer its supervisor's ping within
+    # timeout_worker_healthcheck (default 5 s); loading torch and the model under the GIL on a
+    # busy machine takes longer, so it would restart the children in a loop.
+    uvicorn.run("uumamba_service.app:app_from_env", factory=True, workers=processes, host=host,
+                port=port, access_log=False, log_config=None, timeout_graceful_shutdown=10,
+                timeout_worker_healthcheck=120)
+
+
+def app_from_env() -> FastAPI:
+    """An app from ``UUMAMBA_*`` variables alone (``UUMAMBA_MODEL_DIR`` required): the factory
+    each process of ``uumamba serve --processes N`` (or ``uvicorn --factory --workers N``) runs."""
+    configure_logging(library=True)
+    return create_app(ServiceSettings())
 
 
 __all__ = ["ServiceSettings", "create_app", "serve_from_cli"]

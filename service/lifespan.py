@@ -1,10 +1,13 @@
-"""Startup and shutdown of one app: model loading, warm-up, job expiry, cleanup.
+"""Startup and shutdown of one app: model loading, warm-up, job upkeep, cleanup.
 
-:func:`service_lifespan` is the app's lifespan: it creates the private work folder and the job
-store, loads the model in a background thread (``/readyz`` answers 503 until it is loaded),
-starts the job-expiry sweeper, and on shutdown cancels waiting work and removes every
-temporary file. At start it removes work folders left by an earlier process that died
-(:func:`sweep_stale_work_folders`). The model folder is read through :class:`uumamba.model_folder.ModelFolder`.
+:func:`service_lifespan` is the app's lifespan: it creates the private work folder (for
+synchronous requests) and opens the durable job store (:func:`open_job_store`), loads the
+model in a background thread (``/readyz`` answers 503 until it is loaded), starts the job
+upkeep loop (:func:`_maintain_jobs`: lost jobs recovered, expired ones purged, queued ones
+handed to the inference pool), and on shutdown gives running jobs back to the queue, cancels
+waiting work and removes every temporary file; stored jobs stay for the next start. At start it
+removes work folders left by an earlier process that died (:func:`sweep_stale_work_folders`).
+The model folder is read through :class:`uumamba.model_folder.ModelFolder`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from uumamba.errors import UserError
-from uumamba.model_folder import ModelFolder
 
-from .jobs import JobStore
+from .dispatch import top_up
+from .jobs import JobStore, process_id
 from .model_info import describe_model
 from .observability import logger
+from .runner import STOPPING, RunContext
+from .settings import ServiceSettings
 from .state import ServiceState
+from .warmup import warm_up
 
 
 def _load_model(state: ServiceState, predictor: Any) -> None:
@@ -45,37 +51,15 @@ def _load_model(state: ServiceState, predictor: Any) -> None:
     if labels:  # the names the predictor writes win
         info = info.model_copy(update={"labels": dict(sorted(labels.items()))})
     if settings.warmup:
-        _warm_up(predictor, settings.model_dir, state.work_root)
+        warm_up(predictor, settings.model_dir, state.work_root)
     state.device = str(getattr(predictor, "device", settings.device))
     state.scan_backend = getattr(predictor, "scan_backend", None)
     state.scan_backend_warning = getattr(predictor, "scan_backend_warning", None)
     state.info = info
     state.predictor = predictor
+    state.run_context = RunContext(predictor, info.labels, info.tta_default,
+                                   settings.max_inference_s, state.owner, info.version)
     state.status = "ready"
-
-
-def _warm_up(predictor: Any, model_dir: Path, work_root: Path) -> None:
-    """Segment one smooth-noise volume of the patch size at the target spacing (discarded)."""
-    import nibabel as nib
-    import numpy as np
-
-    plans = ModelFolder(model_dir).load_plans()
-    shape = list(plans.patch_size)
-    if plans.spatial_dims == 2:
-        shape.insert(plans.slice_axis, 2)
-    # smooth noise: image-like enough (neighbour correlation ~0.9) not to trip the input check
-    from scipy.ndimage import gaussian_filter
-
-    volume = gaussian_filter(np.random.default_rng(0).random(shape, dtype=np.float32), 2.0)
-    path = work_root / "warmup.nii.gz"
-    try:
-        nib.save(nib.Nifti1Image(volume, np.diag([*plans.target_spacing, 1.0])), str(path))
-        start = time.perf_counter()
-        predictor.predict_file(path)
-        logger.info("warm-up done", extra={"fields": {"seconds": round(time.perf_counter() - start, 3),
-                                                       "shape": shape}})
-    finally:
-        path.unlink(missing_ok=True)
 
 
 async def _load_in_background(state: ServiceState, predictor: Any) -> None:
@@ -99,13 +83,50 @@ async def _load_in_background(state: ServiceState, predictor: Any) -> None:
         state.load_error = error.replace(str(state.settings.model_dir), "<model folder>").splitlines()[0][:300]
 
 
-async def _expire_jobs(jobs: JobStore, every_s: float) -> None:
-    """Purge expired jobs every ``every_s`` seconds, forever (cancelled at shutdown)."""
+def open_job_store(settings: ServiceSettings, work_root: Path) -> Any:
+    """The job store of ``settings``: RQ on Redis when ``broker_url`` is set (the queue of the
+    model's version), else the SQLite store in ``resolved_state_dir`` (created, 0700).
+
+    Raises:
+        OSError: the state folder cannot be created or its database opened.
+    """
+    common = dict(lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts,
+                  lost_jobs=settings.lost_jobs, max_jobs=settings.max_jobs,
+                  max_bytes=settings.max_job_bytes)
+    if settings.broker_url:
+        from .redis_queue import RedisJobStore, queue_for
+
+        version = describe_model(settings.model_dir, settings.folds).version
+        return RedisJobStore(settings.broker_url, settings.job_ttl_s, cache_dir=work_root / "jobs",
+                             upload_reserve_bytes=settings.max_upload_bytes,
+                             queue_name=queue_for(version), **common)
+    return JobStore(settings.resolved_state_dir, settings.job_ttl_s,
+                    upload_reserve_bytes=settings.max_upload_bytes, **common)
+
+
+def _upkeep(state: ServiceState) -> None:
+    """One pass of job upkeep (in a thread: the store blocks)."""
+    jobs = state.jobs
+    lost = jobs.reap()
+    if lost:
+        logger.warning("lost jobs recovered", extra={"fields": {"count": lost}})
+    n = jobs.purge_expired()
+    if n:
+        logger.info("jobs expired", extra={"fields": {"count": n}})
+    top_up(state)
+
+
+async def _maintain_jobs(state: ServiceState, every_s: float) -> None:
+    """Job upkeep now, then every ``every_s`` seconds, forever (cancelled at shutdown).
+
+    A failing pass (database locked for long, disk error) is logged and retried.
+    """
     while True:
+        try:
+            await asyncio.to_thread(_upkeep, state)
+        except Exception as exc:  # one line per pass: a store that is down is not a bug
+            logger.warning("job upkeep failed", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"[:300]}})
         await asyncio.sleep(every_s)
-        n = jobs.purge_expired()
-        if n:
-            logger.info("jobs expired", extra={"fields": {"count": n}})
 
 
 #: Name of the stable parent of every app's work folder (one per user) in the temp folder.
@@ -208,17 +229,23 @@ async def service_lifespan(app: FastAPI, predictor: Any = None) -> AsyncIterator
     state: ServiceState = app.state.service
     settings = state.settings
     state.work_root, state.work_lock = make_work_root(settings.tmp_dir)
-    state.jobs = JobStore(state.work_root / "jobs", settings.job_ttl_s)
-    sweep_s = min(60.0, max(0.5, settings.job_ttl_s / 4))
+    state.owner = process_id()
+    state.jobs = open_job_store(settings, state.work_root)
+    every_s = min(60.0, max(0.2, settings.job_ttl_s / 4), max(0.2, settings.job_lease_s / 4), 2.0)
     state.tasks = [asyncio.create_task(_load_in_background(state, predictor)),
-                   asyncio.create_task(_expire_jobs(state.jobs, sweep_s))]
+                   asyncio.create_task(_maintain_jobs(state, every_s))]
     try:
         yield
     finally:
         for task in state.tasks:
             task.cancel()
+        if hasattr(state.jobs, "cancel_running"):
+            state.jobs.cancel_running(STOPPING)  # running jobs are given back to the queue
         state.pool.shutdown()
-        state.jobs.clear()
+        end = time.monotonic() + 10.0
+        while state.pool.running and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        state.jobs.close()
         shutil.rmtree(state.work_root, ignore_errors=True)
         if state.work_lock is not None:
             lock = state.work_root.parent / f"{state.work_root.name}{_LOCK}"

@@ -28,12 +28,17 @@ class OutputFormat(str, Enum):
 
 
 class JobState(str, Enum):
-    """Life cycle of an asynchronous job: queued -> running -> done | failed."""
+    """Life cycle of an asynchronous job: queued -> running -> done | failed | interrupted.
+
+    ``interrupted``: the worker running it stopped (crash, restart, lost machine) and it was
+    not queued again (``lost_jobs=interrupt``, or its attempts were used up); resubmit it.
+    """
 
     queued = "queued"
     running = "running"
     done = "done"
     failed = "failed"
+    interrupted = "interrupted"
 
 
 class ErrorResponse(BaseModel):
@@ -160,7 +165,7 @@ class JobStatus(BaseModel):
     """State of an asynchronous job (``GET /v1/jobs/{id}``)."""
 
     id: str = Field(description="Job id.", examples=["5d0c8a3f9b2e4f61a7c3d2e1f0a9b8c7"])
-    status: JobState = Field(description="queued, running, done or failed.", examples=["running"])
+    status: JobState = Field(description="queued, running, done, failed or interrupted.", examples=["running"])
     stage: str = Field(description="Finer step: queued, reading, predicting, writing, done, failed.",
                        examples=["predicting"])
     progress: float = Field(ge=0.0, le=1.0, description="Fraction done, 0 to 1 (by stage).", examples=[0.1])
@@ -171,4 +176,9 @@ class JobStatus(BaseModel):
     finished_at: datetime | None = Field(default=None, description="End of inference (UTC).")
     expires_at: datetime | None = Field(
         default=None, description="When a finished job and its result are deleted (UTC).")
-    error: str | None = Field(default=None, description="Why the job failed.")
+    error: str | None = Field(default=None, description="Why the job failed or was interrupted.")
+    model_version: str | None = Field(default=None, description="Version of the model the job is "
+                                      "for (`version` of `/v1/model` when submitted); only "
+                                      "workers of that model run it.", examples=["3fa94c1b27de"])
+    attempts: int = Field(default=0, ge=0, description="Times a worker took this job (more than "
+                          "one when a worker was lost and the job was queued again).", examples=[1])

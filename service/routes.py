@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from uumamba.errors import UserError
 from uumamba.inference.sliding import InferenceCancelled
 
 from .dependencies import (
@@ -35,7 +35,8 @@ from .dependencies import (
     require_ready,
     upload_admission,
 )
-from .jobs import Job
+from .dispatch import dispatch, runs_jobs
+from .jobs import Job, StoreFull
 from .models import (
     ErrorResponse,
     Health,
@@ -178,21 +179,32 @@ async def submit_job(request: Request, response: Response, format: OutputFormat 
     then fetch `GET /v1/jobs/{id}/result`. The job runs even if the client disconnects;
     its result is kept for `job_ttl_s` seconds after it finished."""
     async with upload_admission(request, state):
-        try:
-            job = state.jobs.create(format, tta)
+        try:  # the store may block (a lock, a network round trip): never on the event loop
+            job = await run_in_threadpool(state.jobs.create, format, tta, state.owner,
+                                          state.info.version)
+        except StoreFull as exc:
+            raise ServiceError(503, f"{exc}; retry later", {"Retry-After": "30"}) from None
         except OSError:
             raise _no_work_folder() from None
         try:
             upload = await _receive_checked(request, state, job.workdir, format)
         except BaseException:
-            state.jobs.delete(job.id)
+            await _forget(state, job.id)
             raise
     slot: Slot | None = None
     try:
-        slot = admit(state)
-        job.future = state.pool.submit(slot, _run_job, state, job, upload)
+        if runs_jobs(state):
+            slot = admit(state)
+        elif state.jobs.waiting() >= state.settings.max_waiting_jobs:
+            raise ServiceError(429, f"server busy: {state.settings.max_waiting_jobs} jobs already "
+                                    "queued; retry later",
+                               {"Retry-After": str(state.settings.retry_after_s)})
+        await run_in_threadpool(state.jobs.enqueue, job.id, upload.path,
+                                upload.es.path if upload.es else None, upload.stem)
+        if slot is not None:
+            dispatch(state, slot)
     except BaseException:
-        state.jobs.delete(job.id)
+        await _forget(state, job.id)
         raise
     finally:
         if slot is not None and not slot.submitted:
@@ -206,7 +218,9 @@ async def submit_job(request: Request, response: Response, format: OutputFormat 
 @router.get("/jobs/{job_id}", response_model=JobStatus, summary="Job status and progress",
             responses={401: _UPLOAD_ERRORS[401], 404: _NOT_FOUND})
 def job_status(job: Job = Depends(get_job)) -> JobStatus:
-    """State (queued, running, done, failed), stage, progress 0-1, times and error."""
+    """State (queued, running, done, failed, interrupted), stage, progress 0-1, times, error
+    and attempts. Jobs are stored durably: a job is known after a server restart until it
+    expires."""
     return job.status()
 
 
@@ -215,15 +229,20 @@ def job_status(job: Job = Depends(get_job)) -> JobStatus:
     responses={200: {"model": VolumeSummary, "content": _FILE_CONTENT,
                      "description": "As `/v1/segment` in the format chosen at submission."},
                401: _UPLOAD_ERRORS[401], 404: _NOT_FOUND,
-               409: _error("The job is not done (queued / running) or failed; see `detail`.")},
+               409: _error("The job is not done (queued / running), failed or was "
+                           "interrupted; see `detail`.")},
 )
 def job_result(job: Job = Depends(get_job)) -> Response:
     """The mask file (or JSON summary); may be fetched again until the job expires."""
-    if job.state is JobState.failed:
-        raise ServiceError(409, f"job failed: {job.error}")
-    if job.state is not JobState.done or job.output is None:
-        raise ServiceError(409, f"job is {job.state.value} (stage {job.stage}, progress {job.progress:.2f})")
-    return result_response(job.output, f"job_{job.id[:8]}", cleanup=None)
+    state = job.public_state
+    if state in (JobState.failed, JobState.interrupted):
+        raise ServiceError(409, f"job {state.value}: {job.error}")
+    output = job.output
+    if state is not JobState.done or output is None:
+        raise ServiceError(409, f"job is {state.value} (stage {job.stage}, progress {job.progress:.2f})")
+    if output.path is not None and not output.path.is_file():
+        raise job_not_found(job.id)  # deleted or expired between the lookup and now
+    return result_response(output, f"job_{job.id[:8]}", cleanup=None)
 
 
 @router.delete("/jobs/{job_id}", status_code=204, response_class=Response, summary="Delete a job",
@@ -234,6 +253,25 @@ def delete_job(job_id: str, state: ServiceState = Depends(get_state)) -> Respons
     if not state.jobs.delete(job_id):
         raise job_not_found(job_id)
     return Response(status_code=204)
+
+
+async def _forget(state: ServiceState, job_id: str) -> None:
+    """Delete a job that was not accepted, in a worker thread (the store may block). When the
+    request is being cancelled (client gone: no await can complete), the deletion goes on in
+    a background thread. Failures are logged; the upkeep loop removes what is left (an
+    abandoned upload's row and folder)."""
+
+    def forget() -> None:
+        try:
+            state.jobs.delete(job_id)
+        except Exception:
+            logger.exception("could not delete a refused job", extra={"fields": {"job_id": job_id}})
+
+    try:
+        await run_in_threadpool(forget)
+    except BaseException:
+        threading.Thread(target=forget, name="uumamba-forget-job", daemon=True).start()
+        raise
 
 
 def _no_work_folder() -> ServiceError:
@@ -292,33 +330,6 @@ def _segment_sync(state: ServiceState, upload: ReceivedUpload, workdir: Path, fm
                         es_upload=upload.es.path if upload.es else None)
 
 
-def _run_job(state: ServiceState, job: Job, upload: ReceivedUpload) -> None:
-    """Worker-thread body of a job: never raises; the outcome goes into the job store."""
-    jobs = state.jobs
-    try:
-        if job.cancel.is_set():
-            raise InferenceCancelled(job.cancel.reason or "cancelled")
-        job.cancel.start(state.settings.max_inference_s)
-        output = segment_file(state.predictor, upload.path, job.workdir, job.format, job.tta,
-                              state.info.labels, state.info.tta_default,
-                              report=lambda stage, progress: jobs.mark(job, stage, progress),
-                              cancel=job.cancel, es_upload=upload.es.path if upload.es else None)
-        upload.path.unlink(missing_ok=True)
-        if upload.es is not None:
-            upload.es.path.unlink(missing_ok=True)
-        jobs.finish(job, output, None)
-        logger.info("job done", extra={"fields": {"job_id": job.id}})
-    except InferenceCancelled:
-        jobs.finish(job, None, _cancelled_detail(state, job.cancel))
-        logger.info("job cancelled", extra={"fields": {"job_id": job.id, "reason": job.cancel.reason}})
-    except UserError as exc:
-        jobs.finish(job, None, str(exc))
-        logger.info("job failed", extra={"fields": {"job_id": job.id, "error": str(exc)}})
-    except Exception as exc:
-        jobs.finish(job, None, f"internal error ({type(exc).__name__}); see the server log")
-        logger.exception("job crashed", extra={"fields": {"job_id": job.id}})
-
-
 # ---------------------------------------------------------------- health, metrics, docs
 
 @health_router.get("/healthz", response_model=Health, summary="Liveness")
@@ -330,12 +341,19 @@ def healthz() -> Health:
 @health_router.get("/readyz", response_model=Readiness, summary="Readiness",
                    responses={503: {"model": Readiness, "description": "Model loading or failed to load."}})
 def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
-    """200 with the device and selective-scan backend once the model is loaded, else 503
-    (no key needed); ``scan_backend_warning`` says why mamba-ssm's kernels are not in use
-    where they were wanted."""
-    body = Readiness(status=state.status, device=state.device, scan_backend=state.scan_backend,
-                     scan_backend_warning=state.scan_backend_warning, detail=state.load_error)
-    if state.status == "ready":
+    """200 with the device and selective-scan backend once the model is loaded and the job
+    store answers, else 503 (no key needed); ``scan_backend_warning`` says why mamba-ssm's
+    kernels are not in use where they were wanted."""
+    status, detail = state.status, state.load_error
+    if status == "ready" and state.jobs is not None:
+        try:
+            state.jobs.waiting()  # a read: cheap under SQLite's WAL, one round trip to Redis
+        except Exception as exc:
+            status, detail = "failed", "job store unavailable (busy or unreachable)"
+            logger.warning("readiness: job store unavailable", extra={"fields": {"error": type(exc).__name__}})
+    body = Readiness(status=status, device=state.device, scan_backend=state.scan_backend,
+                     scan_backend_warning=state.scan_backend_warning, detail=detail)
+    if status == "ready":
         return JSONResponse(body.model_dump())
     return JSONResponse(body.model_dump(), status_code=503,
                         headers={"Retry-After": str(state.settings.retry_after_s)})

@@ -8,8 +8,10 @@ over the environment, as in pydantic-settings.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -53,6 +55,23 @@ class ServiceSettings(BaseSettings):
         max_voxels / max_resampled_voxels: caps on an upload's declared voxels and on its
             voxels after resampling to the model's target spacing (defaults sized for a
             512 x 512 x 1000 CT); max_voxel_bytes: declared voxels x item size, in bytes.
+        state_dir: folder of the durable job store (``jobs.sqlite3`` and ``jobs/<id>/``), shared
+            by every API process and ``uumamba worker`` of this host that names it; ``None``:
+            :func:`default_state_dir` of the model (stable across restarts, never a fresh
+            temporary folder).
+        run_jobs: this process runs jobs on its inference pool; ``False``: it only stores them
+            and ``uumamba worker`` processes run them.
+        broker_url: ``redis://host:port/db``: jobs go to an RQ queue on that Redis, for
+            ``uumamba worker --broker`` processes on any machine (the API process runs none).
+        job_lease_s: seconds a worker's claim on a job lasts unless renewed (every quarter of
+            it); a worker silent for longer has lost its job.
+        job_max_attempts: times one job may be taken before a lost job is ``interrupted``.
+        lost_jobs: ``requeue`` (a job whose worker was lost is queued again while attempts are
+            left) or ``interrupt`` (marked ``interrupted`` at once).
+        max_jobs / max_job_bytes: caps on stored jobs and their files; the oldest finished go
+            first, and a submission beyond them is answered 503.
+        max_waiting_jobs: queued jobs allowed when this process does not run them
+            (``run_jobs`` false or a broker); one more is answered 429.
     """
 
     model_config = SettingsConfigDict(env_prefix="UUMAMBA_", extra="ignore")
@@ -79,6 +98,15 @@ class ServiceSettings(BaseSettings):
     max_voxels: int = Field(default=512 * 512 * 1000, ge=1)
     max_resampled_voxels: int = Field(default=2 * 512 * 512 * 1000, ge=1)
     max_voxel_bytes: int = Field(default=2 * 1024**3, ge=1)
+    state_dir: Path | None = None
+    run_jobs: bool = True
+    broker_url: str | None = None
+    job_lease_s: float = Field(default=30.0, gt=0)
+    job_max_attempts: int = Field(default=2, ge=1)
+    lost_jobs: Literal["requeue", "interrupt"] = "requeue"
+    max_jobs: int = Field(default=1000, ge=1)
+    max_job_bytes: int = Field(default=20 * 1024**3, ge=1)
+    max_waiting_jobs: int = Field(default=1000, ge=1)
 
     @field_validator("cors_origins", "folds", "allowed_hosts", mode="before")
     @classmethod
@@ -96,6 +124,19 @@ class ServiceSettings(BaseSettings):
             return None
         return value
 
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _empty_broker_is_none(cls, value: object) -> object:
+        """An empty ``UUMAMBA_BROKER_URL`` means no broker."""
+        if isinstance(value, str) and not value:
+            return None
+        return value
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """``state_dir``, or the model's :func:`default_state_dir`."""
+        return Path(self.state_dir) if self.state_dir is not None else default_state_dir(self.model_dir)
+
     @property
     def max_upload_bytes(self) -> int:
         """``max_upload_mb`` in bytes (MiB, 1024 * 1024)."""
@@ -107,3 +148,16 @@ class ServiceSettings(BaseSettings):
 
         return HeaderLimits(max_voxels=self.max_voxels, max_bytes=self.max_voxel_bytes,
                             max_resampled_voxels=self.max_resampled_voxels)
+
+
+def default_state_dir(model_dir: Path) -> Path:
+    """The stable per-user, per-model state folder: ``$XDG_STATE_HOME`` (default
+    ``~/.local/state``) ``/uumamba/service/<model folder name>-<8 hex of its absolute path>``.
+
+    Stable across restarts (so jobs survive them) and distinct per model folder (so two
+    models served by one user never share jobs).
+    """
+    model = Path(model_dir).resolve()
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(str(model).encode()).hexdigest()[:8]
+    return base / "uumamba" / "service" / f"{model.name}-{digest}"

@@ -8,6 +8,7 @@ handlers and dependencies and answered as ``{"detail": ...}`` by the app's excep
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,12 @@ class ServiceState:
         device, scan_backend, scan_backend_warning: what ``/readyz`` reports (the predictor's
             ``device``, ``scan_backend`` and ``scan_backend_warning``: why mamba-ssm's CUDA
             kernels are not used where wanted).
-        work_root: private temporary folder of this app (uploads, results), removed at
-            shutdown. jobs: the job store. tasks: lifespan background tasks.
+        work_root: private temporary folder of this app (synchronous uploads and results),
+            removed at shutdown. jobs: the durable job store
+            (:class:`~uumamba_service.jobs.JobStore`, or the Redis one with a broker).
+            owner: this process as a job owner. run_context: what a job run needs (set once
+            the model is loaded). drains: pool tasks submitted to run queued jobs, not yet
+            ended (guarded by ``drain_lock``). tasks: lifespan background tasks.
         work_lock: open lock file that marks ``work_root`` as in use (see lifespan).
         decode_gate: bounded semaphore (``max_decoding``) around decoding / checking uploads.
         uploads: uploads streaming now, per client address (``max_uploads_per_client``).
@@ -59,7 +64,11 @@ class ServiceState:
     scan_backend: str | None = None
     scan_backend_warning: str | None = None
     work_root: Path | None = None
-    jobs: JobStore | None = None
+    jobs: JobStore | Any = None
+    owner: str = ""
+    run_context: Any = None
+    drains: int = 0
+    drain_lock: threading.Lock = field(default_factory=threading.Lock)
     tasks: list[asyncio.Task] = field(default_factory=list)
     work_lock: Any = None
     decode_gate: asyncio.Semaphore | None = None

@@ -18,6 +18,14 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACDC_DIR = Path(os.environ.get("UUMAMBA_ACDC_DIR", REPO_ROOT.parent / "shared" / "data" / "ACDC"))
 
+# The service's default state folder ($XDG_STATE_HOME/uumamba/service/...) must never be the
+# user's real one in tests: one throw-away folder per test session (subprocesses inherit it).
+if "UUMAMBA_TEST_STATE_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["UUMAMBA_TEST_STATE_HOME"] = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(
+        prefix="uumamba-test-state-")
+
 # Two threads: CI and developer machines have 2 cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -7,6 +7,7 @@ Import the fixtures by name into a test module (``from service_fixtures import m
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -46,9 +47,12 @@ def client(model_dir, predictor):
 
 
 def service_settings(model_dir: Path, **kw) -> ServiceSettings:
-    """Settings for tests: CPU, no warm-up, ``kw`` on top."""
+    """Settings for tests: CPU, no warm-up, a fresh job-store folder, ``kw`` on top."""
+    import tempfile
+
     kw.setdefault("device", "cpu")
     kw.setdefault("warmup", False)
+    kw.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="state-", dir=os.environ.get("XDG_STATE_HOME"))))
     return ServiceSettings(model_dir=model_dir, **kw)
 
 

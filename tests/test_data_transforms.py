@@ -192,6 +192,13 @@ def test_multichannel_and_dataset_caching(volume, tmp_path: Path) -> None:
                          cache_dir=tmp_path / "cache")
     assert train[0]["image"].shape == (1, 8, 8, 8)
     assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 2
+    # a batch of one cached case (c2) and one not yet cached (c3) collates (the first epoch of
+    # train.cache=disk): both come with the same key types
+    from monai.data import list_data_collate
+
+    both = make_dataset([one, Case("c3", "c3", [paths[0]], paths[1])],
+                        training_transforms(single, _train_cfg()), "disk", cache_dir=tmp_path / "cache")
+    assert list_data_collate([both[0], both[1]])["image"].shape == (2, 1, 8, 8, 8)
     for p in paths:  # cached datasets no longer read the files
         p.unlink()
     torch.testing.assert_close(mem[0]["label"], first["label"])

@@ -187,7 +187,7 @@ def test_gencode_patch_removes_hard_coded_architectures():
 
 def test_runtime_installs_the_package_with_the_gpu_extra():
     assert "gpu" in PYPROJECT["project"]["optional-dependencies"]
-    assert re.search(r'pip install [^\n]*"/opt/uumamba\[gpu\]"', RUNTIME.runs())
+    assert re.search(r'pip install [^\n]*"/opt/uumamba\[gpu,queue\]"', RUNTIME.runs())
     assert any("--from=build /wheels" in text for text in RUNTIME.all("COPY"))
 
 
@@ -258,7 +258,8 @@ def test_runtime_user_port_volume_and_environment():
     assert all(kw != "RUN" for kw, _ in RUNTIME.instructions[last_user:])
     assert "--uid 1000" in RUNTIME.runs() and users[-1].split(":")[0] == "1000"
     assert RUNTIME.all("EXPOSE") == ["8000"]
-    assert json.loads(RUNTIME.all("VOLUME")[0]) == ["/models"]
+    assert json.loads(RUNTIME.all("VOLUME")[0]) == ["/models", "/state"]
+    assert "UUMAMBA_STATE_DIR=/state" in " ".join(RUNTIME.all("ENV"))
     env = RUNTIME.env()
     assert env["UUMAMBA_MODEL"].startswith("/models/")
     assert env["UUMAMBA_PORT"] == "8000" and env["UUMAMBA_HOST"] == "0.0.0.0"

@@ -519,7 +519,8 @@ def test_job_bad_input_rejected_at_submission(client, tmp_path):
     nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), str(nan))
     r = client.post("/v1/jobs", files=_upload(nan))
     assert r.status_code == 422 and "NaN" in r.json()["detail"]
-    assert client.app.state.service.jobs.counts() == {"queued": 0, "running": 0, "done": 0, "failed": 0}
+    assert client.app.state.service.jobs.counts() == {"queued": 0, "running": 0, "done": 0, "failed": 0,
+                                                     "interrupted": 0}
     assert _work_files(client) == []
 
 

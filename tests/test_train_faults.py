@@ -267,3 +267,35 @@ def test_time_budget_and_time_schedule_span_two_resumes(data_dir, tmp_path, monk
         _assert_same_tensors(expected[key], final[key], key)
     assert lrs.values == straight_lrs.values
     assert final["scheduler"]["progress_floor"] == pytest.approx(24.0 / 30.0)
+
+
+_FAILING_TRANSFORM = r"""
+import os, sys
+import uumamba.data.transforms as T
+original = T.NormalizeFromPlan.__call__
+calls = {"n": 0}
+def failing(self, data):
+    calls["n"] += 1
+    if calls["n"] > 2:
+        raise RuntimeError("crafted failure in a data transform")
+    return original(self, data)
+T.NormalizeFromPlan.__call__ = failing
+from uumamba.cli import main
+sys.argv = ["uumamba", "train", "--data", sys.argv[1], "--output", sys.argv[2], "--fold", "all",
+            "--config", sys.argv[3], "--set", "train.num_workers=1", "--set", "train.cache=none"]
+main()
+"""
+
+
+def test_a_failing_data_worker_ends_the_run_instead_of_hanging(tmp_path):
+    """A transform raising inside a DataLoader worker: the error reaches the main process and
+    it exits (non-zero) instead of waiting forever at exit for a worker that ignores SIGTERM."""
+    data = write_synthetic_dataset(tmp_path / "data", n_cases=4, seed=3)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", _FAILING_TRANSFORM, str(data), str(tmp_path / "run"),
+                        str(config)], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode not in (0, 124), r.stderr[-2000:]
+    assert "crafted failure in a data transform" in r.stderr
+    assert time.monotonic() - start < 150

@@ -71,6 +71,16 @@ class PlanConfig(_Section):
         normalization: ``zscore`` or ``ct``.
         memory_budget_mb: activation-memory budget used to choose patch and batch size.
         max_patch_size: upper bound per axis on the planned patch size (voxels).
+        target: what the plan is sized for: ``gpu`` (nnU-Net's rules: the patch and batch
+            that fit ``memory_budget_mb``), ``cpu`` (also sized to ``cpu_budget_s`` seconds
+            per training iteration: 2D slice-wise for anisotropic data, a small 3D U-Mamba-Bot
+            and patch otherwise, AdamW instead of SAM; only settings the configuration does
+            not state are chosen, see :mod:`uumamba.data.plan`), or ``auto`` (default: by
+            the training device, ``cpu`` on a CPU).
+        cpu_budget_s: with the CPU plan, the seconds one training iteration may take on the
+            reference machine (2 cores) by the planner's cost model
+            (:mod:`uumamba.data.cost`); on an N times faster CPU, N times this gives the same
+            wall time.
     """
 
     target_spacing: list[float] | None = None
@@ -80,6 +90,8 @@ class PlanConfig(_Section):
     memory_budget_mb: float = 2000.0
     max_patch_size: list[int] | None = None
     reorientation: Literal["voxel", "ras"] = "voxel"
+    target: Literal["auto", "gpu", "cpu"] = "auto"
+    cpu_budget_s: float = Field(3.0, gt=0, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -247,10 +259,13 @@ class InferenceConfig(_Section):
     """Sliding-window inference settings (see :mod:`uumamba.inference`).
 
     Attributes:
-        overlap: fraction of overlap between windows (0.5 = nnU-Net default).
+        overlap: fraction of overlap between windows; unset (``null``, the default): 0.5 on
+            a GPU (nnU-Net's), 0.25 on a CPU, where the network's time grows with the number
+            of windows (:func:`uumamba.inference.sliding.resolve_window_settings`). An
+            explicit value is used on every device.
         gaussian: Gaussian importance weighting of window outputs (else constant).
         tta: mirroring test-time augmentation.
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass; unset (default): 2 on a GPU, 4 on a CPU.
         nsd_tolerance_mm: tolerance of the normalised surface distance in evaluation.
         input_check: what to do with an input the model cannot have been trained for (blank,
             constant or noise-like images, intensities, spacing or field of view far outside
@@ -259,10 +274,10 @@ class InferenceConfig(_Section):
             service's answer), ``refuse`` (a DataError with the reasons) or ``off``.
     """
 
-    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    overlap: float | None = Field(None, ge=0.0, lt=1.0)
     gaussian: bool = True
     tta: bool = False
-    sw_batch_size: int = Field(2, ge=1)
+    sw_batch_size: int | None = Field(None, ge=1)
     nsd_tolerance_mm: float = Field(2.0, gt=0)
     input_check: Literal["warn", "refuse", "off"] = "warn"
 

@@ -116,8 +116,9 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases for clinical.csv (default: ACDC names + Info.cfg)")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write PATIENT_report.html (mid slices, indices, reference ranges) per patient")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="skip cases whose outputs are already written (an interrupted run)")] = False,
 ) -> None:
-    """Segment images with a trained model; masks keep the input's geometry."""
+    """Segment images with a trained model; masks keep the input's geometry (several processes under torchrun)."""
     _require(model, "--model", folder=True)
     _require(input, "--input", folder=False)
     from uumamba.commands.predict import predict_from_cli
@@ -126,6 +127,7 @@ def predict(
         model_dir=model, input_path=input, output_dir=output, folds=folds, tta=tta,
         out_format=format, probabilities=probabilities, uncertainty=uncertainty,
         split_4d=split_4d, device=device, pairs=pairs, report=report, frame=frame,
+        resume=resume,
     )
 
 
@@ -154,21 +156,58 @@ def evaluate(
 @app.command("serve")
 def serve(
     model: Annotated[Path, typer.Option(envvar="UUMAMBA_MODEL", help="trained model folder")],
-    host: Annotated[str, typer.Option(envvar="UUMAMBA_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="UUMAMBA_PORT")] = 8000,
-    device: Annotated[str, typer.Option(envvar="UUMAMBA_DEVICE")] = "auto",
+    host: Annotated[str, typer.Option(envvar="UUMAMBA_HOST", help="address to bind (not loopback: "
+                                                                 "needs UUMAMBA_API_KEY)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="UUMAMBA_PORT", help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(envvar="UUMAMBA_DEVICE", help="cpu | cuda | cuda:N | auto")] = "auto",
     insecure_no_auth: Annotated[bool, typer.Option(
         "--insecure-no-auth",
         help="allow a non-loopback --host without UUMAMBA_API_KEY (anyone who can reach the "
              "port can upload)")] = False,
+    state_dir: Annotated[Path | None, typer.Option(
+        envvar="UUMAMBA_STATE_DIR", help="durable job store folder (default: a stable "
+                                         "per-user, per-model folder under ~/.local/state; "
+                                         "not used with --broker)")] = None,
+    broker: Annotated[str | None, typer.Option(
+        envvar="UUMAMBA_BROKER_URL", help="redis://HOST:PORT/DB: queue jobs on Redis for "
+                                          "'uumamba worker --broker' processes")] = None,
+    run_jobs: Annotated[bool, typer.Option(
+        "--run-jobs/--no-run-jobs", envvar="UUMAMBA_RUN_JOBS",
+        help="run jobs in this process too (--no-run-jobs: only 'uumamba worker' runs them)")] = True,
+    processes: Annotated[int, typer.Option(min=1, help="API processes (uvicorn workers) sharing "
+                                                       "the job store")] = 1,
 ) -> None:
     """Serve the model over HTTP (FastAPI + uvicorn); more settings via UUMAMBA_* variables.
 
-    A --host other than loopback needs UUMAMBA_API_KEY (or --insecure-no-auth)."""
+    A --host other than loopback needs UUMAMBA_API_KEY (or --insecure-no-auth). Jobs are
+    stored durably in --state-dir and survive restarts."""
     from uumamba_service.app import serve_from_cli
 
     serve_from_cli(model_dir=model, host=host, port=port, device=device,
-                   insecure_no_auth=insecure_no_auth)
+                   insecure_no_auth=insecure_no_auth, state_dir=state_dir, broker=broker,
+                   run_jobs=run_jobs, processes=processes)
+
+
+@app.command("worker")
+def worker(
+    model: Annotated[Path, typer.Option(envvar="UUMAMBA_MODEL", help="trained model folder")],
+    state_dir: Annotated[Path | None, typer.Option(
+        envvar="UUMAMBA_STATE_DIR", help="job store folder shared with 'uumamba serve' on this "
+                                         "host (default: the model's default state folder)")] = None,
+    broker: Annotated[str | None, typer.Option(
+        envvar="UUMAMBA_BROKER_URL", help="redis://HOST:PORT/DB: take jobs from that Redis "
+                                          "(any machine) instead of a state folder")] = None,
+    device: Annotated[str, typer.Option(envvar="UUMAMBA_DEVICE", help="cpu | cuda | cuda:N | auto")] = "auto",
+    burst: Annotated[bool, typer.Option("--burst", help="stop when no job waits")] = False,
+) -> None:
+    """Run queued service jobs with this model until stopped (SIGTERM gives the running job
+    back to the queue).
+
+    Use the API's --model: a worker takes only jobs submitted for its model's version.
+    With --broker (Redis, any machine) --state-dir (this host) is not used."""
+    from uumamba_service.worker_cli import run_worker_from_cli
+
+    run_worker_from_cli(model, state_dir=state_dir, broker=broker, device=device, burst=burst)
 
 
 @app.command("export-slicer")

@@ -20,6 +20,30 @@ The rules follow nnU-Net v2's experiment planner (Isensee et al., Nature Methods
   fits the activation-memory budget;
 * 2D models plan in the plane orthogonal to ``slice_axis`` (the coarsest target-spacing axis).
 
+CPU plans (``plan.target``: ``cpu``, or ``auto`` on a CPU). nnU-Net sizes its plan to GPU
+memory; on a CPU time binds first (a GPU-sized 3D plan runs about a minute per iteration on 2
+cores). The CPU plan therefore also fits a compute budget, ``plan.cpu_budget_s`` seconds per
+training iteration by the deterministic cost model of :mod:`uumamba.data.cost` (counted from
+the topology, never by timing the machine, so the plan is a function of the fingerprint, the
+configuration and the budget). Only settings the configuration does not state are chosen
+(pydantic's ``model_fields_set``: keys in the YAML file or ``--set``):
+
+* ``model.spatial_dims``: 2 (slice-wise) when the target spacing is anisotropic (coarsest /
+  finest > 3, :data:`ANISOTROPY_RATIO`), else 3;
+* ``model.name``: ``umamba_bot`` (one Mamba layer at the bottleneck) instead of
+  ``umamba_enc``;
+* ``model.features``: base 16 doubling to at most 256 per stage (measured: fewer than 16
+  channels per convolution is slower per operation on oneDNN, not faster);
+* ``optim.name``: ``adamw`` (lr 2e-3, weight decay 1e-4 unless stated) instead of SAM /
+  ASAM, whose second forward-backward pass halves the iterations a CPU can afford;
+* patch and batch: 3D, the largest patch (shrunk from the median shape as for the GPU) whose
+  batch of 2 fits the budget; 2D, the in-plane median shape and the largest batch (2 to 32,
+  within nnU-Net's 5 %-of-the-data cap) that fits.
+
+The choice, its reason and the estimated seconds per iteration are written to ``plans.json``
+(``target``, ``decision``); :func:`apply_plan_decision` turns them into the run's
+configuration. A ``plans.json`` without these fields (before 0.4) loads as a GPU plan.
+
 Every planned value can be overridden from the ``plan`` config section. Planning is
 deterministic: the same data and config give the same ``plans.json``.
 """
@@ -28,13 +52,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from uumamba.config import DatasetConfig, ModelConfig, PlanConfig
+from uumamba.config import Config, DatasetConfig, ModelConfig, OptimConfig, PlanConfig
+from uumamba.data.cost import iteration_cost
 from uumamba.data.io import read_image
 from uumamba.data.layouts import DatasetIndex
 from uumamba.data.orientation import VOXEL_AXES, spacing_and_shape_in_plan_axes
@@ -45,6 +71,11 @@ MIN_FEATURE_MAP = 4  # smallest feature-map edge (voxels) at the bottleneck
 MAX_STAGES = {2: 7, 3: 6}  # resolution stages (poolings + 1) when model.features is unset
 INTENSITY_SAMPLES_PER_CASE = 10_000
 ANISOTROPY_RATIO = 3.0
+#: CPU plans: model and optimizer settings chosen when the configuration does not state them.
+CPU_MODEL = {"name": "umamba_bot", "base_features": 16, "max_features": 256}
+CPU_OPTIM = {"name": "adamw", "lr": 2e-3, "weight_decay": 1e-4}
+CPU_BATCH_3D = 2
+CPU_MIN_PATCH = 16  # smallest edge (voxels) the CPU plan shrinks a 3D patch axis to
 
 
 class ChannelNormalization(BaseModel):
@@ -91,6 +122,28 @@ class Fingerprint(BaseModel):
     median_shape_at_target: list[float]
 
 
+class PlanDecision(BaseModel):
+    """What the plan was sized for and what it chose beyond the preprocessing.
+
+    Attributes:
+        reason: one sentence: the target, why, and the choices (also logged).
+        model: ``model`` settings the plan chose (``spatial_dims``, ``name``, ``features``);
+            applied to the run's configuration by :func:`apply_plan_decision`.
+        optim: ``optim`` settings the plan chose (``name``, ``lr``, ``weight_decay``).
+        budget_seconds: ``plan.cpu_budget_s`` of a CPU plan (None for GPU plans).
+        estimated_seconds_per_iteration: the cost model's estimate for the reference
+            2-core machine (:mod:`uumamba.data.cost`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str
+    model: dict[str, Any] = Field(default_factory=dict)
+    optim: dict[str, Any] = Field(default_factory=dict)
+    budget_seconds: float | None = None
+    estimated_seconds_per_iteration: float | None = None
+
+
 class Plans(BaseModel):
     """The preprocessing and network plan of a model (``plans.json``).
 
@@ -113,6 +166,9 @@ class Plans(BaseModel):
         kernel_sizes: per stage, the convolution kernel size along each patch axis.
         batch_size: patches per iteration.
         fingerprint: the dataset measurements planning used.
+        target: ``gpu`` (sized to memory) or ``cpu`` (also to a time budget); plans written
+            before 0.4 have none and load as ``gpu``.
+        decision: the reason and the model / optimizer choices (None in older plans).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -130,6 +186,8 @@ class Plans(BaseModel):
     kernel_sizes: list[list[int]]
     batch_size: int = Field(ge=1)
     fingerprint: Fingerprint | None = None
+    target: Literal["gpu", "cpu"] = "gpu"
+    decision: PlanDecision | None = None
 
     @property
     def num_classes(self) -> int:
@@ -337,9 +395,12 @@ def estimate_memory_mb(patch: list[int], strides: list[list[int]], features: lis
 
 
 def _fit_patch(spacing: list[float], median_shape: np.ndarray, cap: list[int] | None,
-               n_stages: int | None, model_cfg: ModelConfig,
-               budget_mb: float) -> tuple[list[int], list[list[int]], list[list[int]]]:
-    """Largest patch (<= median shape, <= cap) whose batch of 2 fits ``budget_mb``."""
+               n_stages: int | None, model_cfg: ModelConfig, budget_mb: float,
+               time_fits: Callable[[list[int], list[list[int]], list[list[int]], list[int]],
+                                   bool] | None = None
+               ) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """Largest patch (<= median shape, <= cap) whose batch of 2 fits ``budget_mb`` (and, for
+    CPU plans, ``time_fits(patch, strides, kernels, features)``)."""
     dims = len(spacing)
     inv = 1.0 / np.asarray(spacing)
     start_edge = 256 if dims == 3 else 2048
@@ -357,11 +418,13 @@ def _fit_patch(spacing: list[float], median_shape: np.ndarray, cap: list[int] | 
         if len(features) < len(strides):
             raise ConfigError(f"model.features has {len(features)} stages; the plan needs "
                               f"{len(strides)}")
-        if estimate_memory_mb(rounded, strides, features, model_cfg, 2) <= budget_mb:
+        if (estimate_memory_mb(rounded, strides, features, model_cfg, 2) <= budget_mb
+                and (time_fits is None or time_fits(rounded, strides, kernels, features))):
             return rounded, strides, kernels
         # shrink the axis that is largest relative to the median shape by its total stride
         steps = np.prod(np.asarray(strides), axis=0)
-        shrinkable = patch > steps
+        floor = steps if time_fits is None else np.maximum(steps, CPU_MIN_PATCH)
+        shrinkable = patch > floor
         if not shrinkable.any():
             return rounded, strides, kernels  # smallest patch the topology allows
         ratio = np.where(shrinkable, patch / np.maximum(median_shape, 1), -np.inf)
@@ -389,12 +452,71 @@ def _normalization(modality: str, override: str | None,
                                  std=max(s.std, 1e-8)) for s in stats]
 
 
+def resolve_target(target: str, device_type: str) -> Literal["gpu", "cpu"]:
+    """``plan.target`` for a training device: ``auto`` is ``cpu`` on a CPU, else ``gpu``."""
+    if target in ("gpu", "cpu"):
+        return target  # type: ignore[return-value]
+    return "cpu" if device_type == "cpu" else "gpu"
+
+
+def _cpu_choices(model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                 target_spacing: np.ndarray, plan_cfg: PlanConfig | None = None,
+                 ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any], list[str]]:
+    """The CPU plan's model and optimizer settings for what the configuration leaves open.
+
+    A stated 3-value ``plan.patch_size`` / ``plan.max_patch_size`` states a 3D model (2D
+    is then not chosen).
+
+    Returns:
+        ``(model_cfg to plan with, model choices, optimizer choices, reasons)``.
+    """
+    given_model, given_optim = model_cfg.model_fields_set, optim_cfg.model_fields_set
+    model: dict[str, Any] = {}
+    optim: dict[str, Any] = {}
+    why: list[str] = []
+    ratio = float(target_spacing.max() / target_spacing.min())
+    patch_3d = plan_cfg is not None and any(
+        value is not None and len(value) == 3
+        for value in (getattr(plan_cfg, "patch_size", None), getattr(plan_cfg, "max_patch_size", None)))
+    if "spatial_dims" not in given_model and patch_3d:
+        model["spatial_dims"] = 3
+        why.append("3D: the configuration states a 3-value patch")
+    elif "spatial_dims" not in given_model:
+        model["spatial_dims"] = 2 if ratio > ANISOTROPY_RATIO else 3
+        why.append(f"{model['spatial_dims']}D: the target spacing is "
+                   + (f"anisotropic (ratio {ratio:.1f} > {ANISOTROPY_RATIO:g}), slice-wise "
+                      "training" if ratio > ANISOTROPY_RATIO
+                      else f"near-isotropic (ratio {ratio:.1f}), a small 3D network"))
+    if "name" not in given_model and model_cfg.name == "umamba_enc":
+        model["name"] = "umamba_bot"
+        why.append("umamba_bot instead of umamba_enc (one Mamba layer)")
+    sizing = {k: v for k, v in CPU_MODEL.items() if k != "name" and k not in given_model}
+    if "features" in given_model:
+        sizing = {}
+    planned = model_cfg.model_copy(update={**model, **sizing})
+    if sizing:
+        why.append(f"features from {planned.base_features} up to {planned.max_features}")
+    if "name" not in given_optim and optim_cfg.name in ("sam", "asam"):
+        optim = {k: v for k, v in CPU_OPTIM.items() if k == "name" or k not in given_optim}
+        why.append(f"adamw instead of {optim_cfg.name} (one forward-backward pass per "
+                   "iteration, not two)")
+    return planned, model, optim, why
+
+
 def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: PlanConfig,
-                 model_cfg: ModelConfig) -> Plans:
+                 model_cfg: ModelConfig, optim_cfg: OptimConfig | None = None,
+                 device_type: str = "cuda") -> Plans:
     """Plan preprocessing and network topology for a dataset (see the module docstring).
 
     Labels: ``dataset.labels`` or the dataset's own metadata. Modality: ``dataset.modality``
     when the config sets it, else the layout's, else the config default.
+
+    Args:
+        index / dataset_cfg / plan_cfg / model_cfg: the dataset and the configuration.
+        optim_cfg: the optimizer settings (a CPU plan replaces an unstated SAM by AdamW);
+            None: the defaults.
+        device_type: the training device's type (``cpu``, ``cuda``); decides
+            ``plan.target: auto``.
 
     Raises:
         DataError: unreadable images, or no labels declared anywhere.
@@ -409,7 +531,7 @@ def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: Plan
         modality = dataset_cfg.modality
     else:
         modality = index.modality
-    dims = model_cfg.spatial_dims
+    optim_cfg = optim_cfg if optim_cfg is not None else OptimConfig()
 
     axcodes = VOXEL_AXES if plan_cfg.reorientation == "voxel" else "RAS"
     fp = fingerprint_dataset(index, dataset_cfg.ignore_label, axcodes)
@@ -424,6 +546,36 @@ def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: Plan
     median_shape = np.median(shapes * spacings / target[None, :], axis=0)
     fp.median_shape_at_target = [round(float(s), 2) for s in median_shape]
     slice_axis = choose_slice_axis(target)
+    dataset_voxels = float(np.sum(np.prod(shapes * spacings / target[None, :], axis=1)))
+
+    kind = resolve_target(plan_cfg.target, device_type)
+    model_choice: dict[str, Any] = {}
+    optim_choice: dict[str, Any] = {}
+    if kind == "cpu":
+        model_cfg, model_choice, optim_choice, why = _cpu_choices(model_cfg, optim_cfg, target, plan_cfg)
+        optim_name = optim_choice.get("name", optim_cfg.name)
+    else:
+        why, optim_name = [], optim_cfg.name
+    dims = model_cfg.spatial_dims
+    num_classes = max(labels) + 1
+
+    def cost(patch: list[int], strides: list[list[int]], kernels: list[list[int]],
+             features: list[int], batch: int) -> float:
+        return iteration_cost(
+            patch, strides, kernels, features, in_channels=index.num_channels,
+            num_classes=num_classes, batch_size=batch, model_name=model_cfg.name,
+            n_blocks=model_cfg.n_blocks_per_stage,
+            n_conv_decoder=model_cfg.n_conv_per_stage_decoder, d_state=model_cfg.d_state,
+            expand=model_cfg.expand, d_conv=model_cfg.d_conv,
+            sam=optim_name in ("sam", "asam")).seconds
+
+    budget_s = plan_cfg.cpu_budget_s
+    batch_fixed = plan_cfg.batch_size
+    first_batch = batch_fixed or (CPU_BATCH_3D if dims == 3 else 2)
+
+    def time_fits(patch: list[int], strides: list[list[int]], kernels: list[list[int]],
+                  features: list[int]) -> bool:
+        return cost(patch, strides, kernels, features, first_batch) <= budget_s
 
     axes = [a for a in range(3) if a != slice_axis] if dims == 2 else [0, 1, 2]
     spacing_p = [float(target[a]) for a in axes]
@@ -441,19 +593,62 @@ def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: Plan
                                                 True)
     else:
         patch, strides, kernels = _fit_patch(spacing_p, median_p, cap, n_stages, model_cfg,
-                                             plan_cfg.memory_budget_mb)
+                                             plan_cfg.memory_budget_mb,
+                                             time_fits if kind == "cpu" else None)
     features = stage_features(model_cfg, len(strides))
-    if plan_cfg.batch_size is not None:
-        batch = plan_cfg.batch_size
+    if batch_fixed is not None:
+        batch = batch_fixed
     else:
-        dataset_voxels = float(np.sum(np.prod(shapes * spacings / target[None, :], axis=1)))
         batch = _batch_size(patch, strides, features, model_cfg, plan_cfg.memory_budget_mb,
                             dataset_voxels, dims)
+        if kind == "cpu":
+            fitting = [b for b in range(2, batch + 1)
+                       if cost(patch, strides, kernels, features, b) <= budget_s]
+            batch = fitting[-1] if fitting and dims == 2 else min(batch, first_batch)
+    seconds = cost(patch, strides, kernels, features, batch)
+    if kind == "cpu":
+        if "features" not in model_cfg.model_fields_set:
+            model_choice["features"] = features
+        fits = "within" if seconds <= budget_s else (
+            "over: plan.patch_size / batch_size are stated" if plan_cfg.patch_size or batch_fixed
+            else "over: the smallest patch the topology allows")
+        how = "auto: training on a CPU" if plan_cfg.target == "auto" else "asked"
+        reason = (f"plan.target cpu ({how}): sized to {budget_s:g} s per iteration on the "
+                  f"reference 2-core CPU, estimated {seconds:.2f} s ({fits}); {dims}D patch "
+                  f"{patch}, batch {batch}" + ("; " + "; ".join(why) if why else ""))
+    else:
+        how = "auto: training on a GPU" if plan_cfg.target == "auto" else "asked"
+        reason = (f"plan.target gpu ({how}): sized to {plan_cfg.memory_budget_mb:g} MB of "
+                  "activation memory (nnU-Net's rules)")
+    decision = PlanDecision(reason=reason, model=model_choice, optim=optim_choice,
+                            budget_seconds=budget_s if kind == "cpu" else None,
+                            estimated_seconds_per_iteration=round(seconds, 3))
     return Plans(
         spatial_dims=dims, modality=modality, labels=dict(sorted(labels.items())),
         num_input_channels=index.num_channels, axcodes=axcodes,
         target_spacing=[round(float(t), 6) for t in target], slice_axis=slice_axis,
         normalization=_normalization(modality, plan_cfg.normalization, fp.intensity),
         patch_size=patch, strides=strides, kernel_sizes=kernels, batch_size=int(batch),
-        fingerprint=fp,
+        fingerprint=fp, target=kind, decision=decision,
     )
+
+
+def apply_plan_decision(cfg: Config, plans: Plans) -> Config:
+    """The run's configuration with the plan's model and optimizer choices
+    (``plans.decision``) for every key ``cfg`` does not state itself.
+
+    Idempotent, and a no-op for plans without a decision (GPU plans, plans before 0.4). A
+    configuration that states a key differently from the plan keeps its own value (the model
+    folder's ``config.yaml`` check then names the difference).
+    """
+    decision = plans.decision
+    if decision is None or not (decision.model or decision.optim):
+        return cfg
+    update: dict[str, Any] = {}
+    for section, chosen in (("model", decision.model), ("optim", decision.optim)):
+        current = getattr(cfg, section)
+        missing = {k: v for k, v in chosen.items() if k not in current.model_fields_set}
+        if missing:
+            update[section] = type(current).model_validate(
+                {**current.model_dump(exclude_unset=True), **missing})
+    return cfg.model_copy(update=update) if update else cfg

@@ -303,8 +303,11 @@ def _preprocessing(plans: Plans, with_label: bool, crop_foreground: bool,
         Spacingd(keys, pixdim=plans.target_spacing, mode=modes),
     ]
     if crop_foreground:
+        # no foreground_start/end_coord keys: nothing reads them, and PersistentDataset
+        # returns them as numpy arrays on a cache miss but as tensors on a hit, so a batch
+        # mixing fresh and cached cases could not be collated (train.cache=disk, first run)
         chain.append(CropForegroundd(keys, source_key="image", select_fn=_nonzero,
-                                     allow_smaller=True))
+                                     allow_smaller=True, start_coord_key=None, end_coord_key=None))
     if record_statistics:
         chain.append(RecordIntensityStatisticsd("image"))
     chain.append(NormalizeFromPlan(["image"], plans.normalization))

@@ -10,6 +10,10 @@ ranks keep identical weights), and draws its own training patches (per-rank seed
 nnU-Net's DDP training (one process per GPU, per-process batch, rank 0 logs).
 
 Multi-node runs need the model folder on a filesystem all nodes share.
+
+``uumamba predict`` uses the same process group to share a folder of cases out
+(:mod:`uumamba.commands.predict`); :class:`SharedCounter` lets its rank 0 show one progress
+bar for all ranks.
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def launched() -> bool:
+    """True when this process is one of several started by torchrun (``WORLD_SIZE`` > 1).
+
+    Raises:
+        UserError: ``WORLD_SIZE`` is not an integer.
+    """
+    return _env_int("WORLD_SIZE", 1) > 1
 
 
 def init_distributed(device: str | torch.device = "auto", timeout_minutes: float = 60.0) -> DistContext:
@@ -157,6 +170,38 @@ def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+class SharedCounter:
+    """A count that every rank adds to and any rank reads at any moment, without waiting for
+    the others (no collective): a key in the process group's key-value store (the
+    ``MASTER_ADDR:MASTER_PORT`` store torchrun's ranks already share). Alone it is a plain
+    number.
+
+    Creating one is a collective (rank 0 picks a fresh key for it): every rank must create
+    it, in the same order. ``add`` and ``value`` may be called from any thread.
+    """
+
+    def __init__(self, ctx: DistContext) -> None:
+        self._local = 0
+        self._store = None
+        if ctx.enabled:
+            import uuid
+
+            self._key = "uumamba/counter/" + broadcast_object(uuid.uuid4().hex, ctx)
+            # torch has no public accessor; this is the store init_process_group made
+            self._store = dist.distributed_c10d._get_default_store()
+
+    def add(self, n: int = 1) -> int:
+        """Add ``n`` (this rank's share) and return the total over all ranks so far."""
+        if self._store is None:
+            self._local += n
+            return self._local
+        return int(self._store.add(self._key, n))
+
+    def value(self) -> int:
+        """The total over all ranks so far."""
+        return self.add(0)
 
 
 def cleanup(ctx: DistContext, wait: bool = True) -> None:

@@ -11,15 +11,21 @@ of :mod:`uumamba.engine.callbacks`. Notes and warnings go to ``logging`` (rank 0
 Flow of :func:`train_fold`
     1. integrity check of every case (fatal problems: :class:`~uumamba.errors.DataError`
        listing them all; warnings are logged);
-    2. ``MODEL/plans.json`` reused when present, else planned and saved; ``config.yaml``,
+    2. ``MODEL/plans.json`` reused when present, else planned for ``plan.target`` (``auto``:
+       the training device; a CPU plan is sized to a time budget) and saved; its model /
+       optimizer choices become the run's settings; ``config.yaml``,
        ``dataset.json`` (``labels`` value -> name, ``modality``) and ``splits.json`` written;
-    3. epochs × ``iterations_per_epoch`` training steps (SAM / ASAM / SGD / AdamW,
+    3. after 2 warm-up iterations, the next few are timed (:mod:`~uumamba.engine.estimate`)
+       and the seconds per iteration, the planned total and what ``train.time_limit_minutes``
+       allows are logged and written to ``fold_K/time_estimate.json``, with a warning naming
+       cheaper options when the schedule would take over 10x the limit or a day;
+    4. epochs × ``iterations_per_epoch`` training steps (SAM / ASAM / SGD / AdamW,
        uncertainty-weighted loss with deep supervision, poly learning rate with optional
        warm-up, gradient clipping; AMP on CUDA only: bf16 where supported else fp16 with a
        GradScaler, float32 on CPU);
-    4. every ``val_every`` epochs and at the end: full-volume sliding-window validation on the
+    5. every ``val_every`` epochs and at the end: full-volume sliding-window validation on the
        held-out fold (Dice per class and mean); fold ``all`` has no validation;
-    5. ``checkpoint_latest.pt`` at every epoch's end — *before* that epoch's validation when
+    6. ``checkpoint_latest.pt`` at every epoch's end — *before* that epoch's validation when
        one is due, and again after it — and every ``train.checkpoint_every_minutes`` within
        an epoch; ``checkpoint_best.pt`` when the mean Dice improves. Each save keeps the
        replaced latest as ``checkpoint_previous.pt`` (written durably, see
@@ -79,6 +85,7 @@ Distributed
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -93,6 +100,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from uumamba.config import Config
+from uumamba.data.plan import apply_plan_decision
 from uumamba.engine import distributed as ddp
 from uumamba.engine.callbacks import (
     Callback,
@@ -103,6 +111,13 @@ from uumamba.engine.callbacks import (
 )
 from uumamba.engine.checkpoint import BEST, LATEST, PREVIOUS, save_checkpoint
 from uumamba.engine.components import Components, build_components, seed_everything
+from uumamba.engine.estimate import (
+    RateProbe,
+    ScheduleEstimate,
+    cheaper_options,
+    estimate_schedule,
+    schedule_warning,
+)
 from uumamba.engine.prepare import Prepared, prepare_everywhere
 from uumamba.engine.resume import LoopState, checkpoint_state, open_run, restore_from_checkpoint
 from uumamba.engine.sampling import make_patch_loader
@@ -115,7 +130,8 @@ from uumamba.evaluation.metrics import class_means
 from uumamba.inference.postprocess import determine_postprocessing
 from uumamba.logs import default_output
 from uumamba.model_folder import ModelFolder
-from uumamba.utils import plain_tensor, remove_stale_temporaries
+from uumamba.model_folder.folder import PLANS
+from uumamba.utils import atomic_path, plain_tensor, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +220,8 @@ class _FoldRun:
     rotate_latest: bool = True  # False while checkpoint_latest.pt is unreadable
     signals: StopSignals = field(default_factory=StopSignals)
     last_save: float = 0.0
+    probe: RateProbe = field(default_factory=RateProbe)
+    estimate: ScheduleEstimate | None = None
 
     @property
     def total(self) -> int:
@@ -321,6 +339,33 @@ class _FoldRun:
             finite=bool(res.finite), lr=parts.lr(), sigmas=parts.sigmas(),
             grad_norm=float(res.grad_norm)))
 
+    def report_rate(self, seconds_per_iteration: float, measured: int) -> ScheduleEstimate:
+        """Log the measured rate, the planned total and what the time limit allows (and the
+        warning with cheaper options when the schedule is far too long); rank 0 writes it to
+        ``time_estimate.json`` in the fold folder."""
+        tc, plans = self.cfg.train, self.prepared.plans
+        est = estimate_schedule(seconds_per_iteration, measured, self.total,
+                                self.state.iteration, tc.time_limit_minutes, self.elapsed())
+        self.estimate = est
+        log.info(est.summary())
+        planned = None if plans.decision is None else \
+            plans.decision.estimated_seconds_per_iteration
+        options = cheaper_options(est, device_type=self.ctx.device.type,
+                                  plan_target=plans.target, spatial_dims=plans.spatial_dims,
+                                  optim_name=self.cfg.optim.name,
+                                  patch_size=list(plans.patch_size),
+                                  iterations_per_epoch=tc.iterations_per_epoch)
+        warning = schedule_warning(est, options)
+        if warning is not None:
+            log.warning(warning)
+        if self.ctx.is_main:
+            record = {**est.to_json(), "iteration": self.state.iteration,
+                      "device": str(self.ctx.device), "plan_target": plans.target,
+                      "plan_estimate_seconds_per_iteration": planned, "warning": warning}
+            with atomic_path(self.fold_dir / "time_estimate.json") as tmp:
+                tmp.write_text(json.dumps(record, indent=2) + "\n")
+        return est
+
     def stopped(self) -> FoldResult:
         """The result of a run stopped by a signal (its checkpoint is saved)."""
         return FoldResult(self.fold_dir, False, "signal",
@@ -370,36 +415,50 @@ class _FoldRun:
             if result is not None:
                 return result
         batches = iter(loader)
-        while loop.iteration < self.total:
-            self.iteration(next(batches))
-            it = loop.iteration
-            left = self.budget_left()
-            stop_signal, time_up, diverged = ddp.any_rank([
-                signals.received is not None, left is not None and left <= 0,
-                loop.consecutive_nonfinite > tc.max_nonfinite_steps], self.ctx)
-            if diverged:
-                self.save(False)
-                raise UserError(
-                    f"training stopped at iteration {it}: {loop.consecutive_nonfinite} "
-                    f"consecutive non-finite losses (train.max_nonfinite_steps = "
-                    f"{tc.max_nonfinite_steps}); lower optim.lr, check the data with `uumamba "
-                    f"check-data`, or set train.amp=off. Checkpoint: {self.fold_dir / LATEST}")
-            boundary = it % tc.iterations_per_epoch == 0
-            final = it >= self.total or time_up
-            if boundary or final:
-                loop.pending_end = {"partial": not boundary, "final": final}
-                if stop_signal or self.validation_due(not boundary, final):
-                    self.save(False)  # before the validation: a signal during it loses nothing
-                if stop_signal:
+        try:
+            while loop.iteration < self.total:
+                t_batch = time.perf_counter()
+                self.iteration(next(batches))
+                rate = self.probe.add(time.perf_counter() - t_batch)
+                if rate is not None:
+                    self.report_rate(rate, self.probe.measured)
+                it = loop.iteration
+                left = self.budget_left()
+                stop_signal, time_up, diverged = ddp.any_rank([
+                    signals.received is not None, left is not None and left <= 0,
+                    loop.consecutive_nonfinite > tc.max_nonfinite_steps], self.ctx)
+                if diverged:
+                    self.save(False)
+                    raise UserError(
+                        f"training stopped at iteration {it}: {loop.consecutive_nonfinite} "
+                        f"consecutive non-finite losses (train.max_nonfinite_steps = "
+                        f"{tc.max_nonfinite_steps}); lower optim.lr, check the data with `uumamba "
+                        f"check-data`, or set train.amp=off. Checkpoint: {self.fold_dir / LATEST}")
+                boundary = it % tc.iterations_per_epoch == 0
+                final = it >= self.total or time_up
+                if boundary or final:
+                    loop.pending_end = {"partial": not boundary, "final": final}
+                    if stop_signal or self.validation_due(not boundary, final):
+                        self.save(False)  # before the validation: a signal during it loses nothing
+                    if stop_signal:
+                        return self.stopped()
+                    result = self.finish_epoch()
+                    if result is not None:
+                        return result
+                elif stop_signal:
+                    self.save(False)
                     return self.stopped()
-                result = self.finish_epoch()
-                if result is not None:
-                    return result
-            elif stop_signal:
-                self.save(False)
-                return self.stopped()
-            elif every is not None and time.monotonic() - self.last_save >= every * 60.0:
-                self.save(False)
+                elif every is not None and time.monotonic() - self.last_save >= every * 60.0:
+                    self.save(False)
+        except BaseException:
+            # DataLoader workers ignore SIGTERM (engine.sampling), so multiprocessing's exit
+            # handler, which terminates and then joins them, would wait forever for workers
+            # still blocked on their index queue: tell them to exit first (torch's own
+            # shutdown of the iterator, also what its __del__ runs)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            raise
         return FoldResult(self.fold_dir, True, "completed", None, loop.iteration,
                           loop.best_metric)
 
@@ -413,6 +472,8 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     if ctx.is_main:
         for stale in remove_stale_temporaries(fold_dir):
             log.info(f"removed {stale.name}, left in {fold_dir} by a killed process")
+    if folder.path(PLANS).is_file():  # a planned folder: its choices are the run's settings
+        cfg = apply_plan_decision(cfg, folder.load_plans())
     opened = open_run(cfg, fold_dir, resume, ctx.world_size)
     cfg, saved = opened.cfg, opened.saved
     if saved is not None and saved["finished"]:
@@ -429,6 +490,7 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     seed_everything(tc.seed, tc.deterministic, ctx.device)
     prepared = prepare_everywhere(cfg, data_dir, folder.root, fold, ctx, saved)
     plans = prepared.plans
+    cfg = prepared.cfg if prepared.cfg is not None else cfg
     fold_dir.mkdir(parents=True, exist_ok=True)
 
     cache_dir = folder.path("preprocessed") if tc.cache == "disk" else None
@@ -462,6 +524,8 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     try:
         with StopSignals() as signals:
             result = run.loop(loader, signals)
+        if run.estimate is None and run.probe.partial() is not None:  # a short session
+            run.report_rate(run.probe.partial(), run.probe.measured)
     finally:
         run.callbacks.on_train_end(info, result.finished, result.reason)
     if result.signal is not None:

@@ -20,7 +20,7 @@ from uumamba.config import Config, TrainConfig
 from uumamba.data import check as data_check
 from uumamba.data import layouts
 from uumamba.data import transforms as data_transforms
-from uumamba.data.plan import Plans, plan_dataset
+from uumamba.data.plan import Plans, apply_plan_decision, plan_dataset
 from uumamba.engine import distributed as ddp
 from uumamba.errors import DataError, UserError
 from uumamba.model_folder import ModelFolder
@@ -35,6 +35,8 @@ class Prepared:
 
     Attributes:
         plans: the plan (reused, planned, or the resumed checkpoint's).
+        cfg: the run's configuration with the plan's model / optimizer choices applied
+            (:func:`uumamba.data.plan.apply_plan_decision`; what ``config.yaml`` holds).
         splits: ``splits.json``'s folds (empty for fold ``all`` when no split is possible).
         train_cases / val_cases: the fold's cases (``val_cases`` empty for fold ``all``).
     """
@@ -43,6 +45,7 @@ class Prepared:
     splits: list[dict[str, list[str]]]
     train_cases: list[Any]
     val_cases: list[Any]
+    cfg: Config | None = None
 
     def datasets(self, train_cfg: TrainConfig, rank: int = 0, world_size: int = 1,
                  cache_dir: Path | None = None) -> tuple[Any, Any, list[str]]:
@@ -100,12 +103,18 @@ def _select_cases(cases: Sequence[Any], splits: list[dict[str, list[str]]], fold
 
 
 def prepare_model_folder(cfg: Config, data_dir: Path, output_dir: Path, fold: str,
-                         saved: dict[str, Any] | None = None) -> Prepared:
+                         saved: dict[str, Any] | None = None,
+                         device_type: str = "cuda") -> Prepared:
     """Check the dataset and write ``config.yaml``, ``plans.json``, ``dataset.json`` and
     ``splits.json`` into ``output_dir`` (reusing plans and splits already there).
 
+    A new plan is sized for ``plan.target`` (``auto``: by ``device_type``); its choice and
+    reason are logged, and its model / optimizer choices are applied to the configuration
+    written to ``config.yaml`` and returned in :attr:`Prepared.cfg`.
+
     Args:
         saved: a checkpoint being resumed: its plans and splits are used as they are.
+        device_type: the training device's type (``cpu``, ``cuda``).
 
     Raises:
         DataError: fatal integrity problems (all listed), unknown case ids in the splits.
@@ -120,9 +129,13 @@ def prepare_model_folder(cfg: Config, data_dir: Path, output_dir: Path, fold: st
         plans = Plans.model_validate(saved["plans"])
     elif plans_path.is_file():
         plans = folder.load_plans()
-        log.info(f"using the existing plan {plans_path}")
+        log.info(f"using the existing plan {plans_path}"
+                 + ("" if plans.decision is None else f" ({plans.decision.reason})"))
     else:
-        plans = plan_dataset(index, cfg.dataset, cfg.plan, cfg.model)
+        plans = plan_dataset(index, cfg.dataset, cfg.plan, cfg.model, cfg.optim, device_type)
+        if plans.decision is not None:
+            log.info(f"plan: {plans.decision.reason}")
+    cfg = apply_plan_decision(cfg, plans)
     folder.root.mkdir(parents=True, exist_ok=True)  # only once the plan stands: no empty folder
     if saved is None:
         folder.write_config(cfg)
@@ -141,7 +154,8 @@ def prepare_model_folder(cfg: Config, data_dir: Path, output_dir: Path, fold: st
     train_cases, val_cases = _select_cases(index.cases, splits, fold, folder.path(SPLITS))
     if not train_cases:
         raise DataError(f"{data_dir}: no training cases for fold {fold}")
-    return Prepared(plans=plans, splits=splits, train_cases=train_cases, val_cases=val_cases)
+    return Prepared(plans=plans, splits=splits, train_cases=train_cases, val_cases=val_cases,
+                    cfg=cfg)
 
 
 def prepare_everywhere(cfg: Config, data_dir: Path, output_dir: Path, fold: str,
@@ -154,7 +168,8 @@ def prepare_everywhere(cfg: Config, data_dir: Path, output_dir: Path, fold: str,
     prepared, error = None, None
     if ctx.is_main:
         try:
-            prepared = prepare_model_folder(cfg, data_dir, output_dir, fold, saved)
+            prepared = prepare_model_folder(cfg, data_dir, output_dir, fold, saved,
+                                            ctx.device.type)
         except UserError as exc:
             error = exc
     prepared, text = ddp.broadcast_object((prepared, None if error is None else str(error)),

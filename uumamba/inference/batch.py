@@ -6,22 +6,40 @@ set of outputs per frame, ``CASE_frameNN``. :func:`predict_cases` does that for 
 :func:`uumamba.inference.inputs.input_cases`: a case that fails (unreadable, 4D without
 ``split_4d``, wrong channel count, NaN voxels ...) is recorded with a one-line reason and the
 others are still written, as ``nnUNetv2_predict`` carries on past a bad file.
+
+Beyond one process (``uumamba predict`` under torchrun): :func:`shard_cases` gives each rank
+its share of the sorted case list, :func:`written_volumes` tells a case an earlier run already
+wrote (``--resume``), and :func:`merge_results` puts the ranks' results back into one, in the
+order one process would have produced.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uumamba.errors import UserError
+from uumamba.errors import DataError, UserError
 from uumamba.inference.predict import Prediction, Predictor
-from uumamba.inference.writer import write_prediction
+from uumamba.inference.writer import mask_suffix, write_prediction
 
 #: Called before each case with (index, case id) and after it with (index, case id, failure
 #: message or None).
 CaseHook = Callable[..., None]
+
+#: Called after each output case is written with (output case name, seconds per stage: the
+#: prediction's :attr:`~uumamba.inference.predict.Prediction.timings` plus ``write``).
+TimingsHook = Callable[[str, dict[str, float]], None]
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """``12.3 s (read 0.4, preprocess 0.3, network 10.2, invert 0.8, postprocess 0.1, write
+    0.5)``: the total and each stage, in the order they ran."""
+    stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items())
+    return f"{sum(timings.values()):.1f} s ({stages})"
+
 
 
 @dataclass
@@ -40,21 +58,27 @@ class BatchResult:
 
     ``volumes_ml``: output case name -> foreground label name -> mL of its mask (what
     :mod:`uumamba.clinical` pairs ED with ES from); ``inputs``: output case name -> its first
-    input file."""
+    input file; ``outputs``: case id -> its output case names (``CASE``, or ``CASE_frameNN``
+    per frame); ``skipped``: case ids found already written (``resume``), whose volumes are
+    read back from ``CASE_volumes.json`` into ``volumes_ml``."""
 
     written: list[Path] = field(default_factory=list)
     failures: list[CaseFailure] = field(default_factory=list)
     volumes_ml: dict[str, dict[str, float]] = field(default_factory=dict)
     inputs: dict[str, Path] = field(default_factory=dict)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
 
 def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_dir: Path, *,
                  split_4d: bool = False, probabilities: bool = False, entropy: bool = False,
                  out_format: str | None = None, extra: dict[str, Any] | None = None,
-                 volumes: dict[str, dict[str, float]] | None = None) -> list[Path]:
+                 volumes: dict[str, dict[str, float]] | None = None,
+                 on_timings: TimingsHook | None = None) -> list[Path]:
     """Segment one case (one file per channel) and write its outputs; return their paths.
 
-    ``volumes``, when given, receives output case name -> label name -> mL of each mask.
+    ``volumes``, when given, receives output case name -> label name -> mL of each mask;
+    ``on_timings`` is called with each output case's seconds per stage once it is written.
 
     Raises:
         UserError / DataError: from :meth:`Predictor.predict_file` and the writer.
@@ -69,6 +93,8 @@ def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_
                                         predictor.labels, out_format, extra))
         if volumes is not None:
             volumes[name] = dict(pred.volumes_ml)
+        if on_timings is not None:
+            on_timings(name, dict(pred.timings))
     return written
 
 
@@ -80,20 +106,34 @@ def _one_line(exc: BaseException, file: Path) -> str:
 
 def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, list[Path]]], output_dir: Path,
                   *, on_start: CaseHook | None = None, on_done: CaseHook | None = None,
-                  **options: Any) -> BatchResult:
+                  resume: bool = False, **options: Any) -> BatchResult:
     """:func:`predict_case` for every ``(case id, files)``; failures are collected, not raised.
 
     Args:
-        on_start / on_done: progress hooks (see :data:`CaseHook`).
-        options: ``split_4d``, ``probabilities``, ``entropy``, ``out_format``, ``extra`` as
-            for :func:`predict_case`.
+        on_start / on_done: progress hooks (see :data:`CaseHook`). A case skipped by
+            ``resume`` gets ``on_done`` (failure None) but no ``on_start``.
+        resume: skip a case whose outputs are all written already (:func:`written_volumes`);
+            it is listed in ``skipped`` and its volumes are read back.
+        options: ``split_4d``, ``probabilities``, ``entropy``, ``out_format``, ``extra``,
+            ``on_timings`` as for :func:`predict_case`.
 
     Returns:
         :class:`BatchResult`; the caller decides what a failure means (``uumamba predict``
         exits 1 after writing the others).
     """
     result = BatchResult()
+    check = {k: options[k] for k in ("split_4d", "probabilities", "entropy", "out_format")
+             if k in options}
     for i, (case, files) in enumerate(cases):
+        previous = written_volumes(case, files, output_dir, **check) if resume else None
+        if previous is not None:
+            result.skipped.append(case)
+            result.volumes_ml.update(previous)
+            result.inputs.update({name: Path(files[0]) for name in previous})
+            result.outputs[case] = list(previous)
+            if on_done is not None:
+                on_done(i, case, None)
+            continue
         if on_start is not None:
             on_start(i, case)
         failure = None
@@ -103,9 +143,107 @@ def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, list[Path]]],
                                                volumes=volumes, **options))
             result.volumes_ml.update(volumes)
             result.inputs.update({name: Path(files[0]) for name in volumes})
+            result.outputs[case] = list(volumes)
         except (UserError, ValueError, RuntimeError, OSError) as exc:
             failure = CaseFailure(case, Path(files[0]), _one_line(exc, Path(files[0])))
             result.failures.append(failure)
         if on_done is not None:
             on_done(i, case, None if failure is None else failure.message)
     return result
+
+
+def shard_cases(cases: Sequence[tuple[str, list[Path]]], rank: int, world_size: int
+                ) -> list[tuple[str, list[Path]]]:
+    """The cases rank ``rank`` of ``world_size`` predicts: case ``i`` of the (sorted) list goes
+    to rank ``i % world_size`` (round robin, so neighbours in name order — often one
+    patient's phases, or similar sizes — are spread over the ranks).
+
+    The split depends only on the list, never on what an earlier run wrote, so a rerun with
+    ``resume`` gives every rank the same cases again. All of them when ``world_size`` is 1.
+
+    Raises:
+        ValueError: ``world_size`` < 1 or ``rank`` outside ``0 .. world_size - 1``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+    return list(cases[rank::world_size])
+
+
+def output_names(case: str, files: Sequence[Path], split_4d: bool = False) -> list[str]:
+    """The output case names :func:`predict_case` gives ``case``: ``[case]``, or with
+    ``split_4d`` and a 4D first input (header only) ``CASE_frame00`` .. one per frame.
+
+    Raises:
+        DataError: the first input's header cannot be read (only with ``split_4d``).
+    """
+    if not split_4d:
+        return [case]
+    from uumamba.data.io import read_geometry
+
+    shape = read_geometry(files[0]).shape
+    return [case] if len(shape) != 4 else [f"{case}_frame{t:02d}" for t in range(shape[3])]
+
+
+def written_volumes(case: str, files: Sequence[Path], output_dir: Path, *,
+                    split_4d: bool = False, probabilities: bool = False, entropy: bool = False,
+                    out_format: str | None = None) -> dict[str, dict[str, float]] | None:
+    """Output case name -> label name -> mL of ``case`` as an earlier run wrote it, or None
+    when the case is not completely written (then ``resume`` predicts it again).
+
+    Written means: every file :func:`predict_case` writes with these options exists under
+    its final name — the mask, the probabilities / entropy maps when asked for, and
+    ``CASE_volumes.json`` (written last), for every frame of a split 4D input. Every output
+    is written to a temporary ``.NAME.tmp-PID...`` and renamed onto its name only when
+    complete (:func:`uumamba.utils.atomic_path`), so a file under its final name is whole and
+    the temporary of a killed run never counts. The volumes come from ``CASE_volumes.json``
+    (the values :class:`~uumamba.inference.predict.Prediction` reported).
+
+    Never raises: a header or ``CASE_volumes.json`` that cannot be read means "not written"
+    (predicting again then reports the problem as usual).
+    """
+    output_dir = Path(output_dir)
+    try:
+        names = output_names(case, files, split_4d)
+        suffix, fmt = mask_suffix(Path(files[0]), out_format)
+    except (UserError, DataError, OSError):
+        return None
+    map_fmt = fmt or "nrrd"
+    volumes: dict[str, dict[str, float]] = {}
+    for name in names:
+        needed = [output_dir / f"{name}{suffix}"]
+        needed += [output_dir / f"{name}_probabilities.{map_fmt}"] if probabilities else []
+        needed += [output_dir / f"{name}_entropy.{map_fmt}"] if entropy else []
+        if not all(p.is_file() for p in needed):
+            return None
+        try:
+            info = json.loads((output_dir / f"{name}_volumes.json").read_text())
+            volumes[name] = {label: float(v["volume_ml"]) for label, v in info["labels"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    return volumes
+
+
+def merge_results(results: Sequence[BatchResult], cases: Sequence[tuple[str, list[Path]]]
+                  ) -> BatchResult:
+    """The shards' results (:func:`shard_cases`) as one, in the order of ``cases``: volumes,
+    inputs, failures and skipped cases come out as one process predicting ``cases`` in turn
+    would list them (so ``clinical.json`` is the same); ``written`` is each shard's files,
+    shard after shard.
+
+    ``inputs`` are taken from ``cases`` (this process's files), not from the shards: a
+    DICOM case's NIfTI copy lives in each rank's own temporary folder.
+    """
+    order = {case: i for i, (case, _files) in enumerate(cases)}
+    merged = BatchResult(written=[p for r in results for p in r.written])
+    for case, files in cases:
+        for r in results:
+            for name in r.outputs.get(case, []):
+                merged.volumes_ml[name] = r.volumes_ml[name]
+                merged.inputs[name] = Path(files[0])
+            if case in r.outputs:
+                merged.outputs[case] = list(r.outputs[case])
+    merged.failures = sorted((f for r in results for f in r.failures),
+                             key=lambda f: order.get(f.case, len(order)))
+    merged.skipped = sorted((c for r in results for c in r.skipped),
+                            key=lambda c: order.get(c, len(order)))
+    return merged

@@ -8,15 +8,16 @@ Flow of :meth:`Predictor.predict_file` (one 3D volume, or one file per input cha
    channel first, reorient to ``plans.axcodes``, resample to ``plans.target_spacing``,
    normalise) gives the network's input grid;
 3. every fold's network predicts softmax probabilities with Gaussian-weighted sliding windows
-   (:func:`uumamba.inference.sliding.sliding_window_probabilities`, optional mirroring TTA);
-   the fold ensemble is the mean of the softmax;
+   (:func:`uumamba.inference.sliding.accumulate_window_probabilities`, optional mirroring
+   TTA), all folds adding into one (K, X, Y, Z) float32 buffer: the fold ensemble is the mean
+   of the softmax;
 4. the probabilities are mapped back to the input's voxel grid with MONAI ``Invertd`` using
    the transforms' own record (inverse resampling with *linear* interpolation of the
-   probabilities, inverse reorientation), then renormalised; the mask is their argmax. This is
-   nnU-Net's order (resample probabilities, then argmax), which gives smoother boundaries
-   than resampling a label map with nearest neighbour. Where the target spacing equals the
-   input's, the inversion is exact voxel for voxel (tests check this for RAS, LPS, oblique
-   and qform != sform NIfTI inputs);
+   probabilities, inverse reorientation); the mask is their argmax. This is nnU-Net's order
+   (resample probabilities, then argmax), which gives smoother boundaries than resampling a
+   label map with nearest neighbour. Where the target spacing equals the input's, the
+   inversion is exact voxel for voxel (tests check this for RAS, LPS, oblique and qform !=
+   sform NIfTI inputs);
    (before the network runs, :mod:`uumamba.inference.plausibility` flags inputs the model
    cannot have been trained for: blank, constant, noise, another modality, far-off spacing or
    field of view — per ``inference.input_check``);
@@ -26,13 +27,33 @@ Flow of :meth:`Predictor.predict_file` (one 3D volume, or one file per input cha
    volumes (voxel count x voxel volume in mm^3 / 1000 = mL).
 
 Inputs smaller than the patch are padded by the sliding window and cropped back.
+
+Memory (:meth:`Predictor.invert_argmax`): the mask is taken as the inversion goes — a running
+maximum and the uint8 mask, both on the input grid — so the K probability volumes on the input
+grid exist only when ``probabilities`` or ``entropy`` is asked for (then once, renormalised in
+place). Plans in voxel axes (all plans since 0.2: a permutation, then an axis-aligned
+resampling) are inverted separably, slab by slab of the output (:data:`INVERT_SLAB_BYTES`),
+equal to MONAI's inverse resampling to float32 rounding; other records go through
+``Invertd``, a few classes per call (:data:`INVERT_CHUNK_BYTES`). MONAI's inverse resamples in
+float64 with a float64 sampling grid (about 24 bytes per output voxel per call plus float64
+copies), which is what made a 512 x 512 x 300 CT with 4 classes peak at 5.6 GB. The argmax is
+taken of the clipped inverted probabilities before renormalisation (dividing every class of a
+voxel by the same sum cannot change which is largest, except for two classes within one
+float32 rounding step of each other: a near-tie, where either answer is the argmax); the
+probabilities and entropy written are renormalised as before.
+
+Timing: :attr:`Prediction.timings` holds the seconds of each stage (``read``, ``preprocess``,
+``network``, ``invert``, ``postprocess``); the writer adds ``write`` and records them in
+``CASE_volumes.json`` (``timings_s``), and ``uumamba predict`` prints one line per case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +73,7 @@ from uumamba.errors import DataError, UserError
 from uumamba.evaluation.metrics import label_volumes
 from uumamba.inference.plausibility import assess_input
 from uumamba.inference.postprocess import apply_postprocessing
-from uumamba.inference.sliding import sliding_window_probabilities
+from uumamba.inference.sliding import accumulate_window_probabilities
 from uumamba.model_folder import ModelFolder, load_checkpoint
 from uumamba.utils import plain_tensor
 
@@ -61,6 +82,16 @@ log = logging.getLogger(__name__)
 #: Decimals of the reported volumes (mL): 0.01 mL is far below one voxel of any clinical scan
 #: that matters for a volume, and ``41.471999999999994`` helps no reader.
 VOLUME_DECIMALS = 2
+
+#: Output bytes (float32, input grid) of one inversion call: classes are inverted this much at
+#: a time (at least one class per call); MONAI's resampling grid adds 12 bytes per output voxel
+#: to each call.
+INVERT_CHUNK_BYTES = 256 * 2**20
+
+#: Bytes of one output slab (all classes, float32) of the axis-aligned inversion: small enough
+#: that its temporaries come and go without growing the heap (16 MB slabs measured 6x the
+#: peak of 4 MB ones).
+INVERT_SLAB_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -82,6 +113,10 @@ class Prediction:
         warnings: reasons why the model cannot have been trained for this input
             (:mod:`uumamba.inference.plausibility`; empty when none or when
             ``inference.input_check`` is ``off``).
+        timings: seconds per stage: ``read`` (the file), ``preprocess`` (reorient, resample,
+            normalise, input check), ``network`` (sliding windows, blending, folds, TTA),
+            ``invert`` (back to the input grid, with the argmax), ``postprocess`` (connected
+            components, entropy, volumes).
     """
 
     mask: np.ndarray
@@ -91,16 +126,37 @@ class Prediction:
     volumes_ml: dict[str, float] = field(default_factory=dict)
     voxel_counts: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
     """Voxel-wise entropy ``-sum_k p_k ln p_k`` (nats) of (C, *spatial) probabilities.
 
+    Computed in float64 one class at a time (two float64 volumes, never C of them).
+
     Returns (*spatial) float32; 0 where one class has probability 1, ln C for a uniform
     distribution.
     """
-    p = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
-    return (-(probabilities * np.log(p)).sum(axis=0)).astype(np.float32)
+    total = np.zeros(probabilities.shape[1:], dtype=np.float64)
+    for p in probabilities:
+        p64 = p.astype(np.float64)
+        total -= p64 * np.log(np.clip(p64, 1e-12, 1.0))
+    return total.astype(np.float32)
+
+
+class _Stages:
+    """Seconds per named stage (``with stages("network"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class Predictor:
@@ -310,33 +366,46 @@ class Predictor:
                         want_probabilities: bool, want_entropy: bool, cancel: Any = None
                         ) -> Prediction:
         use_tta = self.tta if tta is None else bool(tta)
+        stages = _Stages()
         try:
-            data = self.transforms({"image": [str(p) for p in paths]})
+            with stages("read"):  # the chain's first transform is the reader
+                data = self.transforms({"image": [str(p) for p in paths]}, end=1)
+            with stages("preprocess"):
+                data = self.transforms(data, start=1)
         except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
             raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc)}); "
                             "is the file corrupt or truncated?") from None
-        warnings = self._check_input(paths[0], data.pop("image_statistics", []), geometry)
-        image = data["image"]
-        if not bool(torch.isfinite(plain_tensor(image)).all()):
+        with stages("preprocess"):
+            warnings = self._check_input(paths[0], data.pop("image_statistics", []), geometry)
+            image = data["image"]
+            finite = bool(torch.isfinite(plain_tensor(image)).all())
+        if not finite:
             raise DataError(f"{paths[0]}: the image contains NaN or infinite voxel values; "
                             "fix or mask them before segmenting (see `uumamba check-data`)")
-        probs = self.ensemble_probabilities(image[None], tta=use_tta, cancel=cancel)
-        probs_orig = self.invert(probs[0], data)
+        with stages("network"):
+            probs = self.ensemble_probabilities(image[None], tta=use_tta, cancel=cancel)
         expected = tuple(geometry.shape[:3])
-        if tuple(probs_orig.shape[1:]) != expected:
-            raise RuntimeError(f"{paths[0]}: inverted prediction has shape {tuple(probs_orig.shape[1:])}, "
+        with stages("invert"):
+            mask, probs_orig = self.invert_argmax(probs[0], data,
+                                                  keep_probabilities=want_probabilities
+                                                  or want_entropy)
+            del probs
+        if tuple(mask.shape) != expected:
+            raise RuntimeError(f"{paths[0]}: inverted prediction has shape {tuple(mask.shape)}, "
                                f"the input {expected}")
-        mask = np.argmax(probs_orig, axis=0).astype(np.uint8)
-        mask = apply_postprocessing(mask, self.postprocessing)
-        counts, volumes = label_volumes(mask, geometry.spacing, self.labels)
+        with stages("postprocess"):
+            mask = apply_postprocessing(mask, self.postprocessing)
+            counts, volumes = label_volumes(mask, geometry.spacing, self.labels)
+            entropy = predictive_entropy(probs_orig) if want_entropy else None
         return Prediction(
             mask=mask,
             probabilities=probs_orig if want_probabilities else None,
-            entropy=predictive_entropy(probs_orig) if want_entropy else None,
+            entropy=entropy,
             geometry=Geometry(expected, geometry.spacing, geometry.origin, geometry.direction),
             volumes_ml={name: round(ml, VOLUME_DECIMALS) for name, ml in volumes.items()},
             voxel_counts=counts,
             warnings=warnings,
+            timings={k: round(v, 3) for k, v in stages.seconds.items()},
         )
 
     def _check_input(self, path: Path, statistics: list[dict[str, Any]], geometry: Geometry
@@ -363,18 +432,76 @@ class Predictor:
                                cancel: Any = None) -> torch.Tensor:
         """Mean softmax of all folds over a preprocessed (1, C, X, Y, Z) volume.
 
-        ``cancel`` (``is_set() -> bool``) is checked between window batches (see
-        :func:`~uumamba.inference.sliding.sliding_window_probabilities`).
+        Every fold adds ``1 / n_folds`` of its softmax into one buffer
+        (:func:`~uumamba.inference.sliding.accumulate_window_probabilities`). ``cancel``
+        (``is_set() -> bool``) is checked between window batches.
 
         Returns (1, K, X, Y, Z) float32 on the CPU.
         """
         use_tta = self.tta if tta is None else bool(tta)
         total = None
         for net in self.networks:
-            probs = sliding_window_probabilities(net, image, self.plans, self.inference_cfg,
-                                                 tta=use_tta, cancel=cancel).cpu()
-            total = probs if total is None else total + probs
-        return total / len(self.networks)
+            total = accumulate_window_probabilities(net, image, self.plans, self.inference_cfg,
+                                                    out=total, scale=1.0 / len(self.networks),
+                                                    tta=use_tta, cancel=cancel)
+        return total.cpu()
+
+    def _invert_classes(self, probs: torch.Tensor, data: dict[str, Any]) -> np.ndarray:
+        """(c, x, y, z) float32 in the input's grid: ``Invertd`` of these classes, clipped at 0
+        (linear interpolation of probabilities is never negative but for rounding)."""
+        with torch.no_grad():
+            pred = MetaTensor(probs.detach().float().cpu().contiguous())
+            inverted = self._invert({**data, "pred": pred})["pred"]
+        arr = plain_tensor(inverted).numpy()
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        return np.maximum(arr, 0.0, out=arr if arr.flags.writeable else None)
+
+    def _classes_per_call(self, n_classes: int, data: dict[str, Any]) -> int:
+        """Classes per ``Invertd`` call: :data:`INVERT_CHUNK_BYTES` of float32 output."""
+        voxels = max(1, int(np.prod(_input_shape(data))))
+        return int(min(n_classes, max(1, INVERT_CHUNK_BYTES // (4 * voxels))))
+
+    def invert_argmax(self, probs: torch.Tensor, data: dict[str, Any],
+                      keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The mask (and, if asked, the probabilities) in the input's grid, without K copies.
+
+        Plans in voxel axes (``plans.axcodes == "voxel"``: a permutation, then an axis-aligned
+        resampling) are inverted by :class:`_AxisAlignedInverse`: separable linear
+        interpolation, slab by slab of the output, equal to MONAI's inverse resampling to
+        float32 rounding (~1e-7) and without its float64 grid (24 bytes per output voxel) and
+        float64 copies. Other records (RAS plans of 0.1) go through MONAI ``Invertd``, a few
+        classes per call (:data:`INVERT_CHUNK_BYTES`).
+
+        Args:
+            probs: (K, X, Y, Z) softmax on the grid of ``data["image"]``.
+            data: the transforms' output (its ``image`` carries the applied operations).
+            keep_probabilities: also return the (K, x, y, z) float32 probabilities,
+                renormalised to sum 1 per voxel (as :meth:`invert`).
+
+        Returns:
+            ``(mask, probabilities or None)``: the (x, y, z) uint8 argmax of the inverted
+            (clipped) probabilities — the first class on exact ties, as ``np.argmax`` — and
+            the probabilities. Without ``keep_probabilities`` only the running maximum and
+            the mask are kept on the input grid (see the module docstring).
+        """
+        n_classes = int(probs.shape[0])
+        if n_classes > 256:
+            raise ValueError(f"{n_classes} classes do not fit a uint8 mask")
+        probs = plain_tensor(probs).detach().float().cpu()
+        fast = _AxisAlignedInverse.from_data(data)
+        argmax = _RunningArgmax(n_classes, keep_probabilities)
+        if fast is not None:
+            for rows, k, p in fast.classes(probs):
+                argmax.add(k, p, fast, rows)
+            return argmax.result()
+        step = self._classes_per_call(n_classes, data)
+        for start in range(0, n_classes, step):
+            part = self._invert_classes(probs[start:start + step], data)
+            for j, p in enumerate(part):
+                argmax.add(start + j, p, None, slice(None))
+            del part
+        return argmax.result()
 
     def invert(self, probs: torch.Tensor, data: dict[str, Any]) -> np.ndarray:
         """Map (K, X, Y, Z) probabilities on the preprocessed grid back to the input's grid.
@@ -385,14 +512,152 @@ class Predictor:
             data: that transforms output (its ``image`` carries the applied operations).
 
         Returns:
-            (K, x, y, z) float32 in the input's voxel grid, renormalised to sum 1 per voxel.
+            (K, x, y, z) float32 in the input's voxel grid, renormalised to sum 1 per voxel
+            (:meth:`invert_argmax` also gives the mask without keeping all of them).
         """
-        with torch.no_grad():
-            pred = MetaTensor(probs.detach().clone().float().cpu())
-            inverted = self._invert({**data, "pred": pred})["pred"]
-        arr = np.asarray(plain_tensor(inverted), dtype=np.float32)
-        arr = np.clip(arr, 0.0, None)
-        return arr / np.maximum(arr.sum(axis=0, keepdims=True), 1e-8)
+        return self.invert_argmax(probs, data, keep_probabilities=True)[1]
+
+
+class _RunningArgmax:
+    """Argmax over classes added one at a time (slab by slab or whole), plus optionally the
+    probabilities: a float32 running maximum and a uint8 mask; strict ``>`` keeps the first
+    class on exact ties (``np.argmax``'s rule)."""
+
+    def __init__(self, n_classes: int, keep: bool) -> None:
+        self.n_classes = n_classes
+        self.keep = keep
+        self.best: np.ndarray | None = None
+        self.mask: np.ndarray | None = None
+        self.kept: np.ndarray | None = None
+
+    def _allocate(self, shape: tuple[int, ...]) -> None:
+        self.best = np.empty(shape, dtype=np.float32)
+        self.mask = np.zeros(shape, dtype=np.uint8)
+        if self.keep:
+            self.kept = np.empty((self.n_classes, *shape), dtype=np.float32)
+
+    def add(self, k: int, p: np.ndarray, grid: _AxisAlignedInverse | None, rows: slice) -> None:
+        """Class ``k``'s clipped probabilities ``p`` on rows ``rows`` of axis 0 of ``grid``'s
+        oriented (plan-axes) grid (None: ``p`` is a whole volume on the input grid)."""
+        if self.best is None:
+            self._allocate(tuple(grid.input_shape if grid is not None else p.shape))
+
+        def part(array: np.ndarray) -> np.ndarray:
+            return (grid.oriented_view(array) if grid is not None else array)[rows]
+
+        best, mask = part(self.best), part(self.mask)
+        if k == 0:
+            best[...] = p
+        else:
+            larger = np.greater(p, best)
+            np.copyto(mask, np.uint8(k), where=larger)
+            np.maximum(best, p, out=best)
+        if self.kept is not None:
+            part(self.kept[k])[...] = p
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(mask, renormalised probabilities or None)`` on the input grid."""
+        self.best = None
+        kept = self.kept
+        if kept is not None:
+            total = kept.sum(axis=0)
+            np.maximum(total, 1e-8, out=total)
+            kept /= total
+        return self.mask, kept
+
+
+class _AxisAlignedInverse:
+    """The inverse of ``PlanAxes`` + an axis-aligned ``Spacingd`` (linear, border padding),
+    done separably: along each axis, linear interpolation between the two neighbouring
+    network-grid voxels at the source coordinate ``xform[d, d] * i + xform[d, 3]`` (clamped to
+    the grid: border padding), which is what trilinear ``grid_sample`` computes; then the
+    permutation back. Produced slab by slab along the first oriented axis, so no temporary is
+    larger than :data:`INVERT_SLAB_BYTES`.
+
+    Attributes:
+        input_shape: the input's spatial shape (voxel axes as read).
+        order: plan axis k = input axis ``order[k]``.
+    """
+
+    def __init__(self, xform: np.ndarray, oriented_shape: tuple[int, ...],
+                 order: Sequence[int]) -> None:
+        self.xform = xform
+        self.oriented_shape = tuple(int(n) for n in oriented_shape)
+        self.order = [int(o) for o in order]
+        shape = [0, 0, 0]
+        for k, axis in enumerate(self.order):
+            shape[axis] = self.oriented_shape[k]
+        self.input_shape = tuple(shape)
+
+    def oriented_view(self, array: np.ndarray) -> np.ndarray:
+        """The plan-axes view (no copy) of an array on the input grid (last 3 axes)."""
+        lead = array.ndim - 3
+        return array.transpose(*range(lead), *(lead + o for o in self.order))
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> _AxisAlignedInverse | None:
+        """The inverse for this record, or None when it is not PlanAxes + an axis-aligned
+        linear resampling with border padding (then ``Invertd`` is used)."""
+        image = data.get("image")
+        ops = getattr(image, "applied_operations", None) or []
+        if len(ops) != 2 or ops[0].get("class") != "PlanAxes" \
+                or ops[1].get("class") != "SpatialResample":
+            return None
+        info = ops[1].get("extra_info", {})
+        if info.get("mode") != "bilinear" or info.get("padding_mode") != "border":
+            return None
+        try:
+            net = np.asarray(plain_tensor(image.affine), dtype=np.float64)
+            src = np.asarray(plain_tensor(info["src_affine"]), dtype=np.float64)
+            xform = np.linalg.solve(net, src)
+        except (KeyError, ValueError, np.linalg.LinAlgError):
+            return None
+        off = xform[:3, :3] - np.diag(np.diag(xform[:3, :3]))
+        if np.abs(off).max() > 1e-6 or np.any(np.diag(xform[:3, :3]) <= 0):
+            return None
+        return cls(xform, tuple(ops[1]["orig_size"]), ops[0]["extra_info"]["order"])
+
+    def _axis(self, d: int, n_out: slice | int, n_src: int) -> tuple[torch.Tensor, ...]:
+        idx = np.arange(n_out.start, n_out.stop) if isinstance(n_out, slice) else np.arange(n_out)
+        coords = np.clip(self.xform[d, d] * idx + self.xform[d, 3], 0.0, n_src - 1)
+        i0 = np.minimum(np.floor(coords).astype(np.int64), n_src - 1)
+        i1 = np.minimum(i0 + 1, n_src - 1)
+        w = (coords - i0).astype(np.float32)
+        return torch.as_tensor(i0), torch.as_tensor(i1), torch.as_tensor(w)
+
+    @staticmethod
+    def _lerp(x: torch.Tensor, dim: int, axis: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        i0, i1, w = axis
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        return torch.lerp(x.index_select(dim, i0), x.index_select(dim, i1), w.reshape(shape))
+
+    def classes(self, probs: torch.Tensor) -> Iterator[tuple[slice, int, np.ndarray]]:
+        """Yield ``(rows, k, p)``: class ``k`` on oriented output rows ``rows``, (rows, y, z)
+        float32, clipped at 0, slab after slab."""
+        n_classes, *src = probs.shape
+        out = self.oriented_shape
+        row_bytes = 4 * n_classes * out[1] * max(out[2], src[2])
+        step = max(1, min(out[0], INVERT_SLAB_BYTES // max(1, row_bytes)))
+        ax1, ax2 = self._axis(1, out[1], src[1]), self._axis(2, out[2], src[2])
+        with torch.inference_mode():
+            for r0 in range(0, out[0], step):
+                rows = slice(r0, min(r0 + step, out[0]))
+                x = self._lerp(probs, 1, self._axis(0, rows, src[0]))
+                x = self._lerp(self._lerp(x, 2, ax1), 3, ax2).clamp_(min=0.0).numpy()
+                for k in range(n_classes):
+                    yield rows, k, x[k]
+
+
+def _input_shape(data: dict[str, Any]) -> tuple[int, ...]:
+    """Spatial shape of the input grid ``Invertd`` maps back to: the first recorded
+    operation's ``orig_size`` (the reorientation's, i.e. the loaded image's)."""
+    ops = getattr(data["image"], "applied_operations", None) or []
+    for op in ops:
+        size = op.get("orig_size") if isinstance(op, dict) else None
+        if size is not None:
+            return tuple(int(n) for n in size)
+    return tuple(int(n) for n in data["image"].shape[1:])
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ the reference header and checks the written geometry); ``seg.nrrd`` goes through
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +45,12 @@ def write_prediction(prediction: Prediction, case: str, reference: Path, output_
     for DICOM inputs only, with ``extra`` ``model`` / ``model_version`` / ``weights_sha256``), ``CASE_probabilities.<ext>`` (x, y, z, C float32; when present) and
     ``CASE_entropy.<ext>`` (float32 nats; when present) in the mask's format (plain NRRD when
     the mask is ``seg.nrrd``), ``CASE_volumes.json`` (per-label value, voxel count and mL (to
-    0.01 mL), spacing and voxel volume, and the ``warnings`` of
-    :mod:`uumamba.inference.plausibility`).
+    0.01 mL), spacing and voxel volume, the ``warnings`` of
+    :mod:`uumamba.inference.plausibility`, and ``timings_s``: the prediction's seconds per
+    stage plus ``write``, the seconds of writing the images, which is also added to
+    ``prediction.timings``).
     """
+    start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     suffix, fmt = mask_suffix(reference, out_format)
     written = []
@@ -95,6 +99,9 @@ def write_prediction(prediction: Prediction, case: str, reference: Path, output_
         "warnings": list(prediction.warnings),
         **(extra or {}),
     }
+    if prediction.timings:
+        prediction.timings["write"] = round(time.perf_counter() - start, 3)
+        info["timings_s"] = dict(prediction.timings)
     json_path = output_dir / f"{case}_volumes.json"
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
