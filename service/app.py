@@ -200,16 +200,10 @@ def serve_from_cli(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8
             ``insecure_no_auth`` is false.
     """
     import uvicorn
-    from pydantic import ValidationError
 
     path = ModelFolder(model_dir).require().root
-    given = {"state_dir": state_dir, "broker_url": broker}
-    try:
-        settings = ServiceSettings(model_dir=path, device=device, run_jobs=run_jobs,
-                                   **{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"UUMAMBA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
-        raise UserError(f"invalid service setting: {problems}") from None
+    settings = ServiceSettings.for_cli(model_dir=path, device=device, run_jobs=run_jobs,
+                                       state_dir=state_dir, broker_url=broker)
     ModelFolder(path).require(settings.folds)
     if settings.api_key is None and not is_loopback(host) and not insecure_no_auth:
         raise UserError(f"refusing to serve on {host} without an API key: set UUMAMBA_API_KEY, "

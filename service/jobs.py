@@ -560,9 +560,8 @@ class JobStore:
             with contextlib.suppress(OSError):
                 if now - folder.stat().st_mtime < ORPHAN_AGE_S:
                     continue  # being created: its row is committed first, then the folder
-                if folder.name not in {r["id"] for r in self._db().execute(
-                        "SELECT id FROM jobs WHERE id=?", (folder.name,))}:
-                    shutil.rmtree(folder, ignore_errors=True)
+                if self._db().execute("SELECT 1 FROM jobs WHERE id=?", (folder.name,)).fetchone() is None:
+                    shutil.rmtree(folder, ignore_errors=True)  # still no row: an orphan
                     removed += 1
         return removed
 
@@ -586,10 +585,7 @@ def open_state_folder(settings) -> JobStore:
 
     folder = settings.resolved_state_dir
     try:
-        return JobStore(folder, settings.job_ttl_s, lease_s=settings.job_lease_s,
-                        max_attempts=settings.job_max_attempts, lost_jobs=settings.lost_jobs,
-                        max_jobs=settings.max_jobs, max_bytes=settings.max_job_bytes,
-                        upload_reserve_bytes=settings.max_upload_bytes)
+        return JobStore(folder, settings.job_ttl_s, **settings.job_store_options())
     except OSError as exc:
         raise UserError(f"cannot open the job state folder {folder}: {exc.strerror or exc}") from None
     except sqlite3.Error as exc:

@@ -29,7 +29,8 @@ from uumamba.errors import UserError
 
 from .dispatch import top_up
 from .jobs import JobStore, process_id
-from .model_info import describe_model
+from .model_info import describe_model, load_predictor
+from .models import ModelInfo
 from .observability import logger
 from .runner import STOPPING, RunContext
 from .settings import ServiceSettings
@@ -37,19 +38,12 @@ from .state import ServiceState
 from .warmup import warm_up
 
 
-def _load_model(state: ServiceState, predictor: Any) -> None:
-    """Describe the model folder, build the predictor (unless given), warm it up, and record
-    its device and selective-scan backend (the predictor's own ``scan_backend``)."""
+def _load_model(state: ServiceState, predictor: Any, info: ModelInfo | None = None) -> None:
+    """Describe the model folder (unless ``info`` is given), build the predictor (unless
+    given), warm it up, and record its device and selective-scan backend (the predictor's
+    own ``scan_backend``)."""
     settings = state.settings
-    info = describe_model(settings.model_dir, settings.folds)
-    if predictor is None:
-        from uumamba.inference.predict import Predictor
-
-        folds = [f.removeprefix("fold_") for f in info.folds]
-        predictor = Predictor.from_model_dir(settings.model_dir, folds=folds, device=settings.device)
-    labels = getattr(predictor, "labels", None)
-    if labels:  # the names the predictor writes win
-        info = info.model_copy(update={"labels": dict(sorted(labels.items()))})
+    predictor, info = load_predictor(settings.model_dir, settings.folds, settings.device, predictor, info)
     if settings.warmup:
         warm_up(predictor, settings.model_dir, state.work_root)
     state.device = str(getattr(predictor, "device", settings.device))
@@ -62,10 +56,10 @@ def _load_model(state: ServiceState, predictor: Any) -> None:
     state.status = "ready"
 
 
-async def _load_in_background(state: ServiceState, predictor: Any) -> None:
+async def _load_in_background(state: ServiceState, predictor: Any, info: ModelInfo | None) -> None:
     """Run :func:`_load_model` in a thread; a failure sets ``status = "failed"`` and says why."""
     try:
-        await asyncio.to_thread(_load_model, state, predictor)
+        await asyncio.to_thread(_load_model, state, predictor, info)
         logger.info("model loaded", extra={"fields": {
             "model": state.info.name, "version": state.info.version, "device": state.device,
             "scan_backend": state.scan_backend, "folds": state.info.folds}})
@@ -83,25 +77,21 @@ async def _load_in_background(state: ServiceState, predictor: Any) -> None:
         state.load_error = error.replace(str(state.settings.model_dir), "<model folder>").splitlines()[0][:300]
 
 
-def open_job_store(settings: ServiceSettings, work_root: Path) -> Any:
+def open_job_store(settings: ServiceSettings, work_root: Path, info: ModelInfo | None = None) -> Any:
     """The job store of ``settings``: RQ on Redis when ``broker_url`` is set (the queue of the
-    model's version), else the SQLite store in ``resolved_state_dir`` (created, 0700).
+    model's version: ``info``, described here unless given), else the SQLite store in
+    ``resolved_state_dir`` (created, 0700).
 
     Raises:
         OSError: the state folder cannot be created or its database opened.
     """
-    common = dict(lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts,
-                  lost_jobs=settings.lost_jobs, max_jobs=settings.max_jobs,
-                  max_bytes=settings.max_job_bytes)
     if settings.broker_url:
         from .redis_queue import RedisJobStore, queue_for
 
-        version = describe_model(settings.model_dir, settings.folds).version
+        version = (info or describe_model(settings.model_dir, settings.folds)).version
         return RedisJobStore(settings.broker_url, settings.job_ttl_s, cache_dir=work_root / "jobs",
-                             upload_reserve_bytes=settings.max_upload_bytes,
-                             queue_name=queue_for(version), **common)
-    return JobStore(settings.resolved_state_dir, settings.job_ttl_s,
-                    upload_reserve_bytes=settings.max_upload_bytes, **common)
+                             queue_name=queue_for(version), **settings.job_store_options())
+    return JobStore(settings.resolved_state_dir, settings.job_ttl_s, **settings.job_store_options())
 
 
 def _upkeep(state: ServiceState) -> None:
@@ -230,9 +220,11 @@ async def service_lifespan(app: FastAPI, predictor: Any = None) -> AsyncIterator
     settings = state.settings
     state.work_root, state.work_lock = make_work_root(settings.tmp_dir)
     state.owner = process_id()
-    state.jobs = open_job_store(settings, state.work_root)
+    # with a broker the queue is the model version's: describe the folder once, for both
+    info = describe_model(settings.model_dir, settings.folds) if settings.broker_url else None
+    state.jobs = open_job_store(settings, state.work_root, info)
     every_s = min(60.0, max(0.2, settings.job_ttl_s / 4), max(0.2, settings.job_lease_s / 4), 2.0)
-    state.tasks = [asyncio.create_task(_load_in_background(state, predictor)),
+    state.tasks = [asyncio.create_task(_load_in_background(state, predictor, info)),
                    asyncio.create_task(_maintain_jobs(state, every_s))]
     try:
         yield

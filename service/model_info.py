@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import uumamba
 from uumamba.model_folder import ModelFolder
@@ -44,3 +45,27 @@ def describe_model(model_dir: str | Path, folds: list[str] | None = None) -> Mod
         tta_default=cfg.inference.tta,
         package_version=uumamba.__version__,
     )
+
+
+def load_predictor(model_dir: str | Path, folds: list[str] | None, device: str,
+                   predictor: Any = None, info: ModelInfo | None = None) -> tuple[Any, ModelInfo]:
+    """The predictor of a model folder (built unless given) and the folder's
+    :class:`ModelInfo` (described unless given), whose labels are the names the predictor
+    writes when it has them.
+
+    One place for the API process (:mod:`uumamba_service.lifespan`) and both kinds of
+    ``uumamba worker``.
+
+    Raises:
+        UserError: as :func:`describe_model`, or the predictor refuses the folder.
+    """
+    info = info if info is not None else describe_model(model_dir, folds)
+    if predictor is None:
+        from uumamba.inference.predict import Predictor
+
+        predictor = Predictor.from_model_dir(model_dir, folds=[f.removeprefix("fold_") for f in info.folds],
+                                             device=device)
+    labels = getattr(predictor, "labels", None)
+    if labels:  # the names the predictor writes win
+        info = info.model_copy(update={"labels": dict(sorted(labels.items()))})
+    return predictor, info

@@ -62,7 +62,10 @@ from typing import Any
 from .jobs import Job, StoreFull
 from .models import JobState, OutputFormat
 from .observability import logger
-from .runner import STOPPING  # a worker being stopped gives its job back, as SQLite workers do
+from .runner import (  # a worker being stopped gives its job back, as SQLite workers do
+    STOPPING,
+    cancelled_detail,
+)
 from .worker import CancelToken
 
 #: The RQ job function, by name (the API process imports nothing of the worker).
@@ -260,12 +263,6 @@ def _abandoned(rq_job: Any) -> bool:
     except Exception:
         return False
     return bool(result is not None and result.exc_string and "AbandonedJobError" in result.exc_string)
-
-
-def _cancelled_detail(reason: str | None, max_inference_s: float | None) -> str:
-    if reason == "wall-time cap" and max_inference_s is not None:
-        return f"inference stopped at the wall-time cap of {max_inference_s:g} s (max_inference_s)"
-    return f"inference cancelled ({reason})"
 
 
 class RedisJobStore:
@@ -897,7 +894,7 @@ def segment_job(job_id: str) -> str:
                 raise _Outcome("give_back", "worker stopping: job given back") from None
             if token.reason == LEASE_LOST:
                 raise lost() from None
-            raise fail("cancelled", _cancelled_detail(token.reason, ctx.max_inference_s)) from None
+            raise fail("cancelled", cancelled_detail(token.reason, ctx.max_inference_s)) from None
         except UserError as exc:
             raise fail("user_error", str(exc)) from None
         except Exception as exc:
@@ -1071,22 +1068,9 @@ def _worker_class():
     return LeaseWorker
 
 
-def _load_predictor(model_dir: Path, folds: list[str] | None, device: str):
-    """The predictor, its labels and TTA default (as the API's ``_load_model`` does)."""
-    from uumamba.inference.predict import Predictor
-
-    from .model_info import describe_model
-
-    info = describe_model(model_dir, folds)
-    predictor = Predictor.from_model_dir(model_dir, folds=[f.removeprefix("fold_") for f in info.folds],
-                                         device=device)
-    labels = dict(sorted((getattr(predictor, "labels", None) or info.labels).items()))
-    return predictor, labels, bool(info.tta_default)
-
-
 def run_worker(model_dir: Path, url: str, *, device: str = "auto", folds: list[str] | None = None,
                lease_s: float = 30.0, max_inference_s: float | None = 3600.0,
-               queue_name: str = "uumamba", burst: bool = False,
+               queue_name: str | None = None, burst: bool = False,
                stop: threading.Event | None = None, warmup: bool = False) -> int:
     """Run jobs from the Redis queue at ``url`` until stopped (``uumamba worker --broker``).
 
@@ -1104,7 +1088,8 @@ def run_worker(model_dir: Path, url: str, *, device: str = "auto", folds: list[s
         folds: folds to ensemble (``fold_N`` or ``N``); ``None``: all.
         lease_s: the lease of a running job (keep it equal to the API's).
         max_inference_s: wall-time cap of one job's inference (``None``: none).
-        queue_name: the RQ queue to listen on.
+        queue_name: the RQ queue to listen on (``None``: :func:`queue_for` the model's
+            version, the queue an API process serving this model enqueues into).
         burst: return once the queue is empty (tests, batch runs).
         stop: set it (from another thread) to stop the worker.
         warmup: segment one synthetic volume before taking jobs (as ``uumamba serve`` does).
@@ -1122,7 +1107,11 @@ def run_worker(model_dir: Path, url: str, *, device: str = "auto", folds: list[s
         raise ValueError("lease_s must be > 0")
     if _ACTIVE is not None:
         raise RuntimeError("one run_worker per process")
-    predictor, labels, tta_default = _load_predictor(Path(model_dir), folds, device)
+    from .model_info import load_predictor
+
+    predictor, info = load_predictor(Path(model_dir), folds, device)
+    labels, tta_default = info.labels, bool(info.tta_default)
+    queue_name = queue_name if queue_name is not None else queue_for(info.version)
     if warmup:
         from .warmup import warm_up
 

@@ -51,6 +51,7 @@ from .models import (
 from .observability import logger
 from .pipeline import SegmentationOutput, check_volume, segment_file
 from .responses import remove_when_done, result_response
+from .runner import cancelled_detail
 from .state import ServiceError, ServiceState
 from .uploads import ReceivedUpload, receive_upload
 from .worker import CancelToken, Slot
@@ -157,7 +158,7 @@ async def segment(request: Request, format: OutputFormat = _FORMAT_QUERY,
             raise ServiceError(504, f"segmentation did not finish within {timeout_s:g} s; "
                                     "use /v1/jobs for long inferences") from None
         except InferenceCancelled:
-            raise ServiceError(504, _cancelled_detail(state, cancel)) from None
+            raise ServiceError(504, cancelled_detail(cancel.reason, state.settings.max_inference_s)) from None
         response = result_response(output, upload.stem, workdir)
         workdir = None  # the response owns it now
         return response
@@ -310,13 +311,6 @@ async def _receive_checked(request: Request, state: ServiceState, workdir: Path,
         async with state.decode_gate:  # released on every path, cancellation included
             await run_in_threadpool(check_volume, received.path, target, settings.header_limits())
     return upload
-
-
-def _cancelled_detail(state: ServiceState, cancel: CancelToken) -> str:
-    if cancel.reason == "wall-time cap":
-        return (f"inference stopped at the wall-time cap of {state.settings.max_inference_s:g} s "
-                "(max_inference_s)")
-    return f"inference cancelled ({cancel.reason})"
 
 
 def _segment_sync(state: ServiceState, upload: ReceivedUpload, workdir: Path, fmt: OutputFormat,

@@ -47,7 +47,8 @@ class RunContext:
     model: str | None = None
 
 
-def _cancelled_detail(reason: str | None, max_inference_s: float | None) -> str:
+def cancelled_detail(reason: str | None, max_inference_s: float | None) -> str:
+    """Why an inference stopped, for a client: the wall-time cap, or the cancel reason."""
     if reason == "wall-time cap" and max_inference_s is not None:
         return f"inference stopped at the wall-time cap of {max_inference_s:g} s (max_inference_s)"
     return f"inference cancelled ({reason})"
@@ -72,6 +73,7 @@ def run_job(store: JobStore, job: Job, ctx: RunContext) -> None:
 
     beater = threading.Thread(target=beat, name=f"uumamba-lease-{job.id[:8]}", daemon=True)
     beater.start()
+    outcome, output, error = "done", None, None
     try:
         if token.is_set():
             raise InferenceCancelled(token.reason or "cancelled")
@@ -80,31 +82,31 @@ def run_job(store: JobStore, job: Job, ctx: RunContext) -> None:
             ctx.predictor, job.input, job.workdir, job.format, job.tta, ctx.labels, ctx.tta_default,
             report=lambda stage, progress: store.mark(job.id, ctx.owner, stage, progress),
             cancel=token, es_upload=job.es_input)
-        stop_beat.set()
-        if store.finish(job.id, ctx.owner, output, None):
-            logger.info("job done", extra={"fields": {"job_id": job.id}})
-        else:  # deleted meanwhile, or lost to another worker (this one stalled past its lease)
-            logger.warning("job result discarded: no longer this worker's",
-                           extra={"fields": {"job_id": job.id}})
     except InferenceCancelled:
-        stop_beat.set()
-        if token.reason == STOPPING:
-            store.give_back(job.id, ctx.owner)
-            logger.info("job given back", extra={"fields": {"job_id": job.id}})
-        else:
-            store.finish(job.id, ctx.owner, None, _cancelled_detail(token.reason, ctx.max_inference_s))
-            logger.info("job cancelled", extra={"fields": {"job_id": job.id, "reason": token.reason}})
+        outcome = "given back" if token.reason == STOPPING else "cancelled"
+        error = cancelled_detail(token.reason, ctx.max_inference_s)
     except UserError as exc:
-        stop_beat.set()
-        store.finish(job.id, ctx.owner, None, str(exc))
-        logger.info("job failed", extra={"fields": {"job_id": job.id, "error": str(exc)}})
+        outcome, error = "failed", str(exc)
     except Exception as exc:
-        stop_beat.set()
-        store.finish(job.id, ctx.owner, None, f"internal error ({type(exc).__name__}); see the server log")
+        outcome, error = "crashed", f"internal error ({type(exc).__name__}); see the server log"
         logger.exception("job crashed", extra={"fields": {"job_id": job.id}})
-    finally:
+    finally:  # the lease is no longer renewed once the outcome is known
         stop_beat.set()
         beater.join(timeout=5)
+    fields = {"job_id": job.id}
+    if outcome == "given back":
+        store.give_back(job.id, ctx.owner)
+        logger.info("job given back", extra={"fields": fields})
+        return
+    recorded = store.finish(job.id, ctx.owner, output, error)
+    if outcome == "done" and not recorded:  # deleted meanwhile, or lost to another worker
+        logger.warning("job result discarded: no longer this worker's", extra={"fields": fields})
+    elif outcome == "done":
+        logger.info("job done", extra={"fields": fields})
+    elif outcome == "cancelled":
+        logger.info("job cancelled", extra={"fields": {**fields, "reason": token.reason}})
+    elif outcome == "failed":
+        logger.info("job failed", extra={"fields": {**fields, "error": error}})
 
 
 def run_next(store: JobStore, ctx: RunContext) -> bool:

@@ -137,6 +137,32 @@ class ServiceSettings(BaseSettings):
         """``state_dir``, or the model's :func:`default_state_dir`."""
         return Path(self.state_dir) if self.state_dir is not None else default_state_dir(self.model_dir)
 
+    def job_store_options(self) -> dict:
+        """Keyword arguments of either job store (lease, attempts, lost jobs, caps, and the
+        bytes an upload still streaming is counted as)."""
+        return dict(lease_s=self.job_lease_s, max_attempts=self.job_max_attempts,
+                    lost_jobs=self.lost_jobs, max_jobs=self.max_jobs, max_bytes=self.max_job_bytes,
+                    upload_reserve_bytes=self.max_upload_bytes)
+
+    @classmethod
+    def for_cli(cls, **values) -> ServiceSettings:
+        """Settings from the command's values (``None``: not given, so the environment or the
+        default decides) over ``UUMAMBA_*`` variables.
+
+        Raises:
+            UserError: one line listing every invalid setting by its variable name.
+        """
+        from pydantic import ValidationError
+
+        from uumamba.errors import UserError
+
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            problems = "; ".join(f"UUMAMBA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                                 for e in exc.errors())
+            raise UserError(f"invalid service setting: {problems}") from None
+
     @property
     def max_upload_bytes(self) -> int:
         """``max_upload_mb`` in bytes (MiB, 1024 * 1024)."""

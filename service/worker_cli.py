@@ -13,25 +13,14 @@ import signal
 import threading
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from uumamba.errors import UserError
 from uumamba.model_folder import ModelFolder
 
 from .jobs import open_state_folder, process_id
-from .model_info import describe_model
+from .model_info import load_predictor
 from .observability import configure_logging, logger
 from .runner import STOPPING, RunContext, work_forever
 from .settings import ServiceSettings
 from .warmup import warm_up
-
-
-def _settings(model_dir: Path, **overrides) -> ServiceSettings:
-    try:
-        return ServiceSettings(model_dir=model_dir, **{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"UUMAMBA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
-        raise UserError(f"invalid service setting: {problems}") from None
 
 
 def run_worker_from_cli(model_dir: Path, state_dir: Path | None = None, broker: str | None = None,
@@ -49,7 +38,8 @@ def run_worker_from_cli(model_dir: Path, state_dir: Path | None = None, broker: 
             state folder cannot be created.
     """
     path = ModelFolder(model_dir).require().root
-    settings = _settings(path, state_dir=state_dir, broker_url=broker, device=device)
+    settings = ServiceSettings.for_cli(model_dir=path, state_dir=state_dir, broker_url=broker,
+                                       device=device)
     if settings.broker_url:
         from .redis_queue import check_broker
 
@@ -59,26 +49,20 @@ def run_worker_from_cli(model_dir: Path, state_dir: Path | None = None, broker: 
     stop = threading.Event()
 
     if settings.broker_url:
-        from .redis_queue import queue_for, run_worker
+        from .redis_queue import run_worker
 
-        version = describe_model(path, settings.folds).version
-
-        # run_worker installs its own SIGTERM / SIGINT handlers (warm shutdown)
+        # run_worker listens on its model version's queue and installs its own SIGTERM /
+        # SIGINT handlers (warm shutdown)
         return run_worker(path, settings.broker_url, device=settings.device, folds=settings.folds,
                           lease_s=settings.job_lease_s, max_inference_s=settings.max_inference_s,
-                          burst=burst, warmup=settings.warmup, queue_name=queue_for(version))
+                          burst=burst, warmup=settings.warmup)
 
     state_folder = settings.resolved_state_dir
     store = open_state_folder(settings)
-    from uumamba.inference.predict import Predictor
-
-    info = describe_model(path, settings.folds)
-    folds = [f.removeprefix("fold_") for f in info.folds]
-    predictor = Predictor.from_model_dir(path, folds=folds, device=settings.device)
-    labels = dict(sorted((getattr(predictor, "labels", None) or info.labels).items()))
+    predictor, info = load_predictor(path, settings.folds, settings.device)
     if settings.warmup:
         warm_up(predictor, path)
-    ctx = RunContext(predictor, labels, info.tta_default, settings.max_inference_s, process_id(),
+    ctx = RunContext(predictor, info.labels, info.tta_default, settings.max_inference_s, process_id(),
                      info.version)
 
     def on_signal(signum, _frame) -> None:

@@ -139,9 +139,9 @@ def test_readyz_503_until_loaded_then_200(model_dir, predictor, monkeypatch):
     release = threading.Event()
     real_load = app_module._load_model
 
-    def slow_load(state, pred):
+    def slow_load(state, pred, *info):
         release.wait(30)
-        real_load(state, pred)
+        real_load(state, pred, *info)
 
     monkeypatch.setattr(app_module, "_load_model", slow_load)
     app = create_app(_settings(model_dir), predictor=predictor)
@@ -480,6 +480,11 @@ def test_job_lifecycle(model_dir, predictor, volumes, tmp_path):
         # the submitting request has returned; the job goes on without it
         status = c.get(job["status_url"]).json()
         assert status["status"] in ("queued", "running") and status["progress"] < 1
+        # the gated predictor holds the job in `running` once a worker has claimed it, so the
+        # 409 below and this status name the same state
+        assert gated.started.wait(10)
+        status = c.get(job["status_url"]).json()
+        assert status["status"] == "running" and status["progress"] < 1
         r = c.get(job["result_url"])
         assert r.status_code == 409 and status["status"] in r.json()["detail"]
         gated.gate.set()
