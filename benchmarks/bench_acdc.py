@@ -1,9 +1,9 @@
 """UU-Mamba vs. a MONAI DynUNet (nnU-Net-like) on real ACDC, same budget, split and data.
 
-Both models are trained one after the other on the CPU with the same number of threads and
-the same wall-time budget (minutes, counted from the start of each model's training call,
-preprocessing included), on the training cases of our fold 0 (patient-grouped split,
-``splits.json``), with the same plan (``plans.json``: spacing, normalisation, patch size,
+For every fold of ``--folds`` (patient-grouped cross-validation, ``splits.json``), both models
+are trained one after the other on the CPU with the same number of threads and the same
+wall-time budget (minutes, counted from the start of each model's training call,
+preprocessing included), on the training cases of that fold, with the same plan (``plans.json``: spacing, normalisation, patch size,
 strides), the same MONAI training transforms (patch sampling, augmentation) and the same
 inference (sliding window, Gaussian blending, inversion to the original grid). They differ in:
 
@@ -13,14 +13,21 @@ inference (sliding window, Gaussian blending, inversion to the original grid). T
   config's feature widths, instance norm, deep supervision, Dice + CE, SGD (lr 0.01,
   Nesterov momentum 0.99, poly schedule) — nnU-Net's recipe, in a plain loop.
 
-Then both predict the validation cases of fold 0 without postprocessing and are scored (Dice,
+Then both predict the validation cases of the fold without postprocessing and are scored (Dice,
 HD95, NSD) — the ``raw`` result. The largest-connected-component postprocessing is then
 decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
 model's own validation masks in the original grid), applied and scored again — the
 ``postprocessed`` result. Note that this decision is made on the cases it is scored on
 (as nnU-Net decides it on its cross-validation predictions); the raw scores carry no such
-selection. Per-class Dice and the foreground mean of both models, raw and postprocessed, are
-printed and written to ``OUTPUT/bench_acdc.json``.
+selection. Each fold's per-case scores, iterations, training and prediction seconds are
+written to ``OUTPUT/folds/fold_K.json`` as soon as the fold is done (a rerun into the same
+``OUTPUT`` skips the folds already there, so a long cross-validation can be resumed fold by
+fold). Over all folds' validation volumes (every volume is unseen by the models that predict
+it): per class and for the foreground mean, each model's mean Dice with a 95 % percentile
+bootstrap interval over volumes, raw and postprocessed, and the paired difference (ours minus
+DynUNet, per volume) with its paired-bootstrap interval and the Wilcoxon signed-rank p
+(:mod:`uumamba.evaluation.statistics`). Printed, and written to ``OUTPUT/bench_acdc.json`` and
+``OUTPUT/bench_acdc.md``.
 
 When ``train.schedule_by_time`` is set (configs/acdc_cpu.yaml), the DynUNet's poly schedule
 is annealed over the same wall-time budget and its loop runs until the budget is spent (not
@@ -28,8 +35,9 @@ until ``epochs x iterations_per_epoch``), as ours does.
 
 Usage::
 
-    python benchmarks/bench_acdc.py --data ../shared/data/ACDC --minutes 20 --output runs/bench_acdc
-    python benchmarks/bench_acdc.py --minutes 0.5 --output /tmp/bench   # smoke run
+    python benchmarks/bench_acdc.py --data ../shared/data/ACDC --minutes 20 --folds 0,1,2,3,4 \
+        --output runs/bench_acdc_cv
+    python benchmarks/bench_acdc.py --minutes 0.5 --output /tmp/bench   # smoke run, fold 0
 """
 
 from __future__ import annotations
@@ -84,8 +92,9 @@ def build_dynunet(plans, features: list[int] | None) -> nn.Module:
     return _DeepSupervisionList(net)
 
 
-def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: torch.device) -> tuple[nn.Module, int]:
-    """Train the DynUNet on fold 0's training cases of ``model_dir``'s splits for ``minutes``;
+def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: torch.device,
+                  fold: int = 0) -> tuple[nn.Module, int]:
+    """Train the DynUNet on ``fold``'s training cases of ``model_dir``'s splits for ``minutes``;
     return the network (eval mode) and the number of iterations run."""
     from torch.utils.data import DataLoader, RandomSampler
 
@@ -103,7 +112,7 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     torch.manual_seed(cfg.train.seed)
     plans = Plans.load(model_dir / "plans.json")
     index = layouts.discover(data_dir, layout=cfg.dataset.layout)
-    train_ids = set(load_splits(model_dir / "splits.json")[0]["train"])
+    train_ids = set(load_splits(model_dir / "splits.json")[fold]["train"])
     cases = [c for c in index.cases if c.id in train_ids]
     dataset = make_dataset(cases, training_transforms(plans, cfg.train), cache=cfg.train.cache)
     total = cfg.train.epochs * cfg.train.iterations_per_epoch
@@ -141,44 +150,127 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     return model.net.eval(), it
 
 
-def predict_and_score(predictor, val_cases, out_dir: Path, labels, tolerance_mm: float) -> dict:
-    """Predict every validation case, score it raw and with postprocessing decided by one rule.
+def run_fold_pair(cfg, args, fold: int) -> dict:
+    """Train both models on one fold, predict and score its validation volumes; the fold's
+    record (per-case Dice per class raw / postprocessed, iterations, seconds)."""
+    from uumamba.data import layouts
+    from uumamba.data.plan import Plans
+    from uumamba.data.splits import load_splits
+    from uumamba.engine.train import run_fold
+    from uumamba.inference.predict import Predictor
+    from uumamba.inference.score import predict_and_score
 
-    The predictor's own postprocessing is switched off; the raw masks go to ``out_dir/raw``.
-    Then :func:`determine_postprocessing` (nnU-Net's largest-component rule) is run on those
-    masks against the references (original grid), the chosen filtering is applied and the
-    masks are written to ``out_dir/postprocessed`` and scored again.
+    device = torch.device("cpu")
+    ours_dir = args.output / "uumamba"
+    print(f"--- fold {fold}: UU-Mamba ({args.config.name}), {args.minutes:g} min", flush=True)
+    t = time.monotonic()
+    ours_iterations = run_fold(cfg, args.data, ours_dir, fold=str(fold), device="cpu").iteration
+    ours_train_s = time.monotonic() - t
+    print(f"--- fold {fold}: DynUNet (nnU-Net-like), {args.minutes:g} min", flush=True)
+    t = time.monotonic()
+    dynunet, dyn_iterations = train_dynunet(cfg, args.data, ours_dir, args.minutes, device, fold)
+    dyn_train_s = time.monotonic() - t
 
-    Returns ``{"raw": summary, "postprocessed": summary, "postprocessing": spec}``.
-    """
-    from dataclasses import replace
+    index = layouts.discover(args.data, layout=cfg.dataset.layout)
+    val_ids = load_splits(ours_dir / "splits.json")[fold]["val"]
+    val_cases = [c for c in index.cases if c.id in set(val_ids)]
+    ours = Predictor.from_model_dir(ours_dir, folds=str(fold), device="cpu")
+    labels = ours.labels
+    theirs = Predictor([dynunet], Plans.load(ours_dir / "plans.json"), cfg.inference,
+                       device="cpu", tta=cfg.inference.tta, labels=labels)
+    tol = cfg.inference.nsd_tolerance_mm
+    pred_dir = args.output / "predictions" / f"fold_{fold}"
+    scored = {"uumamba": predict_and_score(ours, val_cases, pred_dir / "uumamba", labels, tol),
+              "dynunet": predict_and_score(theirs, val_cases, pred_dir / "dynunet", labels, tol)}
 
-    from uumamba.evaluation.evaluate import _read_labels, evaluate_pairs, write_summary
-    from uumamba.evaluation.metrics import label_volumes
-    from uumamba.inference.postprocess import apply_postprocessing, determine_postprocessing
-    from uumamba.inference.writer import write_prediction
+    def per_case(summary: dict) -> dict:
+        return {c["case"]: {labels[int(v)]: (None if math.isnan(m["Dice"]) else m["Dice"])
+                            for v, m in c["metrics"].items()}
+                for c in summary["metric_per_case"]}
 
-    predictor.postprocessing = None
-    preds = []
-    for case in val_cases:
-        pred = predictor.predict_file(case.images)
-        path = write_prediction(pred, case.id, case.images[0], out_dir / "raw", labels)[0]
-        preds.append((case, pred, path))
-    refs = [_read_labels(case.label)[0] for case, _, _ in preds]  # the input's voxel grid, as masks
-    spec = determine_postprocessing([pred.mask for _, pred, _ in preds], refs, labels)
-    pairs_raw, pairs_post = [], []
-    for case, pred, path in preds:
-        mask = apply_postprocessing(pred.mask, spec)
-        counts, volumes = label_volumes(mask, pred.geometry.spacing, labels)
-        post = replace(pred, mask=mask, voxel_counts=counts, volumes_ml=volumes)
-        written = write_prediction(post, case.id, case.images[0], out_dir / "postprocessed", labels)
-        pairs_raw.append((case.id, path, case.label))
-        pairs_post.append((case.id, written[0], case.label))
-    result = {"postprocessing": spec}
-    for key, pairs in (("raw", pairs_raw), ("postprocessed", pairs_post)):
-        result[key] = evaluate_pairs(pairs, labels, tolerance_mm)
-        write_summary(result[key], out_dir / key)
-    return result
+    return {
+        "fold": fold, "val_cases": sorted(val_ids),
+        "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
+        "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
+        "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
+        "dice": {k: {"raw": per_case(v["raw"]), "postprocessed": per_case(v["postprocessed"])}
+                 for k, v in scored.items()},
+        "postprocessing_labels": {k: v["postprocessing"]["largest_component_labels"]
+                                  for k, v in scored.items()},
+    }
+
+
+def pooled_table(records: list[dict], classes: list[str]) -> dict:
+    """Means with 95 % bootstrap intervals over all folds' volumes, and the paired
+    differences (ours minus DynUNet), per class and for the foreground mean."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from uumamba.evaluation.statistics import (
+        bootstrap_mean,
+        paired_bootstrap_difference,
+        wilcoxon_signed_rank,
+    )
+
+    def values(model: str, kind: str, name: str) -> list[float]:
+        out = []
+        for r in records:
+            for case in sorted(r["dice"][model][kind]):
+                d = r["dice"][model][kind][case]
+                if name == "foreground":
+                    present = [v for v in d.values() if v is not None]
+                    out.append(float(np.mean(present)) if present else float("nan"))
+                else:
+                    out.append(float("nan") if d.get(name) is None else float(d[name]))
+        return out
+
+    table: dict = {}
+    for kind in ("raw", "postprocessed"):
+        for name in [*classes, "foreground"]:
+            ours, dyn = values("uumamba", kind, name), values("dynunet", kind, name)
+            keep = [i for i, (a, b) in enumerate(zip(ours, dyn, strict=True))
+                    if math.isfinite(a) and math.isfinite(b)]
+            a, b = [ours[i] for i in keep], [dyn[i] for i in keep]
+            w = wilcoxon_signed_rank(a, b)
+            table.setdefault(kind, {})[name] = {
+                "uumamba": asdict(bootstrap_mean(a)), "dynunet": asdict(bootstrap_mean(b)),
+                "difference": asdict(paired_bootstrap_difference(a, b)),
+                "wilcoxon_p": w.p_value, "n": len(keep),
+            }
+    return table
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    """``bench_acdc.md``: the pooled table and the per-fold iterations and seconds."""
+    def ci(d: dict, signed: bool = False) -> str:
+        f = "{:+.3f}" if signed else "{:.3f}"
+        return f"{f.format(d['estimate'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
+
+    folds = ", ".join(str(r["fold"]) for r in result["folds"])
+    n = result["table"]["raw"]["foreground"]["n"]
+    lines = [f"# UU-Mamba vs DynUNet on ACDC: folds {folds}, {result['minutes']:g} min per model "
+             f"and fold, {result['threads']} threads", "",
+             f"Mean Dice over {n} validation volumes (each predicted by the models of the fold "
+             "that did not train on it), 95 % percentile bootstrap interval over volumes; "
+             "difference = UU-Mamba minus DynUNet per volume (paired bootstrap, Wilcoxon "
+             "signed-rank p).", ""]
+    for kind in ("raw", "postprocessed"):
+        lines += [f"## {kind}", "", "| class | UU-Mamba | DynUNet | difference | Wilcoxon p |",
+                  "|---|---|---|---|---|"]
+        for name, row in result["table"][kind].items():
+            p = row["wilcoxon_p"]
+            lines.append(f"| {name} | {ci(row['uumamba'])} | {ci(row['dynunet'])} | "
+                         f"{ci(row['difference'], True)} | {'n/a' if p is None else f'{p:.3g}'} |")
+        lines.append("")
+    lines += ["## Per fold", "", "| fold | model | iterations | train s | predict s per volume |",
+              "|---|---|---|---|---|"]
+    for r in result["folds"]:
+        for model in ("uumamba", "dynunet"):
+            sec = r["predict_seconds"][model]
+            lines.append(f"| {r['fold']} | {model} | {r['iterations'][model]} | "
+                         f"{r['train_seconds'][model]:.0f} | {sum(sec) / len(sec):.2f} |")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "bench_acdc")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "acdc_cpu.yaml")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--folds", default="0",
+                        help="comma-separated folds, e.g. 0,1,2,3,4 (cross-validation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override KEY=VALUE (both models)")
     args = parser.parse_args(argv)
@@ -196,89 +290,44 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.data.is_dir() or not any(args.data.glob("patient*")):  # before any training
         raise UserError(f"--data {args.data}: no ACDC patientXXX folders (README, 'The ACDC "
                         "data', says where to obtain them)")
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from uumamba.commands.evaluate import print_summary
     from uumamba.config import load_config
-    from uumamba.data import layouts
-    from uumamba.data.splits import load_splits
-    from uumamba.engine.train import run_fold
-    from uumamba.inference.predict import Predictor
+    from uumamba.utils import atomic_path
 
-    torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
     cfg = load_config(args.config, args.overrides + [f"train.time_limit_minutes={args.minutes}"])
-    console = Console()
-    ours_dir, dyn_dir = args.output / "uumamba", args.output / "dynunet"
-    if (ours_dir / "fold_0" / "checkpoint_latest.pt").exists():
-        raise SystemExit(f"{ours_dir} already holds a run; choose another --output")
+    try:
+        folds = sorted({int(f) for f in args.folds.split(",")})
+    except ValueError:
+        raise UserError(f"--folds {args.folds!r}: comma-separated fold numbers") from None
+    if not folds or min(folds) < 0 or max(folds) >= cfg.train.n_folds:
+        raise UserError(f"--folds {args.folds!r}: folds are 0 .. {cfg.train.n_folds - 1}")
+    torch.set_num_threads(args.threads)
+    records = []
+    for fold in folds:
+        path = args.output / "folds" / f"fold_{fold}.json"
+        if path.is_file():
+            print(f"--- fold {fold}: done before ({path})", flush=True)
+            records.append(json.loads(path.read_text()))
+            continue
+        if (args.output / "uumamba" / f"fold_{fold}" / "checkpoint_latest.pt").exists():
+            raise UserError(f"{args.output}: fold {fold} was started but not finished; remove "
+                            f"{args.output / 'uumamba' / f'fold_{fold}'} to rerun it")
+        record = run_fold_pair(cfg, args, fold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
+        records.append(record)
 
-    console.rule(f"UU-Mamba ({args.config.name}), {args.minutes:g} min")
-    t = time.monotonic()
-    ours_iterations = run_fold(cfg, args.data, ours_dir, fold="0", device="cpu").iteration
-    ours_train_s = time.monotonic() - t
-
-    console.rule(f"DynUNet (nnU-Net-like), {args.minutes:g} min")
-    t = time.monotonic()
-    dynunet, dyn_iterations = train_dynunet(cfg, args.data, ours_dir, args.minutes, device)
-    dyn_train_s = time.monotonic() - t
-
-    index = layouts.discover(args.data, layout=cfg.dataset.layout)
-    val_ids = set(load_splits(ours_dir / "splits.json")[0]["val"])
-    val_cases = [c for c in index.cases if c.id in val_ids]
-    ours = Predictor.from_model_dir(ours_dir, folds="0", device="cpu")
-    labels = ours.labels
-    from uumamba.data.plan import Plans
-
-    theirs = Predictor([dynunet], Plans.load(ours_dir / "plans.json"), cfg.inference,
-                       device="cpu", tta=cfg.inference.tta, labels=labels)
-    tol = cfg.inference.nsd_tolerance_mm
-    console.rule(f"Evaluating on {len(val_cases)} validation cases of fold 0")
-    s_ours = predict_and_score(ours, val_cases, args.output / "pred_uumamba", labels, tol)
-    s_dyn = predict_and_score(theirs, val_cases, dyn_dir / "predictions", labels, tol)
-    for key in ("raw", "postprocessed"):
-        print_summary(s_ours[key], title=f"UU-Mamba ({key})")
-        print_summary(s_dyn[key], title=f"DynUNet ({key})")
-
-    table = Table(title=f"ACDC fold 0 validation Dice ({len(val_cases)} volumes, "
-                        f"{args.minutes:g} min each, {args.threads} threads)")
-    table.add_column("class")
-    for name in ("UU-Mamba", "DynUNet"):
-        table.add_column(f"{name} raw", justify="right")
-        table.add_column(f"{name} post", justify="right")
-
-    def f(v: float) -> str:
-        return "n/a" if v is None or math.isnan(v) else f"{v:.4f}"
-
-    def row(s: dict, key: str | None) -> list[str]:
-        return [f((s[k]["mean"][key] if key else s[k]["foreground_mean"])["Dice"])
-                for k in ("raw", "postprocessed")]
-
-    for key, m in s_ours["raw"]["mean"].items():
-        table.add_row(m["name"], *row(s_ours, key), *row(s_dyn, key))
-    table.add_row("foreground mean", *row(s_ours, None), *row(s_dyn, None), style="bold")
-    console.print(table)
-
-    def scores(s: dict) -> dict:
-        return {k: {**{m["name"]: m["Dice"] for m in s[k]["mean"].values()},
-                    "foreground_mean": s[k]["foreground_mean"]["Dice"],
-                    "foreground_mean_HD95_mm": s[k]["foreground_mean"].get("HD95")}
-                for k in ("raw", "postprocessed")}
-
+    classes = [name for value, name in sorted(cfg.dataset.labels.items()) if value != 0]
     result = {
         "data": str(args.data), "minutes": args.minutes, "threads": args.threads,
-        "config": str(args.config), "val_cases": sorted(val_ids),
-        "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
-        "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
-        "dice": {"uumamba": scores(s_ours), "dynunet": scores(s_dyn)},
-        "postprocessing_labels": {"uumamba": s_ours["postprocessing"]["largest_component_labels"],
-                                  "dynunet": s_dyn["postprocessing"]["largest_component_labels"]},
+        "config": str(args.config), "overrides": args.overrides, "folds": records,
+        "table": pooled_table(records, classes),
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "bench_acdc.json").write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {args.output / 'bench_acdc.json'}")
+    write_markdown(result, args.output / "bench_acdc.md")
+    print((args.output / "bench_acdc.md").read_text())
+    print(f"wrote {args.output / 'bench_acdc.json'} and {args.output / 'bench_acdc.md'}")
     return result
 
 

@@ -19,6 +19,17 @@ activations, gradients and workspace).
     python benchmarks/bench_model.py                      # CPU, 2 threads, all three models
     python benchmarks/bench_model.py --device cuda --repeats 10
     python benchmarks/bench_model.py --models bot none --patch 16 64 64
+
+``--optimizers adamw sam looksam rst ema_kl`` times instead the training step of
+``uumamba.engine.step.training_step`` (the one ``uumamba train`` runs: uncertainty-weighted
+loss over the deep-supervision outputs, clipping) of the first ``--models`` network under each
+optimizer of :mod:`uumamba.optim` (all over AdamW), each in its own subprocess, as seconds per
+update averaged over ``--steps`` consecutive updates (a multiple of LookSAM's k = 5, so its
+SAM updates are counted in proportion; EMA-KL's KL term active from the first update), and
+prints each one's ratio to the plain AdamW update. Default there: the 2D setting of
+``configs/acdc_cpu.yaml`` (patch 128 x 128, batch 8, features 16-256)::
+
+    python benchmarks/bench_model.py --optimizers adamw sam looksam rst ema_kl
 """
 
 from __future__ import annotations
@@ -33,16 +44,21 @@ import time
 
 MODELS = {"bot": "bottleneck", "enc": "encoder", "none": "none"}
 LABELS = {"bot": "UMambaBot", "enc": "UMambaEnc", "none": "U-Net (no Mamba)"}
+OPTIMIZERS = {"adamw": "AdamW (plain)", "sam": "SAM", "asam": "ASAM", "looksam": "LookSAM k=5",
+              "rst": "RST p=0.5", "ema_kl": "EMA-KL"}
+TARGETS = {"sam": "~2x", "looksam": "<= 1.3x", "ema_kl": "<= 1.4x"}
+_STRIDES_3D = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=["none", "bot", "enc"])
-    p.add_argument("--patch", nargs=3, type=int, default=[16, 128, 128])
+    p.add_argument("--patch", nargs="+", type=int, default=[16, 128, 128],
+                   help="3 values (3D) or 2 (2D)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--features", nargs="+", type=int, default=[16, 32, 64, 128, 256])
     p.add_argument("--strides", type=json.loads,
-                   default=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                   default=_STRIDES_3D,
                    help="JSON list of per-stage strides")
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -52,8 +68,22 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--scan-backend", default="auto")
+    p.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS),
+                   help="time training_step under these optimizers instead (see above)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="--optimizers: updates per timed repeat (a multiple of LookSAM's k)")
     p.add_argument("--child", choices=list(MODELS), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--child-optim", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.optimizers and "--patch" not in (argv if argv is not None else sys.argv[1:]):
+        args.patch = [128, 128]
+    if len(args.patch) == 2 and args.strides == _STRIDES_3D:
+        args.strides = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]
+    if args.optimizers and "--batch" not in (argv if argv is not None else sys.argv[1:]):
+        args.batch = 8
+    if args.optimizers and "--models" not in (argv if argv is not None else sys.argv[1:]):
+        args.models = ["bot"]
+    return args
 
 
 def _vm_kib(field: str) -> int:
@@ -151,13 +181,83 @@ def run_child(args: argparse.Namespace) -> dict:
             "saved_activations_mib": saved / 2**20, "params": n_params}
 
 
+def run_optim_child(args: argparse.Namespace) -> dict:
+    """Time ``--steps`` consecutive ``training_step`` updates under one optimizer, repeated."""
+    import torch
+
+    from uumamba.config import LossConfig, OptimConfig
+    from uumamba.engine.step import training_step
+    from uumamba.losses import build_loss
+    from uumamba.nn import UMamba
+    from uumamba.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dims = len(args.patch)
+    net = UMamba(dims, 1, args.classes, features=args.features, strides=args.strides,
+                 mamba=MODELS[args.models[0]], scan_backend=args.scan_backend).to(device).train()
+    loss_fn = build_loss(LossConfig(), args.classes, None, net.n_deep_supervision_outputs)
+    loss_fn = loss_fn.to(device)
+    name = args.child_optim
+    cfg = OptimConfig(name=name, base="adamw", lr=2e-3, weight_decay=1e-4, kl_start=0)
+    opt = build_optimizer(cfg, net, loss_fn)
+    x = torch.randn(args.batch, 1, *args.patch, device=device)
+    y = torch.randint(0, args.classes, (args.batch, 1, *args.patch), device=device)
+
+    def updates(n: int) -> tuple[float, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            training_step(net, loss_fn, opt, x, y, device_type=device.type)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n
+
+    updates(max(args.warmup, 1) * 5)  # warm-up in whole LookSAM cycles
+    times, cpu_times = zip(*(updates(args.steps) for _ in range(args.repeats)), strict=True)
+    return {"optimizer": name, "times_s": list(times), "cpu_times_s": list(cpu_times)}
+
+
+def main_optimizers(args: argparse.Namespace, forwarded: list[str]) -> int:
+    """``--optimizers``: one child per optimizer and round, then the ratios to AdamW."""
+    print(f"training_step per update ({LABELS[args.models[0]]}, patch {tuple(args.patch)}, batch "
+          f"{args.batch}, features {tuple(args.features)}, device {args.device}, {args.threads} "
+          f"threads; mean over {args.steps} consecutive updates, {args.repeats} repeats after "
+          f"{max(args.warmup, 1) * 5} warm-up updates, {args.rounds} round(s))")
+    runs: dict[str, list[dict]] = {o: [] for o in args.optimizers}
+    for rnd in range(args.rounds):
+        for name in args.optimizers if rnd % 2 == 0 else args.optimizers[::-1]:
+            cmd = [sys.executable, __file__, *forwarded, "--child-optim", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{OPTIMIZERS[name]}: failed\n{proc.stderr[-2000:]}")
+                return 1
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {name: _merge(r) for name, r in runs.items()}
+    base = results.get("adamw")
+    for name in args.optimizers:
+        r = results[name]
+        ratio = ""
+        if base is not None:
+            ratio = (f"  {r['min_s'] / base['min_s']:.2f}x AdamW (min), CPU time "
+                     f"{r['cpu_min_s'] / base['cpu_min_s']:.2f}x"
+                     + (f"  (target {TARGETS[name]})" if name in TARGETS else ""))
+        print(f"  {OPTIMIZERS[name]:<14} min {r['min_s']:6.3f} s  median {r['median_s']:6.3f} s"
+              f"  CPU time min {r['cpu_min_s']:6.3f} s{ratio}")
+    return 0
+
+
 def _merge(runs: list[dict]) -> dict:
     """Pool the step times of several rounds of one model; median of the memory figures."""
     times = [t for r in runs for t in r["times_s"]]
     cpu_times = [t for r in runs for t in r["cpu_times_s"]]
-    return {**runs[0], "times_s": times, "min_s": min(times),
-            "median_s": statistics.median(times), "cpu_min_s": min(cpu_times),
-            "peak_step_mib": statistics.median(r["peak_step_mib"] for r in runs)}
+    merged = {**runs[0], "times_s": times, "min_s": min(times),
+              "median_s": statistics.median(times), "cpu_min_s": min(cpu_times)}
+    if "peak_step_mib" in runs[0]:
+        merged["peak_step_mib"] = statistics.median(r["peak_step_mib"] for r in runs)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_child(args)))
         return 0
+    if args.child_optim:
+        print(json.dumps(run_optim_child(args)))
+        return 0
     from uumamba.device import resolve_device
 
     resolve_device(args.device)  # --device cuda without CUDA: one line, before any child starts
     forwarded = list(argv if argv is not None else sys.argv[1:])
+    if args.optimizers:
+        return main_optimizers(args, forwarded)
     print(f"one training step (forward + backward + SGD), patch {tuple(args.patch)}, batch "
           f"{args.batch}, features {tuple(args.features)}, device {args.device}, "
           f"{args.threads} threads, scan backend {args.scan_backend}; "

@@ -45,3 +45,33 @@ def test_save_and_load_round_trip(tmp_path):
     save_config(cfg, path)
     assert load_config(path) == cfg
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary left
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lr=.inf", "'optim.lr': Input should be a finite number"),
+    ("optim.momentum=.nan", "'optim.momentum': Input should be a finite number"),
+    ("optim.kl_weight=1e30", "'optim.kl_weight': Input should be less than or equal to 100"),
+    ("train.seed=99999999999999999999", "'train.seed': Input should be less than or equal to 4294967295"),
+    ("train.seed=-5", "'train.seed': Input should be greater than or equal to 0"),
+    ("loss.focal_alpha=[&a [1, 1], *a]", "anchors and aliases (&name, *name) are not allowed"),
+])
+def test_crafted_override_values_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_override_and_config_sizes_are_bounded_and_errors_do_not_echo_whole_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="more than 10000"):
+        load_config(None, ["optim.lr=" + "1" * 20_000])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lr=[" + ",".join(["1"] * 5000) + "]"])
+    assert len(str(err.value)) < 300  # the 5000-element list is shortened, not echoed
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="more than a config file may have"):
+        load_config(big)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("loss:\n  focal_alpha: &a [1, 1]\n")
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(bomb)

@@ -20,7 +20,7 @@ from uumamba.config import (
     config_from_dict,
     load_config,
 )
-from uumamba.data.cost import iteration_cost
+from uumamba.data.cost import iteration_cost, optimizer_passes
 from uumamba.data.layouts import discover
 from uumamba.data.plan import Plans, apply_plan_decision, plan_dataset, resolve_target
 
@@ -124,13 +124,16 @@ def test_cost_model_counts() -> None:
     kernels = [[3, 3, 3]] * 3
     base = iteration_cost([32, 32, 32], strides, kernels, [16, 32, 64], batch_size=1)
     assert base.passes == 1 and base.macs > 0 and base.voxels == 32**3
-    sam = iteration_cost([32, 32, 32], strides, kernels, [16, 32, 64], batch_size=1, sam=True)
+    sam = iteration_cost([32, 32, 32], strides, kernels, [16, 32, 64], batch_size=1, passes=2)
     double = iteration_cost([32, 32, 32], strides, kernels, [32, 64, 128], batch_size=1)
     big = iteration_cost([64, 64, 64], strides, kernels, [16, 32, 64], batch_size=2)
     assert sam.seconds > base.seconds and double.macs > 3 * base.macs
     assert big.seconds > 8 * (base.seconds - 0.05)
     with pytest.raises(ValueError, match="features"):
         iteration_cost([32, 32, 32], strides, kernels, [16, 32])
+    assert [optimizer_passes(n) for n in ("adamw", "sam", "looksam", "rst", "ema_kl")] == \
+        pytest.approx([1.0, 2.0, 1.2, 1.5, 4 / 3])
+    assert optimizer_passes("looksam", looksam_k=10) == pytest.approx(1.1)
 
 
 def test_decision_applied_to_unstated_settings_only(lge: Path, tmp_path: Path) -> None:

@@ -23,11 +23,14 @@ def test_config_loads(path: Path) -> None:
 
 def test_dataset_definitions() -> None:
     names = {p.stem for p in CONFIGS.glob("*.yaml")}
-    assert {"acdc", "acdc_cpu", "imagecas", "aortaseg24", "tiny"} <= names
+    assert {"acdc", "acdc_bot", "acdc_cpu", "imagecas", "aortaseg24", "tiny"} <= names
     acdc = load_config(CONFIGS / "acdc.yaml")
     assert acdc.dataset.labels == {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
     assert acdc.dataset.modality == "MRI" and acdc.model.spatial_dims == 3
-    assert acdc.model.name == "umamba_bot" and acdc.optim.name == "sam"
+    assert acdc.model.name == "umamba_enc" and acdc.optim.name == "sam"  # UU-Mamba's code
+    bot = load_config(CONFIGS / "acdc_bot.yaml")
+    assert bot.model.name == "umamba_bot" and bot.model_dump(exclude={"model"}) == \
+        acdc.model_dump(exclude={"model"})
     cpu = load_config(CONFIGS / "acdc_cpu.yaml")
     assert cpu.model.spatial_dims == 2 and cpu.train.time_limit_minutes == 20
     cas = load_config(CONFIGS / "imagecas.yaml")

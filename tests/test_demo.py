@@ -65,6 +65,9 @@ def test_demo_cli_end_to_end_cut_short(tmp_path):
     assert "training was cut short by the --minutes 0.1 cap" in output
     assert "iterations (trained" in output and "on cpu)" in output and "on auto" not in output
     assert (out / "model" / "fold_all" / "checkpoint_latest.pt").is_file()
+    # No cross-validation folds beside fold_all: its postprocessing says none was decided.
+    post = json.loads((out / "model" / "fold_all" / "postprocessing.json").read_text())
+    assert post["largest_component_labels"] == [] and post["decided"].startswith("none decided")
     for name in ("config.yaml", "plans.json", "dataset.json"):
         assert (out / "model" / name).is_file()
     summary = json.loads((out / "predictions" / "summary.json").read_text())

@@ -11,8 +11,9 @@ from uumamba.inference.postprocess import (
     apply_postprocessing,
     determine_postprocessing,
     largest_component,
+    pool_fold_decisions,
 )
-from uumamba.model_folder import load_postprocessing, save_postprocessing
+from uumamba.model_folder import ModelFolder, load_postprocessing, save_postprocessing
 
 LABELS = {0: "background", 1: "A", 2: "B"}
 
@@ -78,3 +79,43 @@ def test_save_and_load_intersection_of_folds(tmp_path):
     assert load_postprocessing(tmp_path, [f0, f2]) is None  # no file: nothing enabled
     (tmp_path / "postprocessing.json").write_text(json.dumps({"largest_component_labels": [1]}))
     assert load_postprocessing(tmp_path, [f0, f2])["largest_component_labels"] == [1]
+
+
+def test_fold_all_decision_pools_the_folds_by_cases(tmp_path):
+    labels = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
+    # fold_0 (4 cases) gains on RV, fold_1 (12 cases) loses more: pooled, RV is not filtered,
+    # though one fold alone would filter it. MYO gains in both. LV: NaN in fold_0 (absent),
+    # so fold_1 alone decides it.
+    folds = {
+        "0": {"largest_component_labels": [1, 2], "n_cases": 4,
+              "dice_before": {"RV": 0.60, "MYO": 0.70, "LV": float("nan")},
+              "dice_after": {"RV": 0.70, "MYO": 0.72, "LV": float("nan")}},
+        "1": {"largest_component_labels": [2, 3], "n_cases": 12,
+              "dice_before": {"RV": 0.80, "MYO": 0.75, "LV": 0.90},
+              "dice_after": {"RV": 0.75, "MYO": 0.76, "LV": 0.91}},
+    }
+    for k, spec in folds.items():
+        (tmp_path / f"fold_{k}").mkdir()
+        save_postprocessing(spec, tmp_path / f"fold_{k}")
+    decisions = ModelFolder(tmp_path).cross_validation_decisions(n_folds=5)
+    assert [name for name, _ in decisions] == ["fold_0", "fold_1"]
+    spec = pool_fold_decisions(decisions, labels)
+    assert spec["dice_before"]["RV"] == pytest.approx((4 * 0.60 + 12 * 0.80) / 16)
+    assert spec["dice_after"]["RV"] == pytest.approx((4 * 0.70 + 12 * 0.75) / 16)
+    assert spec["dice_before"]["LV"] == pytest.approx(0.90)
+    assert spec["largest_component_labels"] == [2, 3] and spec["n_cases"] == 16
+    assert "fold_0, fold_1" in spec["decided"]
+    # What a fold_all model then applies:
+    (tmp_path / "fold_all").mkdir()
+    save_postprocessing(spec, tmp_path / "fold_all")
+    assert load_postprocessing(tmp_path, [tmp_path / "fold_all"])["largest_component_labels"] \
+        == [2, 3]
+
+
+def test_fold_all_without_folds_is_none_decided(tmp_path):
+    spec = pool_fold_decisions(ModelFolder(tmp_path).cross_validation_decisions(5),
+                               {0: "background", 1: "A"})
+    assert spec["largest_component_labels"] == [] and spec["decided"].startswith("none decided")
+    (tmp_path / "fold_all").mkdir()
+    save_postprocessing(spec, tmp_path / "fold_all")
+    assert load_postprocessing(tmp_path, [tmp_path / "fold_all"]) is None

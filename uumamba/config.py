@@ -12,6 +12,7 @@ the value is parsed as YAML (``[1, 2]``, ``true``, ``null`` work).
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,43 @@ from uumamba.utils import atomic_path
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a crafted .inf / .nan (lr, rho, kl_weight, ...) would otherwise pass
+    # the range checks and train nothing, every step skipped as non-finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: Longest ``--set`` value and config file accepted (characters / bytes): bounded before parsing.
+MAX_OVERRIDE_CHARS = 10_000
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases (``&a`` / ``*a``): nested aliases expand
+    exponentially (a 300-character value can stand for gigabytes), and no config needs them."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed "
+                                 f"(line {mark.line + 1}, column {mark.column + 1})")
+        return super().compose_node(parent, index)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a repeated object out again instead of as an alias (``parse_yaml`` refuses
+    aliases)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` parsed as YAML by the safe loader, refusing anchors / aliases.
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or an anchor / alias.
+    """
+    return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class DatasetConfig(_Section):
@@ -164,26 +201,38 @@ class OptimConfig(_Section):
     """Optimizer settings (see :mod:`uumamba.optim`).
 
     Attributes:
-        name: ``sam`` | ``asam`` (wrapping ``base``) | ``sgd`` | ``adamw``.
-        base: base optimizer under SAM / ASAM.
+        name: ``sam`` | ``asam`` | ``looksam`` | ``rst`` | ``ema_kl`` (each wrapping
+            ``base``) | ``sgd`` | ``adamw``; see :mod:`uumamba.optim`.
+        base: base optimizer under the wrapping ones.
         lr: initial learning rate; momentum / nesterov for SGD; weight_decay (not applied
             to the loss's sigma parameters).
         rho: SAM neighbourhood radius; ``None``: 0.05 for SAM, 0.5 for ASAM.
         grad_clip: max global gradient norm (second-pass gradients under SAM); 0 disables.
         poly_exponent: lr = lr0 * (1 - t/T)^exponent.
         warmup_iterations: linear warm-up before the poly schedule.
+        looksam_k, looksam_alpha: LookSAM's SAM-gradient interval and reuse weight (5, 0.7).
+        sam_probability: RST's chance of a SAM step per iteration (0.5).
+        ema_decay, kl_weight, kl_temperature, kl_start: EMA-KL's weight-average decay per
+            update, KL weight lambda, temperature tau and the updates before the KL term.
     """
 
-    name: Literal["sam", "asam", "sgd", "adamw"] = "sam"
+    name: Literal["sam", "asam", "looksam", "rst", "ema_kl", "sgd", "adamw"] = "sam"
     base: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, gt=0, le=10)
     momentum: float = 0.99
     nesterov: bool = True
     weight_decay: float = 3e-5
-    rho: float | None = Field(None, ge=0)
+    rho: float | None = Field(None, ge=0, le=10)
     grad_clip: float = Field(12.0, ge=0)
     poly_exponent: float = 0.9
     warmup_iterations: int = Field(0, ge=0)
+    looksam_k: int = Field(5, ge=1)
+    looksam_alpha: float = Field(0.7, ge=0, le=10)
+    sam_probability: float = Field(0.5, ge=0, le=1)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    kl_weight: float = Field(0.8, ge=0, le=100)
+    kl_temperature: float = Field(1.0, ge=0.05, le=20)
+    kl_start: int = Field(100, ge=0)
 
 
 class AugmentationConfig(_Section):
@@ -235,7 +284,7 @@ class TrainConfig(_Section):
     val_every: int = Field(5, ge=1)
     checkpoint_every_minutes: float | None = Field(5.0, gt=0)
     n_folds: int = Field(5, ge=2)
-    seed: int = 12345
+    seed: int = Field(12345, ge=0, le=2**32 - 1)  # numpy / torch generator range
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
     cache: Literal["memory", "disk", "none"] = "memory"
     num_workers: int = Field(2, ge=0)
@@ -301,6 +350,12 @@ class Config(_Section):
         return v
 
 
+_SHORT = reprlib.Repr()  # values echoed in errors, shortened (keyword arguments: Python 3.12+)
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
@@ -308,7 +363,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
         else:
-            parts.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            parts.append(f"'{key}': {e['msg']} (got {_SHORT.repr(e.get('input'))})")
     return f"{source}: invalid configuration: " + "; ".join(parts)
 
 
@@ -337,10 +392,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path = [p for p in key.strip().split(".") if p]
         if not path:
             raise ConfigError(f"--set {item!r}: empty key")
+        if len(raw) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(f"--set {key.strip()}=...: the value has {len(raw)} characters, "
+                              f"more than {MAX_OVERRIDE_CHARS}")
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+            raise ConfigError(f"--set {_SHORT.repr(item)}: value is not valid YAML: "
+                              f"{' '.join(str(exc).split())}") from None
         node = data
         for p in path[:-1]:
             child = node.get(p)
@@ -366,10 +425,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config file "
+                              f"may have ({MAX_CONFIG_BYTES})")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            loaded = parse_yaml(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -384,4 +446,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` as YAML atomically (temporary name, then rename)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        tmp.write_text(yaml.dump(cfg.model_dump(mode="json"), Dumper=_PlainDumper,
+                                 sort_keys=False))

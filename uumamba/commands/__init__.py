@@ -1,13 +1,14 @@
-"""The ``uumamba`` command line: demo, check-data, train, predict, evaluate, serve,
+"""The ``uumamba`` command line: demo, check-data, train, predict, evaluate, ablate, serve,
 export-slicer, export-dicom, pacs — the one place that prints.
 
 This module parses flags (typer) and hands each command to its module in this package
-(``train``, ``predict``, ``evaluate``, ``check``, ``export``, ``demo``; imported lazily, so
-``uumamba --help`` and a missing input fail in a fraction of a second). Those modules call the
-library (which returns values or raises and never prints), show progress and tables, and turn
-outcomes into exit codes. Library notes and warnings arrive through the ``uumamba`` logger,
-which every command prints to stdout (:func:`uumamba.logs.print_messages`). A
-:class:`uumamba.errors.UserError` becomes one line on stderr and exit status 1 — no traceback.
+(``train``, ``predict``, ``evaluate``, ``ablate``, ``check``, ``export``, ``demo``; imported
+lazily, so ``uumamba --help`` and a missing input fail in a fraction of a second). Those
+modules call the library (which returns values or raises and never prints), show progress and
+tables, and turn outcomes into exit codes. Library notes and warnings arrive through the
+``uumamba`` logger, which every command prints to stdout (:func:`uumamba.logs.print_messages`).
+A :class:`uumamba.errors.UserError` becomes one line on stderr and exit status 1 — no
+traceback.
 """
 
 from __future__ import annotations
@@ -151,6 +152,42 @@ def evaluate(
 
     evaluate_from_cli(pred_dir=pred, gt_dir=gt, output_dir=output, cfg=cfg, clinical=clinical,
                       pairs=pairs)
+
+
+@app.command("ablate")
+def ablate(
+    data: Annotated[Path, typer.Option(help="dataset folder")],
+    output: Annotated[Path, typer.Option(help="ablation folder: runs in OUTPUT/cells/, report "
+                                              "in OUTPUT/ablation.{md,csv,png,json}")],
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", help="KEY=V1,V2,... one axis of the grid (repeat for more; any config key; "
+                       "values parsed as --set parses them)")] = None,
+    config: Annotated[Path | None, typer.Option(help="base YAML config, e.g. configs/acdc_cpu.yaml")] = None,
+    minutes: Annotated[float | None, typer.Option(help="training budget of every run "
+                                                       "(train.time_limit_minutes; default: "
+                                                       "the config's)")] = None,
+    folds: Annotated[str, typer.Option(help="comma-separated folds to train and score")] = "0",
+    seeds: Annotated[str | None, typer.Option(help="comma-separated train.seed values, one run "
+                                                   "each (default: the config's seed)")] = None,
+    reference: Annotated[str | None, typer.Option(help="cell to compare with, 'key=value,...' "
+                                                       "or its folder name (default: the "
+                                                       "first cell)")] = None,
+    jobs: Annotated[int, typer.Option(help="runs in parallel (at most the CPU cores)")] = 1,
+    threads: Annotated[int | None, typer.Option(help="threads per run (default: cores / "
+                                                     "jobs)")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE (every cell)")] = None,
+) -> None:
+    """Train every cell of a grid with the same budget, split and plan; score, compare, report.
+
+    Resumable: finished runs are kept, interrupted ones resume; the same command again only
+    rebuilds the report."""
+    _require(data, "--data", folder=True)
+    from uumamba.commands.ablate import ablate_from_cli
+
+    ablate_from_cli(data=data, output=output, grid=grid or [], config=config,
+                    overrides=set_ or [], minutes=minutes, folds=folds, seeds=seeds,
+                    reference=reference, device=device, jobs=jobs, threads=threads)
 
 
 @app.command("serve")

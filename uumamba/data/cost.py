@@ -20,9 +20,10 @@ Seconds per iteration on the reference machine::
     t = passes x batch x (macs / MACS_PER_S + elements / ELEMENTS_PER_S)
         + batch x voxels x SECONDS_PER_VOXEL + SECONDS_PER_ITERATION
 
-where ``passes`` is 1 for SGD / AdamW and 2 for SAM / ASAM (a second forward-backward at
-the perturbed weights), and the per-pass costs include the backward pass (about twice the
-forward).
+where ``passes`` (:func:`optimizer_passes`) is 1 for SGD / AdamW, 2 for SAM / ASAM (a second
+forward-backward at the perturbed weights), ``1 + 1/k`` for LookSAM, ``1 + p`` for RST and
+``1 + 1/BACKWARD_FACTOR`` for EMA-KL (one forward without backward), and the per-pass costs
+include the backward pass (about twice the forward).
 
 Calibration (the constants below), measured 2026-12-01 on the reference machine: 2 cores
 (Intel Xeon, AVX-512), torch 2.13 CPU, 2 threads, float32, shared with other jobs (load
@@ -69,14 +70,14 @@ class IterationCost:
         elements: forward activation elements of one sample.
         voxels: voxels per patch.
         batch_size: patches per iteration.
-        passes: forward-backward passes per iteration (2 under SAM / ASAM).
+        passes: forward-backward passes per iteration (:func:`optimizer_passes`).
     """
 
     macs: float
     elements: float
     voxels: float
     batch_size: int
-    passes: int
+    passes: float
 
     @property
     def seconds(self) -> float:
@@ -95,7 +96,7 @@ def iteration_cost(patch: Sequence[int], strides: Sequence[Sequence[int]],
                    in_channels: int = 1, num_classes: int = 2, batch_size: int = 2,
                    model_name: str = "umamba_bot", n_blocks: int | Sequence[int] = 1,
                    n_conv_decoder: int = 1, d_state: int = 16, expand: int = 2,
-                   d_conv: int = 4, sam: bool = False) -> IterationCost:
+                   d_conv: int = 4, passes: float = 1.0) -> IterationCost:
     """Count the work of one training iteration of a U-Mamba network.
 
     Args:
@@ -109,7 +110,7 @@ def iteration_cost(patch: Sequence[int], strides: Sequence[Sequence[int]],
         n_blocks: residual blocks per encoder stage (one int or one per stage).
         n_conv_decoder: convolutions per decoder level.
         d_state / expand / d_conv: Mamba settings.
-        sam: SAM / ASAM (two forward-backward passes per iteration).
+        passes: forward-backward passes per iteration (:func:`optimizer_passes`).
 
     Returns:
         :class:`IterationCost`.
@@ -153,4 +154,18 @@ def iteration_cost(patch: Sequence[int], strides: Sequence[Sequence[int]],
         macs += v * c * num_classes  # head (deep supervision: every level)
         elements += v * c * (2 + n_conv_decoder) + v * num_classes
     return IterationCost(macs=macs, elements=elements, voxels=voxels[0],
-                         batch_size=int(batch_size), passes=2 if sam else 1)
+                         batch_size=int(batch_size), passes=float(passes))
+
+
+def optimizer_passes(name: str, *, looksam_k: int = 5, sam_probability: float = 0.5) -> float:
+    """Forward-backward passes per iteration of an ``optim.name`` (see the module docstring):
+    what a sharpness-aware optimizer costs relative to a plain step, before overheads."""
+    if name in ("sam", "asam"):
+        return 2.0
+    if name == "looksam":
+        return 1.0 + 1.0 / looksam_k
+    if name == "rst":
+        return 1.0 + sam_probability
+    if name == "ema_kl":
+        return 1.0 + 1.0 / BACKWARD_FACTOR
+    return 1.0

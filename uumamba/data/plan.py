@@ -60,7 +60,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from uumamba.config import Config, DatasetConfig, ModelConfig, OptimConfig, PlanConfig
-from uumamba.data.cost import iteration_cost
+from uumamba.data.cost import iteration_cost, optimizer_passes
 from uumamba.data.io import read_image
 from uumamba.data.layouts import DatasetIndex
 from uumamba.data.orientation import VOXEL_AXES, spacing_and_shape_in_plan_axes
@@ -567,7 +567,8 @@ def plan_dataset(index: DatasetIndex, dataset_cfg: DatasetConfig, plan_cfg: Plan
             n_blocks=model_cfg.n_blocks_per_stage,
             n_conv_decoder=model_cfg.n_conv_per_stage_decoder, d_state=model_cfg.d_state,
             expand=model_cfg.expand, d_conv=model_cfg.d_conv,
-            sam=optim_name in ("sam", "asam")).seconds
+            passes=optimizer_passes(optim_name, looksam_k=optim_cfg.looksam_k,
+                                    sam_probability=optim_cfg.sam_probability)).seconds
 
     budget_s = plan_cfg.cpu_budget_s
     batch_fixed = plan_cfg.batch_size

@@ -3,6 +3,7 @@ seeding of the global generators before they are built."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from uumamba.errors import ConfigError
 from uumamba.losses import build_loss
 from uumamba.nn import build_network, network_scan_backend
 from uumamba.optim import PolyLRScheduler, build_optimizer
+from uumamba.optim.build import describe_optimizer
+
+log = logging.getLogger(__name__)
 
 
 def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
@@ -118,16 +122,28 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
             ``d_conv`` outside the CUDA kernels' limits where they may run; ``train.amp=bf16``
             on a GPU older than compute capability 8.0.
     """
-    model = build_network(cfg.model, plans).to(device)
+    try:
+        model = build_network(cfg.model, plans).to(device)
+    except ValueError as exc:  # settings the schema cannot check alone (lengths per stage)
+        raise ConfigError(f"model: {exc}") from None
     try:  # probe the scan backend now (logs a fallback warning), not at the first batch
         network_scan_backend([model], device)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ConfigError(f"model.scan_backend={cfg.model.scan_backend!r} on {device}: "
                           f"{exc}") from None
     n_outputs = model.n_deep_supervision_outputs if cfg.model.deep_supervision else 1
-    loss_fn = build_loss(cfg.loss, plans.num_classes, cfg.dataset.ignore_label, n_outputs)
+    try:
+        loss_fn = build_loss(cfg.loss, plans.num_classes, cfg.dataset.ignore_label, n_outputs)
+    except ValueError as exc:
+        raise ConfigError(f"loss: {exc}") from None
     loss_fn = loss_fn.to(device)
     optimizer = build_optimizer(cfg.optim, model, loss_fn)
+    log.info(f"optimizer: {describe_optimizer(cfg.optim)}")
+    if cfg.optim.name == "ema_kl" and cfg.optim.kl_weight > 0 and \
+            cfg.optim.kl_start >= total_iterations:
+        log.warning(f"warning: optim.kl_start = {cfg.optim.kl_start} but the run plans "
+                    f"{total_iterations} iterations: the EMA-KL term never starts (this is "
+                    "the base optimizer); lower optim.kl_start")
     try:
         scheduler = PolyLRScheduler(optimizer, total_iterations,
                                     exponent=cfg.optim.poly_exponent,

@@ -137,10 +137,11 @@ def cheaper_options(estimate: ScheduleEstimate, *, device_type: str, plan_target
     if device_type == "cpu" and plan_target != "cpu":
         options.append("--set plan.target=cpu (a plan sized to this CPU's speed; into a new "
                        "--output, the plan is part of the model)")
-    if optim_name in ("sam", "asam"):
-        options.append(f"--set optim.name=adamw --set optim.lr=2e-3 ({optim_name} runs two "
-                       "forward-backward passes per iteration; AdamW one, at the CPU plan's "
-                       "learning rate)")
+    if optim_name in ("sam", "asam", "rst"):
+        options.append(f"--set optim.name=looksam or ema_kl ({optim_name} runs up to two "
+                       "forward-backward passes per iteration; LookSAM about 1.2, EMA-KL 1.3), "
+                       "or --set optim.name=adamw --set optim.lr=2e-3 (one pass, at the CPU "
+                       "plan's learning rate)")
     if spatial_dims == 3:
         options.append("--set model.spatial_dims=2 (slice-wise 2D training)")
     smaller = [max(8, p // 2) if i == max(range(len(patch_size)), key=patch_size.__getitem__)

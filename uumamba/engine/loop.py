@@ -127,7 +127,7 @@ from uumamba.engine.validate import ValidationResult
 from uumamba.engine.validate import validate as validate_cases
 from uumamba.errors import ConfigError, UserError
 from uumamba.evaluation.metrics import class_means
-from uumamba.inference.postprocess import determine_postprocessing
+from uumamba.inference.postprocess import determine_postprocessing, pool_fold_decisions
 from uumamba.logs import default_output
 from uumamba.model_folder import ModelFolder
 from uumamba.model_folder.folder import PLANS
@@ -279,6 +279,17 @@ class _FoldRun:
         return ValidationResult(dice=dice, mean_dice=mean, per_case=per_case,
                                 overlay=part.overlay, seconds=part.seconds)
 
+    def decide_fold_all_postprocessing(self) -> None:
+        """A run without validation cases (fold ``all``): its ``postprocessing.json`` is pooled
+        from the cross-validation folds' decisions in the same model folder, or says "none
+        decided" (:func:`uumamba.inference.postprocess.pool_fold_decisions`)."""
+        folder = ModelFolder(self.fold_dir.parent)
+        decisions = folder.cross_validation_decisions(self.cfg.train.n_folds)
+        spec = pool_fold_decisions(decisions, self.prepared.plans.labels)
+        ModelFolder.save_postprocessing(spec, self.fold_dir)
+        log.info(f"postprocessing of fold all: {spec['decided']}; largest component kept for "
+                 f"labels {spec['largest_component_labels'] or 'none'}")
+
     def validation_due(self, partial: bool, final: bool) -> bool:
         """The epoch ending at the current iteration is validated: every ``val_every``
         epochs, at the end of the run and when the time limit cuts an epoch short."""
@@ -388,6 +399,8 @@ class _FoldRun:
                      "it runs first on --resume")
             return self.stopped()
         loop.pending_end = None
+        if pending["final"] and self.val_set is None and self.ctx.is_main:
+            self.decide_fold_all_postprocessing()
         self.save(finished=pending["final"], best=improved)
         if not pending["final"]:
             return None

@@ -1,4 +1,7 @@
-"""One training iteration: forward, loss, backward, optimizer update — plain or SAM / ASAM.
+"""One training iteration: forward, loss, backward, optimizer update — plain, SAM / ASAM, or a
+cheaper sharpness-aware variant (LookSAM and RST take SAM's two passes on some iterations and
+one pass on the others; EMA-KL adds a gradient-free forward with the averaged weights and a KL
+term to the loss).
 
 The training loop calls :func:`training_step` once per batch. It owns the details that are easy
 to get wrong with SAM:
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from uumamba.optim.ema_kl import EMAKL
 from uumamba.optim.sam import SAM
 
 
@@ -114,12 +118,38 @@ def _forward_backward(
     scaler: torch.amp.GradScaler | None,
     autocast_dtype: torch.dtype | None,
     device_type: str,
+    extra: Callable[[torch.Tensor | list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """Forward, loss (+ ``extra(outputs)``, e.g. EMA-KL's term), backward; returns the task
+    loss alone, detached."""
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = loss_fn(model(images), targets)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+        outputs = model(images)
+        loss = loss_fn(outputs, targets)
+        total = loss if extra is None else loss + extra(outputs)
+    (scaler.scale(total) if scaler is not None else total).backward()
     _average_grads(loss_fn)
     return loss.detach()
+
+
+def _teacher_term(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+    device_type: str,
+) -> Callable[[torch.Tensor | list[torch.Tensor]], torch.Tensor] | None:
+    """For :class:`uumamba.optim.EMAKL` with its KL term active: the EMA weights' outputs on
+    this batch (no gradient, norm statistics frozen) and the KL term against them; else None."""
+    if not (isinstance(optimizer, EMAKL) and optimizer.kl_active()):
+        return None
+    with (
+        torch.no_grad(),
+        frozen_batchnorm_stats(model),
+        optimizer.averaged_weights(),
+        torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+    ):
+        teacher = model(images)
+    return lambda outputs: optimizer.kl_term(outputs, teacher)
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -154,7 +184,9 @@ def training_step(
             deep-supervision logits, as ``loss_fn`` expects.
         loss_fn: e.g. :func:`uumamba.losses.build_loss`'s module; its parameters (sigma) must
             be in ``optimizer`` (:func:`uumamba.optim.build_optimizer` puts them there).
-        optimizer: :class:`uumamba.optim.SAM` (two passes) or any torch optimizer (one pass).
+        optimizer: :class:`uumamba.optim.SAM` (two passes), a subclass (LookSAM / RandomSAM:
+            two passes when ``perturb_this_step()``, else one), :class:`uumamba.optim.EMAKL`
+            (one pass plus a teacher forward) or any torch optimizer (one pass).
         images: (B, C_in, *S) float32 on the model's device.
         targets: (B, 1, *S) integer-valued labels on the same device.
         scaler: ``torch.amp.GradScaler`` for fp16 autocast; None otherwise.
@@ -167,21 +199,30 @@ def training_step(
         optimizer state unchanged, scaler backed off) and reports ``finite=False``.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = _forward_backward(model, loss_fn, images, targets, scaler, autocast_dtype, device_type)
+    extra = _teacher_term(model, optimizer, images, autocast_dtype, device_type)
+    loss = _forward_backward(model, loss_fn, images, targets, scaler, autocast_dtype,
+                             device_type, extra)
     loss_value = float(loss)
     loss_finite = _finite_on_all_ranks(loss)
 
-    if not isinstance(optimizer, SAM):
+    sharpness_aware = isinstance(optimizer, SAM)
+    if not (sharpness_aware and optimizer.perturb_this_step()):
+        # One pass: a plain optimizer, EMA-KL, or a LookSAM / RST iteration without SAM.
         if scaler is not None:
             scaler.unscale_(optimizer)
+        if sharpness_aware:
+            optimizer.prepare_plain_step()
         grad_norm = _clip(optimizer, grad_clip)
         if not (loss_finite and math.isfinite(grad_norm)):
             return _skip(optimizer, scaler, loss_value, grad_norm, unscaled=True)
-        if scaler is not None:
+        if sharpness_aware:
+            optimizer.plain_step()  # finiteness checked above, as the scaler would
+        elif scaler is not None:
             scaler.step(optimizer)
-            scaler.update()
         else:
             optimizer.step()
+        if scaler is not None:
+            scaler.update()
         return StepResult(loss=loss_value, finite=True, skipped=False, grad_norm=grad_norm)
 
     # SAM / ASAM, first pass: gradient at w, unscaled by hand (scaler.unscale_ is kept for the

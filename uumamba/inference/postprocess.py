@@ -13,6 +13,10 @@ that class's mean Dice. This module does the same, per class:
    fold ensemble, by the model folder (:class:`uumamba.model_folder.ModelFolder`);
 3. the predictor applies it to every mask (:func:`apply_postprocessing`).
 
+A model trained on all cases (``--fold all``) has no validation cases of its own: its
+decision is pooled from the cross-validation folds' decisions in the same model folder
+(:func:`pool_fold_decisions`), or recorded as "none decided" when there are none.
+
 Connectivity is full (26-neighbourhood in 3D, 8 in 2D), as MONAI's
 ``KeepLargestConnectedComponent`` uses by default; removed voxels become background (0).
 """
@@ -117,3 +121,55 @@ def determine_postprocessing(
         "n_cases": len(preds),
         "connectivity": "full",
     }
+
+
+def pool_fold_decisions(decisions: Sequence[tuple[str, dict[str, Any]]],
+                        labels: dict[int, str]) -> dict[str, Any]:
+    """Decide for a model trained on all cases from the cross-validation folds' decisions.
+
+    Each fold's ``dice_before`` / ``dice_after`` (mean Dice over its ``n_cases`` validation
+    cases without / with filtering of that class) is weighted by ``n_cases``, which gives the
+    mean over all cross-validation cases of the folds (exact where no case of the fold lacks
+    the class; a fold whose mean is NaN for a class is left out for that class). A class is
+    filtered when the pooled mean rises (strictly), as in :func:`determine_postprocessing`:
+    nnU-Net likewise decides its postprocessing on the pooled cross-validation predictions.
+
+    Args:
+        decisions: ``(fold name, its postprocessing.json)`` for every fold used.
+        labels: label value -> name; background (0) is never filtered.
+
+    Returns:
+        A postprocessing spec with ``largest_component_labels``, the pooled ``dice_before`` /
+        ``dice_after``, ``n_cases`` and ``decided`` (how); with no decisions, no class and
+        ``decided = "none decided: ..."``.
+    """
+    if not decisions:
+        return {"largest_component_labels": [], "dice_before": {}, "dice_after": {},
+                "n_cases": 0, "connectivity": "full",
+                "decided": ("none decided: no cross-validation fold of this model folder has a "
+                            "postprocessing.json (train its folds 0 .. n_folds-1 first, then "
+                            "fold all, to decide it from their validation cases)")}
+    enabled: list[int] = []
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    for value in sorted(v for v in labels if v != 0):
+        name = labels[value]
+        pairs = [(float(d["dice_before"][name]), float(d["dice_after"][name]), int(d["n_cases"]))
+                 for _, d in decisions
+                 if d.get("dice_before", {}).get(name) is not None
+                 and d.get("dice_after", {}).get(name) is not None and int(d["n_cases"]) > 0]
+        pairs = [(b, a, n) for b, a, n in pairs if np.isfinite(b) and np.isfinite(a)]
+        weight = sum(n for _, _, n in pairs)
+        if not weight:
+            before[name] = after[name] = float("nan")
+            continue
+        before[name] = sum(b * n for b, _, n in pairs) / weight
+        after[name] = sum(a * n for _, a, n in pairs) / weight
+        if after[name] > before[name]:
+            enabled.append(value)
+    folds = [name for name, _ in decisions]
+    n_cases = sum(int(d.get("n_cases", 0)) for _, d in decisions)
+    return {"largest_component_labels": enabled, "dice_before": before, "dice_after": after,
+            "n_cases": n_cases, "connectivity": "full",
+            "decided": f"from the cross-validation folds {', '.join(folds)} ({n_cases} "
+                       "validation cases, case-weighted)"}

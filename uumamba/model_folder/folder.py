@@ -212,6 +212,22 @@ class ModelFolder:
         return {"largest_component_labels": sorted(common),
                 "source": [str(f) for f in fold_dirs]}
 
+    def cross_validation_decisions(self, n_folds: int) -> list[tuple[str, dict[str, Any]]]:
+        """``(fold_K, its postprocessing.json)`` for each fold 0 .. ``n_folds - 1`` that has one
+        (for the decision of a ``fold_all`` model, :func:`uumamba.inference.postprocess.
+        pool_fold_decisions`).
+
+        Raises:
+            DataError: a fold's ``postprocessing.json`` is not readable JSON of the expected
+                form.
+        """
+        found = []
+        for k in range(n_folds):
+            path = self.fold_dir(str(k)) / POSTPROCESSING
+            if path.is_file():
+                found.append((f"fold_{k}", _read_postprocessing(path)))
+        return found
+
     # ------------------------------------------------------------------ writing (training)
 
     def write_config(self, cfg: Config) -> Path:

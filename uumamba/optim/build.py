@@ -1,4 +1,5 @@
-"""Build the optimizer from the ``optim`` config section: sam | asam | sgd | adamw."""
+"""Build the optimizer from the ``optim`` config section: sam | asam | looksam | rst | ema_kl |
+sgd | adamw."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from torch import nn
 
 from uumamba.config import OptimConfig
 from uumamba.errors import ConfigError
+from uumamba.optim.ema_kl import EMAKL
+from uumamba.optim.looksam import LookSAM
+from uumamba.optim.rst import RandomSAM
 from uumamba.optim.sam import DEFAULT_RHO_ASAM, DEFAULT_RHO_SAM, SAM
 
 _BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
@@ -57,6 +61,10 @@ def build_optimizer(
     - ``sam`` / ``asam``: :class:`uumamba.optim.SAM` wrapping ``optim.base`` (``sgd``: SGD with
       ``momentum`` (0.99) and Nesterov as in nnU-Net / UU-Mamba; ``adamw``), ``rho`` from the
       config or 0.05 (SAM) / 0.5 (ASAM).
+    - ``looksam``: :class:`uumamba.optim.LookSAM` (SAM gradient every ``looksam_k`` updates),
+      ``rst``: :class:`uumamba.optim.RandomSAM` (SAM on a ``sam_probability`` share of the
+      iterations), ``ema_kl``: :class:`uumamba.optim.EMAKL` (KL to an EMA of the weights), each
+      wrapping ``optim.base`` as SAM does.
     - ``sgd`` / ``adamw``: the plain torch optimizer.
 
     ``lr``, ``weight_decay`` (0 for the loss group) come from the config; schedule the lr with
@@ -76,16 +84,45 @@ def build_optimizer(
         groups = param_groups(model, loss_module)
     except ValueError as exc:
         raise ConfigError(f"optim: {exc}") from None
-    if optim_cfg.name in ("sam", "asam"):
-        adaptive = optim_cfg.name == "asam"
-        rho = optim_cfg.rho
-        if rho is None:
-            rho = DEFAULT_RHO_ASAM if adaptive else DEFAULT_RHO_SAM
-        return SAM(
-            groups,
-            _BASE_CLASSES[optim_cfg.base],
-            rho=rho,
-            adaptive=adaptive,
-            **_base_kwargs(optim_cfg.base, optim_cfg),
-        )
-    return _BASE_CLASSES[optim_cfg.name](groups, **_base_kwargs(optim_cfg.name, optim_cfg))
+    name = optim_cfg.name
+    if name in _BASE_CLASSES:
+        return _BASE_CLASSES[name](groups, **_base_kwargs(name, optim_cfg))
+    base, base_kwargs = _BASE_CLASSES[optim_cfg.base], _base_kwargs(optim_cfg.base, optim_cfg)
+    rho = optim_cfg.rho
+    if rho is None:
+        rho = DEFAULT_RHO_ASAM if name == "asam" else DEFAULT_RHO_SAM
+    if name in ("sam", "asam"):
+        return SAM(groups, base, rho=rho, adaptive=name == "asam", **base_kwargs)
+    if name == "looksam":
+        return LookSAM(groups, base, rho=rho, k=optim_cfg.looksam_k,
+                       alpha=optim_cfg.looksam_alpha, **base_kwargs)
+    if name == "rst":
+        return RandomSAM(groups, base, rho=rho, probability=optim_cfg.sam_probability,
+                         **base_kwargs)
+    if name == "ema_kl":
+        return EMAKL(groups, base, decay=optim_cfg.ema_decay, kl_weight=optim_cfg.kl_weight,
+                     temperature=optim_cfg.kl_temperature, start=optim_cfg.kl_start,
+                     **base_kwargs)
+    raise ConfigError(f"optim.name: unknown optimizer {name!r}")
+
+
+def describe_optimizer(cfg: OptimConfig) -> str:
+    """One line naming the optimizer and the settings it uses (for the training log), e.g.
+    ``looksam over adamw (lr 0.002, weight decay 0.0001; rho 0.05, k 5, alpha 0.7)``."""
+    base = cfg.name if cfg.name in _BASE_CLASSES else cfg.base
+    common = f"lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
+    if base == "sgd":
+        common += f", momentum {cfg.momentum:g}{' Nesterov' if cfg.nesterov else ''}"
+    if cfg.name in _BASE_CLASSES:
+        return f"{cfg.name} ({common})"
+    rho = cfg.rho if cfg.rho is not None else (
+        DEFAULT_RHO_ASAM if cfg.name == "asam" else DEFAULT_RHO_SAM)
+    extra = {
+        "sam": f"rho {rho:g}",
+        "asam": f"rho {rho:g}",
+        "looksam": f"rho {rho:g}, k {cfg.looksam_k}, alpha {cfg.looksam_alpha:g}",
+        "rst": f"rho {rho:g}, SAM probability {cfg.sam_probability:g}",
+        "ema_kl": (f"EMA decay {cfg.ema_decay:g}, KL weight {cfg.kl_weight:g}, temperature "
+                   f"{cfg.kl_temperature:g}, KL term from update {cfg.kl_start}"),
+    }[cfg.name]
+    return f"{cfg.name} over {base} ({common}; {extra})"

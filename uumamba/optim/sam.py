@@ -52,13 +52,15 @@ from typing import Any
 
 import torch
 
+from uumamba.optim.wrapper import WrappedOptimizer
+
 DEFAULT_RHO_SAM = 0.05
 DEFAULT_RHO_ASAM = 0.5
 DEFAULT_ETA = 0.01
 _STATE_FORMAT = "uumamba.optim.SAM/1"
 
 
-class SAM(torch.optim.Optimizer):
+class SAM(WrappedOptimizer):
     """SAM / ASAM wrapper around a base optimizer class (see the module docstring).
 
     Args:
@@ -83,6 +85,9 @@ class SAM(torch.optim.Optimizer):
         ValueError: ``rho`` < 0 or ``eta`` < 0.
     """
 
+    state_format = _STATE_FORMAT
+    group_keys = ("rho", "adaptive", "eta")
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -92,38 +97,39 @@ class SAM(torch.optim.Optimizer):
         eta: float = DEFAULT_ETA,
         **base_kwargs: Any,
     ) -> None:
-        if not (
-            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
-        ):
-            raise TypeError(
-                f"base_optimizer must be an optimizer class such as torch.optim.SGD, "
-                f"got {base_optimizer!r}"
-            )
         if rho is None:
             rho = DEFAULT_RHO_ASAM if adaptive else DEFAULT_RHO_SAM
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), **base_kwargs)
-        super().__init__(params, defaults)
-        # The base optimizer adopts the same group dicts: one list, shared by both objects.
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
+        super().__init__(params, base_optimizer, defaults, **base_kwargs)
         self._perturbed: list[torch.Tensor] = []
         self._skip_pending = False
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to both this optimizer and the base optimizer (shared list)."""
-        base = self.__dict__.get("base_optimizer")
-        if base is None:  # called from Optimizer.__init__, before the base exists
-            super().add_param_group(param_group)
-            return
-        for key in ("rho", "adaptive", "eta"):
-            param_group.setdefault(key, self.defaults[key])
-        base.add_param_group(param_group)
-        self.param_groups = base.param_groups
+    # Hooks of the variants that perturb on some steps only (LookSAM, RST): plain SAM perturbs
+    # on every step and does nothing special on the others.
+
+    def perturb_this_step(self) -> bool:
+        """Whether this iteration takes the two-pass SAM step (always, for SAM). Called once
+        per iteration, before its first backward has been used, by
+        :func:`uumamba.engine.step.training_step`."""
+        return True
+
+    def prepare_plain_step(self) -> None:
+        """On an iteration without perturbation, adjust the (unscaled, unclipped) plain
+        gradients in place before clipping (SAM: never called; LookSAM adds its stored
+        component)."""
+
+    def plain_step(self) -> None:
+        """The base optimizer's step with the gradients as they are (an iteration without
+        perturbation)."""
+        self.base_optimizer.step()
+        self._after_update()
+
+    def _after_update(self) -> None:
+        """Called after every base-optimizer update (counters of the variants)."""
 
     @staticmethod
     def _scaled(
@@ -214,6 +220,7 @@ class SAM(torch.optim.Optimizer):
         stepped = False
         if not skip and bool(torch.isfinite(self._norm(adaptive_scaling=False))):
             self.base_optimizer.step()
+            self._after_update()
             stepped = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -239,23 +246,7 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """Base optimizer ``state_dict()`` (state + param groups incl. lr, rho, adaptive, eta)."""
-        return {"format": _STATE_FORMAT, "base_optimizer": self.base_optimizer.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict`; param groups stay shared with the base.
-
-        Raises:
-            ValueError: the dict was not written by ``SAM.state_dict()``.
-            RuntimeError: called between ``first_step`` and ``second_step``.
-        """
-        if state_dict.get("format") != _STATE_FORMAT or "base_optimizer" not in state_dict:
-            raise ValueError(
-                "SAM.load_state_dict: not a SAM state dict (expected keys 'format' = "
-                f"{_STATE_FORMAT!r} and 'base_optimizer'; got keys {sorted(state_dict)})"
-            )
+    def _check_loadable(self) -> None:
         if self._perturbed:
-            raise RuntimeError("SAM.load_state_dict() called while a perturbation is applied")
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self.param_groups = self.base_optimizer.param_groups
+            raise RuntimeError(f"{type(self).__name__}.load_state_dict() called while a "
+                               "perturbation is applied")
