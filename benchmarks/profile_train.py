@@ -10,7 +10,8 @@ their cache, ``build_components``, ``make_patch_loader``) for fold 0 of ``--conf
 2. **compute**, on the batches of (1) kept in memory: forward, loss, backward, gradient
    clipping + optimizer step (``optim.name`` of the config; plain optimizers only), each
    timed with ``time.perf_counter`` (CPU: synchronous);
-3. **loop**: ``training_step`` fed by the real loader (``train.num_workers`` of the config):
+3. **loop**: ``training_step`` fed by the real loader (``train.num_workers`` and
+   ``train.loader_nice`` of the config):
    seconds per iteration and iterations per minute as the engine sees them; ``loop - compute``
    is what the loader's waiting, the schedule and the bookkeeping cost on top.
 
@@ -69,7 +70,7 @@ def profile(args: argparse.Namespace) -> dict:
 
         def batches(workers: int, n: int):
             return iter(make_patch_loader(train_set, plans.batch_size, tc.seed, 0, 0, n,
-                                          workers))
+                                          workers, worker_nice=tc.loader_nice))
 
         # 1. data, in this process
         data_s, kept = [], []
@@ -119,10 +120,33 @@ def profile(args: argparse.Namespace) -> dict:
               "loop_ms": _ms(loop_s), "setup_s": setup_s,
               "iterations_per_minute": 60.0 / statistics.median(loop_s),
               "threads": args.threads, "num_workers": tc.num_workers,
+              "loader_nice": tc.loader_nice,
               "batch_size": plans.batch_size, "patch_size": list(plans.patch_size),
               "iterations": args.iterations, "warmup": args.warmup}
     result["compute_ms"] = sum(result[f"{k}_ms"] for k in phases)
+    if args.ops:
+        result["ops"] = _top_ops(model, loss_fn, opt, kept[args.warmup:], cfg.optim.grad_clip,
+                                 args.ops)
     return result
+
+
+def _top_ops(model, loss_fn, opt, kept, grad_clip, n: int) -> list[dict]:
+    """``n`` aten / autograd ops with the most self CPU time over the compute phase of the kept
+    batches (torch.profiler), in ms per iteration."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from uumamba.engine.step import _clip
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in kept:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            _clip(opt, grad_clip)
+            opt.step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    return [{"op": e.key, "self_ms_per_iteration": e.self_cpu_time_total / 1000 / len(kept),
+             "calls_per_iteration": e.count / len(kept)} for e in events]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,12 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--ops", type=int, default=0,
+                   help="also list the N ops with the most self CPU time (torch.profiler)")
     args = p.parse_args(argv)
     from uumamba.commands.script import describe_machine
 
     r = profile(args)
     loop = r["loop_ms"]
-    print(f"{describe_machine()}; {args.threads} threads, loader workers {r['num_workers']}, "
+    print(f"{describe_machine()}; {args.threads} threads, loader workers {r['num_workers']} "
+          f"(nice +{r['loader_nice']}), "
           f"batch {r['batch_size']} x {r['patch_size']}; medians over {args.iterations} "
           f"iterations after {args.warmup}")
     rows = [("data (load, sample, augment, collate; in-process)", r["data_ms"])]
@@ -151,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name:<52} {ms:8.1f} ms  {100 * ms / loop:5.1f} % of the loop")
     print(f"  iterations per minute: {r['iterations_per_minute']:.1f}; dataset setup "
           f"{r['setup_s']:.1f} s")
+    for op in r.get("ops", []):
+        print(f"  op {op['op'][:60]:<60} {op['self_ms_per_iteration']:7.1f} ms "
+              f"x{op['calls_per_iteration']:g}")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
     return r

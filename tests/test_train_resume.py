@@ -181,3 +181,39 @@ def test_seeded_dataset_repeats_augmentation_and_restores_global_rng():
     assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     assert not torch.equal(torch.as_tensor(ds[(1, 124)]["image"]), torch.as_tensor(a))
     assert torch.equal(torch.rand(1), expected_next)  # global torch RNG untouched
+
+
+class _NicenessAndSignals(torch.utils.data.Dataset):
+    """Each item: the worker's niceness and its SIGTERM disposition."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index):
+        return {"nice": torch.tensor(os.nice(0)),
+                "sigterm_ignored": torch.tensor(signal.getsignal(signal.SIGTERM)
+                                                == signal.SIG_IGN)}
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_loader_workers_run_at_the_configured_niceness_and_ignore_sigterm(nice):
+    from uumamba.engine.sampling import make_patch_loader
+
+    base = os.nice(0)
+    loader = make_patch_loader(_NicenessAndSignals(), 2, 0, 0, 0, 2, num_workers=1,
+                               worker_nice=nice)
+    batch = next(iter(loader))
+    assert batch["nice"].tolist() == [min(base + nice, 19)] * 2
+    assert batch["sigterm_ignored"].all()
+    assert os.nice(0) == base  # the trainer keeps its own priority
+
+
+def test_loader_nice_is_a_bounded_resumable_setting():
+    from uumamba.engine.resume import RESUMABLE_KEYS
+
+    assert load_config(None, ["train.loader_nice=19"]).train.loader_nice == 19
+    assert load_config(None, []).train.loader_nice == 10
+    for bad in ("-1", "20"):
+        with pytest.raises(ConfigError, match="loader_nice"):
+            load_config(None, [f"train.loader_nice={bad}"])
+    assert "train.loader_nice" in RESUMABLE_KEYS

@@ -513,7 +513,8 @@ def _start(cfg: Config, data_dir: Path, folder: ModelFolder, fold: str | int, re
     state = restore_from_checkpoint(parts, saved, total) if saved is not None else LoopState()
     parts.train_model = ddp.wrap_ddp(parts.model, ctx)
     loader = make_patch_loader(train_set, plans.batch_size, tc.seed, ctx.rank, state.iteration,
-                               total, tc.num_workers, pin_memory=ctx.device.type == "cuda")
+                               total, tc.num_workers, pin_memory=ctx.device.type == "cuda",
+                               worker_nice=tc.loader_nice)
     if not loader.dataset.reproducible:
         log.warning("warning: the training transforms have no set_random_state; a resumed "
                     "run will not repeat the same augmentations")

@@ -9,6 +9,7 @@ iteration counter (see "Reproducibility and exact resume" in :mod:`uumamba.engin
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 from collections.abc import Iterator
@@ -96,6 +97,20 @@ class SeededPatchDataset(Dataset):
             return self.dataset[index]
 
 
+class _WorkerInit:
+    """``worker_init_fn`` of the patch loader: :func:`_ignore_stop_signals`, then
+    ``os.nice(nice)`` (a picklable object, so it also works with the spawn start method)."""
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice
+
+    def __call__(self, worker_id: int) -> None:
+        _ignore_stop_signals(worker_id)
+        if self.nice:
+            with contextlib.suppress(OSError):  # lowering priority needs no privilege
+                os.nice(self.nice)
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the main process (which saves and stops,
     then shuts the workers down). A signal sent to the whole process group (Ctrl-C, SLURM,
@@ -107,13 +122,15 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 def make_patch_loader(dataset: Any, batch_size: int, seed: int, rank: int, start: int,
-                      stop: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+                      stop: int, num_workers: int, pin_memory: bool = False,
+                      worker_nice: int = 0) -> DataLoader:
     """A DataLoader yielding the batches of iterations ``start`` .. ``stop - 1``.
 
     Collation is MONAI's ``list_data_collate`` (flattens transforms that return lists of
     patches). The loader has its own generator, so creating it does not consume the global
     torch RNG. Its ``dataset`` is the :class:`SeededPatchDataset` wrapper (see its
-    ``reproducible``). Workers ignore SIGINT and SIGTERM (:func:`_ignore_stop_signals`).
+    ``reproducible``). Workers ignore SIGINT and SIGTERM (:func:`_ignore_stop_signals`) and
+    run at ``worker_nice`` more niceness than this process (``train.loader_nice``).
     """
     from monai.data import list_data_collate
 
@@ -121,6 +138,6 @@ def make_patch_loader(dataset: Any, batch_size: int, seed: int, rank: int, start
     return DataLoader(
         SeededPatchDataset(dataset), batch_sampler=sampler, num_workers=num_workers,
         collate_fn=list_data_collate, pin_memory=pin_memory,
-        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
+        worker_init_fn=_WorkerInit(worker_nice) if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )

