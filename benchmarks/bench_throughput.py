@@ -1,24 +1,25 @@
-"""Training iterations per minute of this checkout against an earlier commit, in one run.
+"""Training iterations per minute of this checkout against an earlier commit, side by side.
 
-Both source trees train the same fold of the same data with the same config for
-``--minutes`` each, one after the other and alternating (baseline, current, baseline, current
-for ``--rounds 2``), so that a slow spell of a shared machine hits both. The baseline is a
-``git worktree`` of ``--baseline`` (a commit, tag or branch) under ``OUTPUT/src-<sha>``; each
-run is ``python -c "from uumamba.cli import main; main()" train ...`` with ``PYTHONPATH`` set
-to its tree, in a fresh model folder under ``OUTPUT/runs``.
+Two real training runs, one per source tree (``--baseline``: a commit, tag or branch, checked
+out as a ``git worktree`` under ``OUTPUT/src-<sha>``; and this checkout), train fold 0 of
+``--data`` with ``--config`` at the same time but never simultaneously: they take turns of
+``--turn`` iterations (``benchmarks/lockstep_train.py`` runs each tree's own
+``run_fold`` with a callback that hands the turn back). The order alternates ABBA so neither
+tree always goes first. A slow spell of a shared machine (on the 2-core VMs of this project
+the same run varies by 15-30 % between minutes) therefore hits both trees alike, which two
+runs one after the other cannot promise.
 
-The rate of a run is measured on its whole epochs after the first (start-up, kernel
-compilation and the first cache fill excluded) and before the last (the final validation):
-``(iteration_last - iteration_first) / (elapsed_last - elapsed_first)`` of its
-``metrics.jsonl`` records, times 60. Validation is pushed past the budget
-(``train.val_every``) so that only the final one runs. Reported: every run's rate, the
-median per tree and the ratio current / baseline; ``OUTPUT/throughput.json`` keeps it all.
+Each turn's seconds are the wall time from the "go" to the turn's last ``training_step``
+(the loader, the schedule, the callbacks and logging of that tree included; data prefetched
+while waiting is the same two batches for both). The first ``--warmup`` turns of each tree
+are discarded (kernel compilation, first batches). Reported: iterations per minute of each
+tree over the kept turns, the per-round ratio current / baseline with its median and a 95 %
+bootstrap interval over rounds; ``OUTPUT/throughput.json`` keeps every turn.
 
-    python benchmarks/bench_throughput.py --baseline HEAD~1 --minutes 3 --rounds 2 \
-        --output runs/throughput
+    python benchmarks/bench_throughput.py --baseline HEAD~1 --rounds 30 --output runs/throughput
 
-Run it on an otherwise idle machine: another process's load changes the rates (a second
-training on the same 2 cores roughly halves them).
+Both trees use their own defaults for anything the config leaves unset, which is the point:
+the comparison is of the code, on the same config file and data.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = "from uumamba.cli import main; main()"
+CHILD = Path(__file__).resolve().parent / "lockstep_train.py"
 
 
 def _git(*args: str) -> str:
@@ -50,82 +50,134 @@ def baseline_tree(rev: str, output: Path) -> tuple[Path, str]:
     return tree, sha
 
 
-def epoch_rate(metrics: Path) -> tuple[float, int]:
-    """(iterations per minute over the whole epochs between the first and the last record,
-    total iterations) of a ``metrics.jsonl``.
+class Trainer:
+    """A ``lockstep_train.py`` child training the source ``tree``."""
 
-    Raises:
-        ValueError: fewer than three epoch records (the run was too short to measure).
-    """
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if len(records) < 3:
-        raise ValueError(f"{metrics}: {len(records)} epoch records; train longer "
-                         "(--minutes) or use shorter epochs (--iterations-per-epoch)")
-    first, last = records[0], records[-2]
-    rate = 60.0 * (last["iteration"] - first["iteration"]) / (last["elapsed"] - first["elapsed"])
-    return rate, records[-1]["iteration"]
+    def __init__(self, label: str, tree: Path, args: argparse.Namespace) -> None:
+        self.label = label
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        iterations = (args.rounds * 2 + args.warmup + 1) * args.turn
+        cmd = [sys.executable, str(CHILD), "--data", str(args.data), "--config",
+               str(args.config), "--output", str(args.output / "runs" / label),
+               "--fds", f"{to_child_r},{from_child_w}", "--turn", str(args.turn),
+               "--iterations", str(iterations), "--threads", str(args.threads)]
+        for s in args.overrides:
+            cmd += ["--set", s]
+        self.log = (args.output / f"{label}.log").open("w")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(tree)},
+                                     cwd=tree, stdout=self.log, stderr=subprocess.STDOUT,
+                                     pass_fds=(to_child_r, from_child_w))
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.commands = os.fdopen(self._to_child, "w", buffering=1)
+        self.answers = os.fdopen(self._from_child, "r")
+        self.turns: list[float] = []
+
+    def turn(self) -> float:
+        """Let the child train one turn; its seconds.
+
+        Raises:
+            RuntimeError: the child ended without answering (its log names the error).
+        """
+        self.commands.write("go\n")
+        line = self.answers.readline().split()
+        if not line or line[0] != "turn":
+            raise RuntimeError(f"the {self.label} trainer stopped; see {self.log.name}")
+        self.turns.append(float(line[1]))
+        return self.turns[-1]
+
+    def stop(self) -> None:
+        try:
+            self.commands.write("stop\n")
+            self.commands.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
-def train_once(tree: Path, label: str, index: int, args: argparse.Namespace) -> dict:
-    """One timed training run of the source ``tree``; its record."""
-    out = args.output / "runs" / f"{index:02d}-{label}"
-    sets = [f"train.time_limit_minutes={args.minutes}",
-            f"train.iterations_per_epoch={args.iterations_per_epoch}",
-            "train.val_every=100000", *args.overrides]
-    cmd = [sys.executable, "-c", CLI, "train", "--data", str(args.data), "--output", str(out),
-           "--config", str(args.config), "--fold", "0", "--device", "cpu"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    t0 = time.perf_counter()
-    with (args.output / "runs" / f"{index:02d}-{label}.log").open("w") as log:
-        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT,
-                       cwd=tree)
-    rate, iterations = epoch_rate(out / "fold_0" / "metrics.jsonl")
-    return {"label": label, "tree": str(tree), "iterations_per_minute": rate,
-            "iterations": iterations, "wall_seconds": time.perf_counter() - t0}
+def _bootstrap_median(values: list[float], n: int = 10_000, seed: int = 0
+                      ) -> tuple[float, float]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values)
+    medians = np.median(v[rng.integers(0, len(v), (n, len(v)))], axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--baseline", required=True, help="git revision to compare against")
+    p.add_argument("--baseline", help="git revision to compare against")
+    p.add_argument("--baseline-tree", type=Path,
+                   help="a source tree to compare against instead of --baseline (no git)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ACDC")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "acdc_cpu.yaml")
     p.add_argument("--output", type=Path, default=REPO / "runs" / "throughput")
-    p.add_argument("--minutes", type=float, default=3.0, help="training budget per run")
-    p.add_argument("--rounds", type=int, default=2, help="baseline/current pairs")
-    p.add_argument("--iterations-per-epoch", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=20, help="ABBA rounds (2 turns per tree)")
+    p.add_argument("--turn", type=int, default=20, help="iterations per turn")
+    p.add_argument("--warmup", type=int, default=2, help="turns per tree not measured")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override KEY=VALUE (both trees)")
     args = p.parse_args(argv)
+    if min(args.rounds, args.turn) < 1 or args.warmup < 0:
+        raise SystemExit("--rounds and --turn must be >= 1, --warmup >= 0")
+    if (args.baseline is None) == (args.baseline_tree is None):
+        raise SystemExit("give one of --baseline REV or --baseline-tree PATH")
     from uumamba.commands.script import describe_machine
 
     args.data, args.config = args.data.resolve(), args.config.resolve()
     args.output = args.output.resolve()
     (args.output / "runs").mkdir(parents=True, exist_ok=True)
-    tree, sha = baseline_tree(args.baseline, args.output)
+    if args.baseline_tree is not None:
+        tree, sha = args.baseline_tree.resolve(), str(args.baseline_tree.resolve())
+    else:
+        tree, sha = baseline_tree(args.baseline, args.output)
     head = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     machine = describe_machine()
-    runs = []
-    for r in range(args.rounds):
-        for label, src in (("baseline", tree), ("current", REPO)):
-            run = train_once(src, label, len(runs), args)
-            runs.append(run)
-            print(f"round {r + 1} {label:<8} {run['iterations_per_minute']:6.1f} it/min "
-                  f"({run['iterations']} iterations in {args.minutes:g} min)", flush=True)
-    median = {label: statistics.median(x["iterations_per_minute"] for x in runs
-                                       if x["label"] == label)
-              for label in ("baseline", "current")}
-    result = {"machine": machine, "baseline": sha, "current": head + (" + uncommitted changes"
-                                                                     if dirty else ""),
-              "config": str(args.config), "minutes": args.minutes, "overrides": args.overrides,
-              "runs": runs, "median_iterations_per_minute": median,
-              "ratio": median["current"] / median["baseline"]}
+    base, cur = Trainer("baseline", tree, args), Trainer("current", REPO, args)
+    try:
+        for _ in range(args.warmup):
+            base.turn()
+            cur.turn()
+        ratios = []
+        for r in range(args.rounds):
+            first, second = (base, cur) if r % 2 == 0 else (cur, base)
+            a, b = first.turn(), second.turn()
+            b2, a2 = second.turn(), first.turn()
+            t_base, t_cur = (a + a2, b + b2) if first is base else (b + b2, a + a2)
+            ratios.append(t_base / t_cur)
+            print(f"round {r + 1:>3}: baseline {60 * 2 * args.turn / t_base:6.1f} it/min, "
+                  f"current {60 * 2 * args.turn / t_cur:6.1f} it/min, "
+                  f"ratio {ratios[-1]:.2f}", flush=True)
+    finally:
+        base.stop()
+        cur.stop()
+
+    def rate(t: Trainer) -> float:
+        kept = t.turns[args.warmup:]
+        return 60.0 * args.turn * len(kept) / sum(kept)
+
+    lo, hi = _bootstrap_median(ratios)
+    result = {"machine": machine, "baseline": sha,
+              "current": head + (" + uncommitted changes" if dirty else ""),
+              "config": str(args.config), "overrides": args.overrides, "turn": args.turn,
+              "warmup_turns": args.warmup, "rounds": args.rounds,
+              "iterations_per_minute": {"baseline": rate(base), "current": rate(cur)},
+              "ratio_median": statistics.median(ratios), "ratio_ci95": [lo, hi],
+              "ratios": ratios, "turn_seconds": {"baseline": base.turns, "current": cur.turns}}
     print(machine)
-    print(f"baseline {sha[:12]}: {median['baseline']:.1f} it/min; current {result['current'][:12]}"
-          f"{' (+ uncommitted)' if dirty else ''}: {median['current']:.1f} it/min; "
-          f"ratio {result['ratio']:.2f}x")
+    print(f"baseline {sha[:12]}: {rate(base):.1f} it/min; current {head[:12]}"
+          f"{' + uncommitted' if dirty else ''}: {rate(cur):.1f} it/min; ratio current / "
+          f"baseline {result['ratio_median']:.2f}x (95 % interval {lo:.2f}-{hi:.2f}, "
+          f"{args.rounds} rounds of {2 * args.turn} iterations each)")
     (args.output / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
