@@ -212,7 +212,7 @@ def test_loader_nice_is_a_bounded_resumable_setting():
     from uumamba.engine.resume import RESUMABLE_KEYS
 
     assert load_config(None, ["train.loader_nice=19"]).train.loader_nice == 19
-    assert load_config(None, []).train.loader_nice == 10
+    assert load_config(None, []).train.loader_nice == 0
     for bad in ("-1", "20"):
         with pytest.raises(ConfigError, match="loader_nice"):
             load_config(None, [f"train.loader_nice={bad}"])

@@ -271,10 +271,12 @@ class TrainConfig(_Section):
         foreground_oversample: fraction of patches centred on a random foreground class.
         cache: ``memory`` | ``disk`` | ``none`` caching of preprocessed cases.
         num_workers: DataLoader workers.
-        loader_nice: niceness added to each DataLoader worker process (0..19, ``os.nice``):
-            the workers yield the cores to the compute threads of a CPU run and fill their
-            idle gaps (the threads of one step wait for each other, so a worker that takes a
-            core from one of them stalls both); 0 keeps the workers at the trainer's priority.
+        loader_nice: niceness added to each DataLoader worker process (0..19, ``os.nice``),
+            so that on a CPU run the workers yield the cores to the compute threads (the
+            threads of one step wait for each other at every parallel op, so a worker that
+            takes a core from one stalls both). 0 (default) keeps the trainer's priority: on
+            ACDC with 2 cores +10 made no difference measurable through the machine's
+            run-to-run spread (benchmarks/README.md, "Training throughput").
         amp: ``auto`` (bf16 on CUDA when supported, else fp16 with a scaler; fp32 on CPU),
             ``bf16``, ``fp16`` or ``off``.
         max_nonfinite_steps: consecutive non-finite losses after which the run stops.
@@ -292,7 +294,7 @@ class TrainConfig(_Section):
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
     cache: Literal["memory", "disk", "none"] = "memory"
     num_workers: int = Field(2, ge=0)
-    loader_nice: int = Field(10, ge=0, le=19)
+    loader_nice: int = Field(0, ge=0, le=19)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     max_nonfinite_steps: int = Field(25, ge=0)
     deterministic: bool = True
