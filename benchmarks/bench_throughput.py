@@ -36,14 +36,52 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "lockstep_train.py"
 
 
+MIN_ROUNDS_FOR_INTERVAL = 5
+
+
 def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    """Output of ``git -C REPO ARGS``.
+
+    Raises:
+        UserError: git failed (its first error line).
+    """
+    from uumamba.errors import UserError
+
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or ["failed"])[0]
+        raise UserError(f"git {args[0]}: {first}")
+    return done.stdout.strip()
+
+
+def check_tree(tree: Path) -> Path:
+    """``tree`` resolved, when it holds a ``uumamba`` package (else the child would import
+    the installed one and compare this code with itself).
+
+    Raises:
+        UserError: no ``tree/uumamba/__init__.py``.
+    """
+    from uumamba.errors import UserError
+
+    tree = tree.resolve()
+    if not (tree / "uumamba" / "__init__.py").is_file():
+        raise UserError(f"--baseline-tree {tree}: no uumamba package in it "
+                        "(give a checkout of this repository)")
+    return tree
 
 
 def baseline_tree(rev: str, output: Path) -> tuple[Path, str]:
-    """A worktree of ``rev`` under ``output`` (reused when it exists); (path, full sha)."""
-    sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    """A worktree of ``rev`` under ``output`` (reused when it exists); (path, full sha).
+
+    Raises:
+        UserError: ``rev`` names no commit.
+    """
+    from uumamba.errors import UserError
+
+    try:
+        sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except UserError:
+        raise UserError(f"--baseline {rev}: no such commit in {REPO}") from None
     tree = output / f"src-{sha[:12]}"
     if not (tree / "uumamba").is_dir():
         _git("worktree", "add", "--detach", "--force", str(tree), sha)
@@ -78,12 +116,21 @@ class Trainer:
         """Let the child train one turn; its seconds.
 
         Raises:
-            RuntimeError: the child ended without answering (its log names the error).
+            UserError: the child ended without answering (with the last line of its log).
         """
-        self.commands.write("go\n")
+        from uumamba.errors import UserError
+
+        try:
+            self.commands.write("go\n")
+        except BrokenPipeError:
+            pass
         line = self.answers.readline().split()
         if not line or line[0] != "turn":
-            raise RuntimeError(f"the {self.label} trainer stopped; see {self.log.name}")
+            self.proc.wait()
+            self.log.flush()
+            lines = Path(self.log.name).read_text(errors="replace").strip().splitlines()
+            last = lines[-1] if lines else f"exit status {self.proc.returncode}"
+            raise UserError(f"the {self.label} trainer stopped: {last} (log: {self.log.name})")
         self.turns.append(float(line[1]))
         return self.turns[-1]
 
@@ -130,13 +177,22 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--rounds and --turn must be >= 1, --warmup >= 0")
     if (args.baseline is None) == (args.baseline_tree is None):
         raise SystemExit("give one of --baseline REV or --baseline-tree PATH")
-    from uumamba.commands.script import describe_machine
+    import torch
 
+    from uumamba.commands.script import describe_machine
+    from uumamba.config import load_config
+    from uumamba.errors import UserError
+
+    if not args.data.is_dir():
+        raise UserError(f"--data {args.data}: not a folder")
+    load_config(args.config, args.overrides)  # a bad config or --set: one line, before any run
+    torch.set_num_threads(args.threads)  # the machine line names the trainers' threads
     args.data, args.config = args.data.resolve(), args.config.resolve()
     args.output = args.output.resolve()
     (args.output / "runs").mkdir(parents=True, exist_ok=True)
     if args.baseline_tree is not None:
-        tree, sha = args.baseline_tree.resolve(), str(args.baseline_tree.resolve())
+        tree = check_tree(args.baseline_tree)
+        sha = str(tree)
     else:
         tree, sha = baseline_tree(args.baseline, args.output)
     head = _git("rev-parse", "HEAD")
@@ -165,18 +221,23 @@ def main(argv: list[str] | None = None) -> dict:
         kept = t.turns[args.warmup:]
         return 60.0 * args.turn * len(kept) / sum(kept)
 
-    lo, hi = _bootstrap_median(ratios)
+    lo, hi = (_bootstrap_median(ratios) if args.rounds >= MIN_ROUNDS_FOR_INTERVAL
+              else (float("nan"), float("nan")))
     result = {"machine": machine, "baseline": sha,
               "current": head + (" + uncommitted changes" if dirty else ""),
               "config": str(args.config), "overrides": args.overrides, "turn": args.turn,
               "warmup_turns": args.warmup, "rounds": args.rounds,
               "iterations_per_minute": {"baseline": rate(base), "current": rate(cur)},
-              "ratio_median": statistics.median(ratios), "ratio_ci95": [lo, hi],
+              "ratio_median": statistics.median(ratios),
+              "ratio_ci95": None if lo != lo else [lo, hi],
               "ratios": ratios, "turn_seconds": {"baseline": base.turns, "current": cur.turns}}
     print(machine)
-    print(f"baseline {sha[:12]}: {rate(base):.1f} it/min; current {head[:12]}"
+    interval = (f"95 % interval {lo:.2f}-{hi:.2f}" if result["ratio_ci95"] is not None
+                else f"no interval under {MIN_ROUNDS_FOR_INTERVAL} rounds")
+    name = sha if args.baseline_tree is not None else sha[:12]
+    print(f"baseline {name}: {rate(base):.1f} it/min; current {head[:12]}"
           f"{' + uncommitted' if dirty else ''}: {rate(cur):.1f} it/min; ratio current / "
-          f"baseline {result['ratio_median']:.2f}x (95 % interval {lo:.2f}-{hi:.2f}, "
+          f"baseline {result['ratio_median']:.2f}x ({interval}, "
           f"{args.rounds} rounds of {2 * args.turn} iterations each)")
     (args.output / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

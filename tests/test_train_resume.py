@@ -213,7 +213,7 @@ def test_loader_nice_is_a_bounded_resumable_setting():
 
     assert load_config(None, ["train.loader_nice=19"]).train.loader_nice == 19
     assert load_config(None, []).train.loader_nice == 0
-    for bad in ("-1", "20"):
+    for bad in ("-1", "20", "true", "1.5"):
         with pytest.raises(ConfigError, match="loader_nice"):
             load_config(None, [f"train.loader_nice={bad}"])
     assert "train.loader_nice" in RESUMABLE_KEYS

@@ -294,7 +294,7 @@ class TrainConfig(_Section):
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
     cache: Literal["memory", "disk", "none"] = "memory"
     num_workers: int = Field(2, ge=0)
-    loader_nice: int = Field(0, ge=0, le=19)
+    loader_nice: int = Field(0, ge=0, le=19, strict=True)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     max_nonfinite_steps: int = Field(25, ge=0)
     deterministic: bool = True
