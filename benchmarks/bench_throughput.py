@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -148,16 +147,6 @@ class Trainer:
         self.log.close()
 
 
-def _bootstrap_median(values: list[float], n: int = 10_000, seed: int = 0
-                      ) -> tuple[float, float]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values)
-    medians = np.median(v[rng.integers(0, len(v), (n, len(v)))], axis=1)
-    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline", help="git revision to compare against")
@@ -221,14 +210,17 @@ def main(argv: list[str] | None = None) -> dict:
         kept = t.turns[args.warmup:]
         return 60.0 * args.turn * len(kept) / sum(kept)
 
-    lo, hi = (_bootstrap_median(ratios) if args.rounds >= MIN_ROUNDS_FOR_INTERVAL
+    from uumamba.evaluation.statistics import bootstrap_median
+
+    median = bootstrap_median(ratios)
+    lo, hi = ((median.low, median.high) if args.rounds >= MIN_ROUNDS_FOR_INTERVAL
               else (float("nan"), float("nan")))
     result = {"machine": machine, "baseline": sha,
               "current": head + (" + uncommitted changes" if dirty else ""),
               "config": str(args.config), "overrides": args.overrides, "turn": args.turn,
               "warmup_turns": args.warmup, "rounds": args.rounds,
               "iterations_per_minute": {"baseline": rate(base), "current": rate(cur)},
-              "ratio_median": statistics.median(ratios),
+              "ratio_median": median.estimate,
               "ratio_ci95": None if lo != lo else [lo, hi],
               "ratios": ratios, "turn_seconds": {"baseline": base.turns, "current": cur.turns}}
     print(machine)

@@ -11,6 +11,7 @@ from scipy.stats import wilcoxon
 
 from uumamba.evaluation.statistics import (
     bootstrap_mean,
+    bootstrap_median,
     paired_bootstrap_difference,
     wilcoxon_signed_rank,
 )
@@ -95,3 +96,14 @@ def test_wilcoxon_all_zero_none_and_nan():
     assert none.p_value is None and none.n == 0 and none.note == "no paired cases"
     # a NaN pair is dropped, the rest goes to scipy: [1, 2] -> exact p 0.5
     assert wilcoxon_signed_rank([1.0, 2.0, math.nan], [0.0, 0.0, 1.0]).p_value == pytest.approx(0.5)
+
+
+def test_median_bootstrap_resists_one_outlier_and_matches_resampling_by_hand():
+    values = [1.0, 1.1, 0.9, 1.05, 0.95, 10.0]  # one disturbed round
+    got = bootstrap_median(values, n_resamples=2000, seed=3)
+    assert got.estimate == pytest.approx(1.025)
+    assert got.n == 6 and got.low <= 1.025 <= got.high and got.high < 10.0
+    rng = np.random.default_rng(3)
+    medians = np.median(np.asarray(values)[rng.integers(0, 6, size=(2000, 6))], axis=1)
+    assert (got.low, got.high) == pytest.approx(tuple(np.quantile(medians, [0.025, 0.975])))
+    assert math.isnan(bootstrap_median([math.nan]).estimate)

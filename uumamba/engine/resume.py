@@ -63,16 +63,17 @@ log = logging.getLogger(__name__)
 #: Dotted settings that may differ on ``--resume`` (taken from the given configuration):
 #: ``train.time_limit_minutes`` (the total budget over all sessions; raise it to let an
 #: unfinished run train longer; with ``train.schedule_by_time`` the decay follows the new
-#: budget from where it stands, never backwards), ``train.num_workers``, ``train.loader_nice`` and
-#: ``train.cache`` (how the same patches are loaded), ``train.val_every`` (which epochs validate: metrics and
-#: the best checkpoint, not the weights), ``train.checkpoint_every_minutes``,
+#: budget from where it stands, never backwards), ``train.num_workers``,
+#: ``train.loader_nice`` and ``train.cache`` (how the same patches are loaded),
+#: ``train.val_every`` (which epochs validate: metrics and the best checkpoint, not the
+#: weights), ``train.checkpoint_every_minutes``,
 #: ``train.max_nonfinite_steps`` (when to give up), ``inference.sw_batch_size`` (memory of
 #: the validation's sliding window) and ``inference.overlap`` (its window spacing; a run
 #: saved before 0.4 holds 0.5 where the default is now "by device").
 RESUMABLE_KEYS = (
-    "train.time_limit_minutes", "train.num_workers", "train.loader_nice", "train.cache", "train.val_every",
-    "train.checkpoint_every_minutes", "train.max_nonfinite_steps", "inference.sw_batch_size",
-    "inference.overlap",
+    "train.time_limit_minutes", "train.num_workers", "train.loader_nice", "train.cache",
+    "train.val_every", "train.checkpoint_every_minutes", "train.max_nonfinite_steps",
+    "inference.sw_batch_size", "inference.overlap",
 )
 
 

@@ -83,18 +83,20 @@ def _check_settings(n_resamples: int, confidence: float) -> None:
 
 
 def _percentile_interval(values: np.ndarray, n_resamples: int, confidence: float,
-                         seed: int) -> Interval:
-    """Efron's percentile interval of the mean of ``values`` (1D, no NaN)."""
+                         seed: int, statistic: str = "mean") -> Interval:
+    """Efron's percentile interval of the mean (or ``statistic="median"``) of ``values`` (1D,
+    no NaN)."""
     n = int(values.size)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0, confidence)
-    estimate = float(values.mean())
+    reduce = {"mean": np.mean, "median": np.median}[statistic]
+    estimate = float(reduce(values))
     rng = np.random.default_rng(seed)
     means = np.empty(n_resamples)
     for start in range(0, n_resamples, _CHUNK):
         rows = min(_CHUNK, n_resamples - start)
         index = rng.integers(0, n, size=(rows, n))  # each row: one resample of the cases
-        means[start:start + rows] = values[index].mean(axis=1)
+        means[start:start + rows] = reduce(values[index], axis=1)
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     # a constant sample has a point interval; float rounding of the means must not widen it
@@ -125,6 +127,17 @@ def bootstrap_mean(values: ArrayLike, n_resamples: int = N_RESAMPLES, confidence
     _check_settings(n_resamples, confidence)
     array = _vector(values, "values")
     return _percentile_interval(array[~np.isnan(array)], n_resamples, confidence, seed)
+
+
+def bootstrap_median(values: ArrayLike, n_resamples: int = N_RESAMPLES,
+                     confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Median of per-case values with its percentile bootstrap interval; as
+    :func:`bootstrap_mean` (same arguments, NaN handling and errors) with the median of each
+    resample (e.g. of per-round speed ratios, where one disturbed round should not move it)."""
+    _check_settings(n_resamples, confidence)
+    array = _vector(values, "values")
+    return _percentile_interval(array[~np.isnan(array)], n_resamples, confidence, seed,
+                                "median")
 
 
 def paired_differences(a: ArrayLike, b: ArrayLike) -> np.ndarray:

@@ -33,8 +33,8 @@ def instance_norm(channels: int) -> nn.GroupNorm:
     Computed as ``GroupNorm`` with one channel per group: the same statistics (per sample and
     channel, biased variance over the spatial axes), the same ``weight`` / ``bias`` of shape
     ``(channels,)`` and state-dict keys as ``InstanceNorm{2,3}d(affine=True)``, so U-Mamba and
-    nnU-Net checkpoints load unchanged; torch's group-norm CPU kernel is faster (training step
-    of the 2D acdc_cpu network, 2 cores: about 10 % less time).
+    nnU-Net checkpoints load unchanged; torch's group-norm CPU kernel is faster (forward +
+    backward of the 2D acdc_cpu network alone, 2 cores: 335 -> 302 ms).
     """
     return nn.GroupNorm(channels, channels, eps=1e-5, affine=True)
 
