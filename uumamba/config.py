@@ -30,6 +30,16 @@ from uumamba.errors import ConfigError
 from uumamba.utils import atomic_path
 
 
+def _amp_from_yaml_bool(v: Any) -> Any:
+    """``amp: off`` / ``amp: on`` unquoted: YAML reads them as booleans; map them back to
+    ``off`` / ``auto``."""
+    if v is False:
+        return "off"
+    if v is True:
+        return "auto"
+    return v
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: a crafted .inf / .nan (lr, rho, kl_weight, ...) would otherwise pass
     # the range checks and train nothing, every step skipped as non-finite
@@ -277,8 +287,10 @@ class TrainConfig(_Section):
             takes a core from one stalls both). 0 (default) keeps the trainer's priority: on
             ACDC with 2 cores +10 made no difference measurable through the machine's
             run-to-run spread (benchmarks/README.md, "Training throughput").
-        amp: ``auto`` (bf16 on CUDA when supported, else fp16 with a scaler; fp32 on CPU),
-            ``bf16``, ``fp16`` or ``off``.
+        amp: ``auto`` (bf16 where the device has bf16 matrix units: a GPU of compute
+            capability 8.0+, a CPU with AMX; else fp16 with a scaler on a GPU and float32 on
+            a CPU), ``bf16``, ``fp16`` or ``off``
+            (:func:`uumamba.engine.components.select_precision`).
         max_nonfinite_steps: consecutive non-finite losses after which the run stops.
         deterministic: seeded, deterministic algorithms (CPU runs are reproducible).
     """
@@ -300,15 +312,8 @@ class TrainConfig(_Section):
     deterministic: bool = True
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _amp_bool(cls, v: Any) -> Any:
-        # YAML reads an unquoted `off` / `on` as a boolean.
-        if v is False:
-            return "off"
-        if v is True:
-            return "auto"
-        return v
+    _amp_bool = field_validator("amp", mode="before")(classmethod(
+        lambda cls, v: _amp_from_yaml_bool(v)))
 
 
 class InferenceConfig(_Section):
@@ -322,6 +327,10 @@ class InferenceConfig(_Section):
         gaussian: Gaussian importance weighting of window outputs (else constant).
         tta: mirroring test-time augmentation.
         sw_batch_size: windows per forward pass; unset (default): 2 on a GPU, 4 on a CPU.
+        amp: ``auto`` (default): windows run under bf16 autocast where the device has bf16
+            matrix units (:func:`uumamba.device.native_bf16`: a GPU of compute capability
+            8.0+, a CPU with AMX), fp16 autocast on an older GPU, float32 on any other CPU;
+            softmax and blending stay float32. ``off``: float32 everywhere.
         nsd_tolerance_mm: tolerance of the normalised surface distance in evaluation.
         input_check: what to do with an input the model cannot have been trained for (blank,
             constant or noise-like images, intensities, spacing or field of view far outside
@@ -334,8 +343,12 @@ class InferenceConfig(_Section):
     gaussian: bool = True
     tta: bool = False
     sw_batch_size: int | None = Field(None, ge=1)
+    amp: Literal["auto", "off"] = "auto"
     nsd_tolerance_mm: float = Field(2.0, gt=0)
     input_check: Literal["warn", "refuse", "off"] = "warn"
+
+    _amp_bool = field_validator("amp", mode="before")(classmethod(
+        lambda cls, v: _amp_from_yaml_bool(v)))
 
 
 class Config(_Section):

@@ -27,26 +27,37 @@ log = logging.getLogger(__name__)
 def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
     """Autocast dtype and GradScaler for ``train.amp`` on ``device``.
 
-    CPU: always float32 (None, None). CUDA: ``auto`` -> bf16 (no scaler) on GPUs of compute
-    capability 8.0 or newer (:func:`uumamba.device.native_bf16`: bf16 tensor cores), else
-    fp16 with :class:`torch.amp.GradScaler` (Volta 7.0, Turing 7.5, Pascal 6.x); not
-    ``torch.cuda.is_bf16_supported()``, which counts emulated bf16.
-    ``fp16`` forces fp16 + scaler; ``bf16`` forces bf16; ``off`` -> float32.
+    ``auto`` is bf16 (no scaler) wherever :func:`uumamba.device.native_bf16` holds: a GPU of
+    compute capability 8.0 or newer (bf16 tensor cores), or a CPU with AMX tiles (oneDNN's
+    bf16 convolutions on the matrix units). Elsewhere ``auto`` is fp16 with
+    :class:`torch.amp.GradScaler` on a GPU (Volta 7.0, Turing 7.5, Pascal 6.x; not
+    ``torch.cuda.is_bf16_supported()``, which counts emulated bf16) and float32 on a CPU.
+    ``bf16`` forces bf16 (refused where it would be emulated); ``fp16`` is fp16 + scaler on a
+    GPU and float32 on a CPU; ``off`` is float32 everywhere.
+
+    Returns:
+        ``(autocast dtype or None for float32, GradScaler or None)``.
 
     Raises:
-        ConfigError: ``train.amp=bf16`` on a GPU of compute capability below 8.0 (naming the
-            GPU and its capability).
+        ConfigError: ``train.amp=bf16`` on a GPU of compute capability below 8.0 or on a CPU
+            without AMX (naming the device and what it lacks).
     """
-    if device.type != "cuda" or amp == "off":
+    if amp == "off" or device.type not in ("cuda", "cpu"):
         return None, None
-    bf16_cores = native_bf16(device)
-    if amp == "bf16" and not bf16_cores:
+    bf16_native = native_bf16(device)
+    if amp == "bf16" and not bf16_native:
+        if device.type == "cpu":
+            raise ConfigError("train.amp=bf16: this CPU has no AMX tiles (or torch's oneDNN "
+                              "has no bf16 kernels), so bf16 would be emulated and slower than "
+                              "float32; use train.amp=auto or off")
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(f"train.amp=bf16: {device} has compute capability {major}.{minor}, "
                           "without bf16 tensor cores (bf16 needs 8.0 or newer); use "
                           "train.amp=auto or fp16 (with a GradScaler)")
-    if amp == "bf16" or (amp == "auto" and bf16_cores):
+    if amp in ("auto", "bf16") and bf16_native:
         return torch.bfloat16, None
+    if device.type == "cpu":
+        return None, None
     return torch.float16, torch.amp.GradScaler("cuda")
 
 

@@ -93,42 +93,63 @@ def _softplus(x):
 def _scan_fwd_kernel(u, delta, A, Bt, Ct, D, z, bias, softplus, has_z, chunk, out, states):
     """Forward scan. u, delta, z, out: (b, d, L); A: (d, n); Bt, Ct: (b, L, n) (transposed B, C);
     D, bias: (d,); states: (b, d, ceil(L / chunk), n), written with the state entering each
-    chunk. ``out`` receives y * silu(z) (or y)."""
+    chunk. ``out`` receives y * silu(z) (or y). Chunk by chunk, the decays exp(delta_t A) of
+    all its positions are computed first, in one call of :func:`_exp_into` over
+    ``steps * n`` values (long enough to vectorise: a third less time than n values per
+    position at d_state 16), then the recurrence runs over them."""
     batch, d_inner, length = u.shape
     n = A.shape[1]
+    n_chunks = states.shape[2]
     precise = states.itemsize == 8  # float64 kernels use libm exp
     for job in prange(batch * d_inner):
         bi = job // d_inner
         di = job % d_inner
         h = np.zeros(n, dtype=states.dtype)
-        arg = np.empty(n, dtype=states.dtype)
-        decay = np.empty(n, dtype=states.dtype)
-        bits = np.empty(n, dtype=np.int32)
+        dtbuf = np.empty(chunk, dtype=states.dtype)
+        arg = np.empty(chunk * n, dtype=states.dtype)
+        decay = np.empty(chunk * n, dtype=states.dtype)  # exp(delta_t A), row-major (t, k)
+        bits = np.empty(chunk * n, dtype=np.int32)
         bits_as_float = bits.view(np.float32)
         A_d = A[di]
-        for t in range(length):
-            if t % chunk == 0:
-                states[bi, di, t // chunk, :] = h
-            dt = delta[bi, di, t] + bias[di]
-            if softplus:
-                dt = _softplus(dt)
-            ut = u[bi, di, t]
-            dtu = dt * ut
-            B_t = Bt[bi, t]
-            C_t = Ct[bi, t]
-            for k in range(n):
-                arg[k] = dt * A_d[k]
-            _exp_into(arg, decay, bits, bits_as_float, n, precise)
-            for k in range(n):
-                h[k] = decay[k] * h[k] + dtu * B_t[k]
-            y = 0.0
-            for k in range(n):
-                y += h[k] * C_t[k]
-            y += D[di] * ut
-            if has_z:
-                zt = z[bi, di, t]
-                y *= zt / (1.0 + math.exp(-zt))
-            out[bi, di, t] = y
+        for c in range(n_chunks):
+            t0 = c * chunk
+            steps = min(length - t0, chunk)
+            states[bi, di, c, :] = h
+            _chunk_decays(delta, bias, softplus, A_d, bi, di, t0, steps, dtbuf, arg)
+            _exp_into(arg, decay, bits, bits_as_float, steps * n, precise)
+            for i in range(steps):
+                t = t0 + i
+                ut = u[bi, di, t]
+                dtu = dtbuf[i] * ut
+                B_t = Bt[bi, t]
+                C_t = Ct[bi, t]
+                row = i * n
+                y = 0.0
+                for k in range(n):
+                    hk = decay[row + k] * h[k] + dtu * B_t[k]
+                    h[k] = hk
+                    y += hk * C_t[k]
+                y += D[di] * ut
+                if has_z:
+                    zt = z[bi, di, t]
+                    y *= zt / (1.0 + math.exp(-zt))
+                out[bi, di, t] = y
+
+
+@njit(fastmath=False, cache=True)
+def _chunk_decays(delta, bias, softplus, A_d, bi, di, t0, steps, dtbuf, arg):
+    """For positions t0 .. t0 + steps - 1 of (batch bi, channel di): dtbuf[i] = delta_t +
+    bias (softplus'd when asked) and arg[i * n + k] = dtbuf[i] * A_d[k], the exponents of the
+    chunk's decays."""
+    n = A_d.shape[0]
+    for i in range(steps):
+        dt = delta[bi, di, t0 + i] + bias[di]
+        if softplus:
+            dt = _softplus(dt)
+        dtbuf[i] = dt
+        row = i * n
+        for k in range(n):
+            arg[row + k] = dt * A_d[k]
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -150,11 +171,11 @@ def _scan_bwd_kernel(
         d_start = grp * d_inner // n_groups
         d_stop = (grp + 1) * d_inner // n_groups
         hbuf = np.empty((chunk + 1, n), dtype=states.dtype)  # h_{t-1} at row i, h_t at row i + 1
-        abuf = np.empty((chunk, n), dtype=states.dtype)  # exp(delta_t * A)
+        abuf = np.empty(chunk * n, dtype=states.dtype)  # exp(delta_t * A), row-major (t, k)
         dtbuf = np.empty(chunk, dtype=states.dtype)
         ybuf = np.empty(chunk, dtype=np.float64)
-        arg = np.empty(n, dtype=states.dtype)
-        bits = np.empty(n, dtype=np.int32)
+        arg = np.empty(chunk * n, dtype=states.dtype)
+        bits = np.empty(chunk * n, dtype=np.int32)
         bits_as_float = bits.view(np.float32)
         g_next = np.zeros(n, dtype=states.dtype)  # exp(delta_{t+1} A) * g_{t+1}
         g = np.empty(n, dtype=states.dtype)  # dL/dh_t
@@ -172,19 +193,14 @@ def _scan_bwd_kernel(
                 t0 = c * chunk
                 steps = min(length - t0, chunk)
                 hbuf[0, :] = states[bi, di, c, :]
+                _chunk_decays(delta, bias, softplus, A_d, bi, di, t0, steps, dtbuf, arg)
+                _exp_into(arg, abuf, bits, bits_as_float, steps * n, precise)
                 for i in range(steps):  # recompute states of this chunk
                     t = t0 + i
-                    dt = delta[bi, di, t] + bias[di]
-                    if softplus:
-                        dt = _softplus(dt)
-                    dtbuf[i] = dt
-                    dtu = dt * u[bi, di, t]
+                    dtu = dtbuf[i] * u[bi, di, t]
                     B_t = Bt[bi, t]
                     C_t = Ct[bi, t]
-                    for k in range(n):
-                        arg[k] = dt * A_d[k]
-                    a_i = abuf[i]
-                    _exp_into(arg, a_i, bits, bits_as_float, n, precise)
+                    a_i = abuf[i * n:(i + 1) * n]
                     h_prev = hbuf[i]
                     h_i = hbuf[i + 1]
                     for k in range(n):
@@ -209,7 +225,7 @@ def _scan_bwd_kernel(
                     C_t = Ct[bi, t]
                     dB_t = dB_g[t]
                     dC_t = dC_g[t]
-                    a_i = abuf[i]
+                    a_i = abuf[i * n:(i + 1) * n]
                     h_prev = hbuf[i]
                     h_i = hbuf[i + 1]
                     for k in range(n):
