@@ -13,6 +13,10 @@ inference (sliding window, Gaussian blending, inversion to the original grid). T
   config's feature widths, instance norm, deep supervision, Dice + CE, SGD (lr 0.01,
   Nesterov momentum 0.99, poly schedule) — nnU-Net's recipe, in a plain loop.
 
+Both train in the precision of the config's ``train.amp`` (bf16 autocast on a CPU with AMX
+under ``auto``, :func:`uumamba.engine.components.select_precision`) and predict in that of
+``inference.amp``, so neither gets arithmetic the other lacks.
+
 Then both predict the validation cases of the fold without postprocessing and are scored (Dice,
 HD95, NSD) — the ``raw`` result. The largest-connected-component postprocessing is then
 decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
@@ -104,6 +108,7 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     from uumamba.data.plan import Plans
     from uumamba.data.splits import load_splits
     from uumamba.data.transforms import training_transforms
+    from uumamba.engine.components import select_precision
     from uumamba.engine.step import training_step
     from uumamba.losses import build_loss
     from uumamba.optim import PolyLRScheduler, build_optimizer
@@ -129,12 +134,16 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.01, momentum=0.99, nesterov=True),
                                 model, loss_fn)
     scheduler = PolyLRScheduler(optimizer, total_iters=total)
+    # the precision ours trains in (train.amp: bf16 on a CPU with AMX), so that the budget buys
+    # both models the same arithmetic
+    autocast_dtype, scaler = select_precision(cfg.train.amp, device)
     losses: list[float] = []
     it = 0
     for batch in loader:
         images = torch.as_tensor(batch["image"]).to(device).float()
         targets = torch.as_tensor(batch["label"]).to(device).long()
         res = training_step(model, loss_fn, optimizer, images, targets, grad_clip=12.0,
+                            scaler=scaler, autocast_dtype=autocast_dtype,
                             device_type=device.type)
         scheduler.step()
         if cfg.train.schedule_by_time:  # anneal over the same budget as ours
@@ -188,8 +197,13 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
                             for v, m in c["metrics"].items()}
                 for c in summary["metric_per_case"]}
 
+    from uumamba.commands.script import describe_machine
+    from uumamba.engine.components import select_precision
+
+    autocast_dtype, _ = select_precision(cfg.train.amp, device)
     return {
-        "fold": fold, "val_cases": sorted(val_ids),
+        "fold": fold, "val_cases": sorted(val_ids), "machine": describe_machine(),
+        "train_precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
         "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
         "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
         "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
@@ -263,13 +277,16 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {name} | {ci(row['uumamba'])} | {ci(row['dynunet'])} | "
                          f"{ci(row['difference'], True)} | {'n/a' if p is None else f'{p:.3g}'} |")
         lines.append("")
-    lines += ["## Per fold", "", "| fold | model | iterations | train s | predict s per volume |",
-              "|---|---|---|---|---|"]
+    lines += ["## Per fold", "", "| fold | model | precision | iterations | train s | "
+              "predict s per volume |", "|---|---|---|---|---|---|"]
     for r in result["folds"]:
         for model in ("uumamba", "dynunet"):
             sec = r["predict_seconds"][model]
-            lines.append(f"| {r['fold']} | {model} | {r['iterations'][model]} | "
-                         f"{r['train_seconds'][model]:.0f} | {sum(sec) / len(sec):.2f} |")
+            lines.append(f"| {r['fold']} | {model} | {r.get('train_precision', 'float32')} | "
+                         f"{r['iterations'][model]} | {r['train_seconds'][model]:.0f} | "
+                         f"{sum(sec) / len(sec):.2f} |")
+    machines = sorted({r["machine"] for r in result["folds"] if "machine" in r})
+    lines += ["", *(f"Machine: {m}" for m in machines)]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -84,13 +84,15 @@ def profile(args: argparse.Namespace) -> dict:
 
         # 2. compute phases on those batches
         model, loss_fn, opt = parts.model.train(), parts.loss_fn, parts.optimizer
+        precision = _precision(parts.autocast_dtype)
         phases: dict[str, list[float]] = {k: [] for k in ("forward", "loss", "backward", "step")}
         for i, (x, y) in enumerate(kept):
             opt.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            out = model(x)
-            t1 = time.perf_counter()
-            loss = loss_fn(out, y)
+            with precision():
+                out = model(x)
+                t1 = time.perf_counter()
+                loss = loss_fn(out, y)
             t2 = time.perf_counter()
             loss.backward()
             t3 = time.perf_counter()
@@ -110,7 +112,7 @@ def profile(args: argparse.Namespace) -> dict:
             x = plain_tensor(batch["image"]).float()
             y = plain_tensor(batch["label"]).long()
             training_step(model, loss_fn, opt, x, y, grad_clip=cfg.optim.grad_clip,
-                          device_type="cpu")
+                          autocast_dtype=parts.autocast_dtype, device_type="cpu")
             parts.scheduler.step()
             now = time.perf_counter()
             if i >= args.warmup:
@@ -121,16 +123,24 @@ def profile(args: argparse.Namespace) -> dict:
               "iterations_per_minute": 60.0 / statistics.median(loop_s),
               "threads": args.threads, "num_workers": tc.num_workers,
               "loader_nice": tc.loader_nice,
+              "precision": str(parts.autocast_dtype or torch.float32).removeprefix("torch."),
               "batch_size": plans.batch_size, "patch_size": list(plans.patch_size),
               "iterations": args.iterations, "warmup": args.warmup}
     result["compute_ms"] = sum(result[f"{k}_ms"] for k in phases)
     if args.ops:
         result["ops"] = _top_ops(model, loss_fn, opt, kept[args.warmup:], cfg.optim.grad_clip,
-                                 args.ops)
+                                 args.ops, parts.autocast_dtype)
     return result
 
 
-def _top_ops(model, loss_fn, opt, kept, grad_clip, n: int) -> list[dict]:
+def _precision(autocast_dtype):
+    """A context factory: the run's autocast (``train.amp``, as ``training_step`` applies it)."""
+    import torch
+
+    return lambda: torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+
+def _top_ops(model, loss_fn, opt, kept, grad_clip, n: int, autocast_dtype=None) -> list[dict]:
     """``n`` aten / autograd ops with the most self CPU time over the compute phase of the kept
     batches (torch.profiler), in ms per iteration."""
     from torch.profiler import ProfilerActivity
@@ -141,7 +151,9 @@ def _top_ops(model, loss_fn, opt, kept, grad_clip, n: int) -> list[dict]:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for x, y in kept:
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with _precision(autocast_dtype)():
+                loss = loss_fn(model(x), y)
+            loss.backward()
             _clip(opt, grad_clip)
             opt.step()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
@@ -165,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     r = profile(args)
     loop = r["loop_ms"]
-    print(f"{describe_machine()}; {args.threads} threads, loader workers {r['num_workers']} "
+    print(f"{describe_machine()}; {args.threads} threads, {r['precision']}, "
+          f"loader workers {r['num_workers']} "
           f"(nice +{r['loader_nice']}), "
           f"batch {r['batch_size']} x {r['patch_size']}; medians over {args.iterations} "
           f"iterations after {args.warmup}")

@@ -51,4 +51,4 @@ def test_pooled_table_pools_volumes_of_all_folds(tmp_path):
     result = {"folds": records, "table": table, "minutes": 20.0, "threads": 2}
     bench.write_markdown(result, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
-    assert "folds 0, 1" in text and "| foreground |" in text and "| 1 | dynunet | 12 | 61 | 1.50 |" in text
+    assert "folds 0, 1" in text and "| foreground |" in text and "| 1 | dynunet | float32 | 12 | 61 | 1.50 |" in text
