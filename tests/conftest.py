@@ -26,6 +26,10 @@ if "UUMAMBA_TEST_STATE_HOME" not in os.environ:
     os.environ["UUMAMBA_TEST_STATE_HOME"] = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(
         prefix="uumamba-test-state-")
 
+# float32 on every CPU unless a test asks for bf16 (monkeypatch.setenv(..., "1")): the suite's
+# numerical expectations must not depend on whether the host CPU has AMX (uumamba.device).
+os.environ["UUMAMBA_CPU_BF16"] = "0"
+
 # Two threads: CI and developer machines have 2 cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

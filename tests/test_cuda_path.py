@@ -316,26 +316,6 @@ def test_auto_precision_follows_compute_capability(monkeypatch, capability, dtyp
     assert select_precision("off", GPU) == (None, None)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_cpu_precision_follows_amx(monkeypatch, amx):
-    """A CPU with AMX tiles trains in bf16 under ``auto`` (no scaler); one without stays in
-    float32 and refuses a forced bf16 (it would be emulated); fp16 and off are float32."""
-    import uumamba.device
-    from uumamba.engine.components import select_precision
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(uumamba.device, "cpu_amx_bf16", lambda: amx)
-    assert uumamba.device.native_bf16(cpu) is amx
-    assert select_precision("auto", cpu) == ((torch.bfloat16, None) if amx else (None, None))
-    assert select_precision("off", cpu) == (None, None)
-    assert select_precision("fp16", cpu) == (None, None)
-    if amx:
-        assert select_precision("bf16", cpu) == (torch.bfloat16, None)
-    else:
-        with pytest.raises(ConfigError, match=r"train\.amp=bf16: this CPU has no AMX tiles"):
-            select_precision("bf16", cpu)
-
-
 def test_forced_bf16_on_an_old_gpu_is_a_config_error(monkeypatch):
     from uumamba.engine.components import select_precision
 

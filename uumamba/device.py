@@ -6,9 +6,11 @@ means the same everywhere and an unavailable one fails with the same message.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from uumamba.errors import UserError
+from uumamba.errors import ConfigError, UserError
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
@@ -66,10 +68,29 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+#: Environment variable that overrides :func:`cpu_amx_bf16`'s detection: ``0`` (float32 on
+#: every CPU) or ``1`` (bf16 autocast on any CPU, emulated where there is no AMX: for testing
+#: the bf16 path). The test suite sets ``0`` so that its float32 expectations do not depend on
+#: the host CPU.
+CPU_BF16_ENV = "UUMAMBA_CPU_BF16"
+
+
 def cpu_amx_bf16() -> bool:
     """True when this CPU has AMX tiles and torch's oneDNN has bf16 kernels (see
-    :func:`native_bf16`). ``torch.cpu._is_amx_tile_supported`` is private API (torch >= 2.3),
-    so its absence reads as False."""
+    :func:`native_bf16`), or when :data:`CPU_BF16_ENV` is ``1``; False when it is ``0``.
+    ``torch.cpu._is_amx_tile_supported`` is private API (torch >= 2.3), so its absence reads
+    as False.
+
+    Raises:
+        ConfigError: :data:`CPU_BF16_ENV` is set to anything but ``0`` or ``1``.
+    """
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced is not None:
+        if forced.strip() not in ("0", "1"):
+            raise ConfigError(f"{CPU_BF16_ENV}={forced[:20]!r}: expected 0 (float32 on the CPU) "
+                              "or 1 (bf16 autocast on the CPU), or unset (bf16 where the CPU "
+                              "has AMX)")
+        return forced.strip() == "1"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         return bool(amx is not None and amx() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -1,0 +1,105 @@
+"""bf16 autocast on CPUs with AMX tiles: detection, its override, training precision and
+sliding-window inference (``uumamba.device``, ``engine.components.select_precision``,
+``inference.sliding.window_autocast``).
+
+The suite runs with ``UUMAMBA_CPU_BF16=0`` (tests/conftest.py); these tests set it themselves.
+bf16 autocast runs on any CPU (emulated without AMX), so the bf16 path is exercised everywhere.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import uumamba.device
+from uumamba.config import Config, InferenceConfig
+from uumamba.device import CPU_BF16_ENV, cpu_amx_bf16, native_bf16
+from uumamba.engine.components import select_precision
+from uumamba.errors import ConfigError
+from uumamba.inference.sliding import sliding_window_probabilities
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_detection_follows_the_cpu_when_unset(monkeypatch, amx):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_amx_bf16() is amx
+    assert native_bf16(CPU) is amx
+
+
+def test_override_wins_and_a_bad_value_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert not native_bf16(CPU)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert native_bf16(CPU)
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match=r"UUMAMBA_CPU_BF16='yes': expected 0 .* or 1"):
+        native_bf16(CPU)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_training_precision_follows_amx(monkeypatch, amx):
+    """A CPU with AMX trains in bf16 under ``auto`` (no scaler); one without stays in float32
+    and refuses a forced bf16 (it would be emulated); fp16 and off are float32 on a CPU."""
+    monkeypatch.setattr(uumamba.device, "cpu_amx_bf16", lambda: amx)
+    assert select_precision("auto", CPU) == ((torch.bfloat16, None) if amx else (None, None))
+    assert select_precision("off", CPU) == (None, None)
+    assert select_precision("fp16", CPU) == (None, None)
+    if amx:
+        assert select_precision("bf16", CPU) == (torch.bfloat16, None)
+    else:
+        with pytest.raises(ConfigError, match=r"train\.amp=bf16: this CPU has no AMX tiles"):
+            select_precision("bf16", CPU)
+
+
+def test_yaml_booleans_map_to_amp_values():
+    cfg = Config.model_validate({"train": {"amp": False}, "inference": {"amp": False}})
+    assert (cfg.train.amp, cfg.inference.amp) == ("off", "off")
+    assert Config.model_validate({"inference": {"amp": True}}).inference.amp == "auto"
+    with pytest.raises(ValueError, match="inference.amp"):
+        Config.model_validate({"inference": {"amp": "bf16"}})
+
+
+class _Recorder(torch.nn.Module):
+    """Two 3x3 convolutions; remembers the dtype the first one computed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 3, 3, padding=1)
+        self.seen: set[torch.dtype] = set()
+
+    def forward(self, x):
+        h = self.a(x)
+        self.seen.add(h.dtype)
+        return self.b(torch.tanh(h))
+
+
+def test_windows_run_in_bf16_where_the_cpu_has_it_and_float32_with_amp_off(monkeypatch):
+    image = torch.randn(1, 1, 24, 20, 3)
+    plans = SimpleNamespace(spatial_dims=2, patch_size=[16, 16], slice_axis=2)
+    model = _Recorder()
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    bf16 = sliding_window_probabilities(model, image, plans, InferenceConfig(sw_batch_size=2))
+    assert model.seen == {torch.bfloat16}
+    model.seen.clear()
+    fp32 = sliding_window_probabilities(model, image, plans,
+                                        InferenceConfig(sw_batch_size=2, amp="off"))
+    assert model.seen == {torch.float32}
+    # blending and softmax stay float32: a distribution at every voxel, close to float32's
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16.sum(1), torch.ones(1, 24, 20, 3), atol=1e-5, rtol=0)
+    diff = (bf16 - fp32).abs().max().item()
+    assert 0 < diff < 0.03
+    monkeypatch.setenv(CPU_BF16_ENV, "0")  # a CPU without AMX: float32 under auto
+    model.seen.clear()
+    again = sliding_window_probabilities(model, image, plans, InferenceConfig(sw_batch_size=2))
+    assert model.seen == {torch.float32}
+    torch.testing.assert_close(again, fp32)
