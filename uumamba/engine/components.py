@@ -163,4 +163,21 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
         raise ConfigError(f"optim (poly schedule over {total_iterations} iterations): "
                           f"{exc}") from None
     autocast_dtype, scaler = select_precision(cfg.train.amp, device)
+    log.info(f"precision: {describe_precision(cfg.train.amp, autocast_dtype, scaler, device)}")
     return Components(model, loss_fn, optimizer, scheduler, scaler, autocast_dtype)
+
+
+def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any,
+                       device: torch.device) -> str:
+    """One line for the training log: what ``train.amp`` resolved to on ``device`` and why,
+    e.g. ``bf16 autocast (train.amp=auto; the selective scan and the loss in float32)`` or
+    ``float32 (train.amp=auto; cpu without bf16 matrix units)``."""
+    if autocast_dtype is None:
+        why = {"off": "off", "fp16": "fp16, which a CPU does not use"}.get(
+            amp, f"{amp}; {device.type} without bf16 matrix units")
+        return f"float32 (train.amp={why})"
+    name = str(autocast_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+        "float16", "fp16")
+    extra = " with a GradScaler" if scaler is not None else ""
+    return (f"{name} autocast{extra} (train.amp={amp}; the selective scan and the loss in "
+            "float32)")
