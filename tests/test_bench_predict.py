@@ -51,7 +51,9 @@ def test_report_lists_every_predictor_stage_and_the_agreement():
     assert "`inference.amp=auto` is bfloat16 here; 2 volumes after the warm-up a" in text
     assert "| network | 1.000 | 2.000 | 3.000 | 4.000 |" in text
     assert "| **total (wall)** | **1.500** | **2.500** | **3.500** | **4.500** |" in text
+    assert "| class | bf16 vs float32 | vs truth, auto | vs truth, float32 |" in text
     assert "| RV | 0.9800 | 0.8000 | 0.8000 |" in text  # None is left out of the mean
+    assert "| foreground mean | 0.9800 | 0.8000 | 0.8000 |" in text
     assert "as a process on a: 3.50 s (runs 4.00, 3.00, 3.50), against 1.50 s" in text
 
 
