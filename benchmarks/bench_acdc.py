@@ -198,12 +198,11 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
                 for c in summary["metric_per_case"]}
 
     from uumamba.commands.script import describe_machine
-    from uumamba.engine.components import select_precision
+    from uumamba.engine.components import precision_name, select_precision
 
-    autocast_dtype, _ = select_precision(cfg.train.amp, device)
     return {
         "fold": fold, "val_cases": sorted(val_ids), "machine": describe_machine(),
-        "train_precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
+        "train_precision": precision_name(select_precision(cfg.train.amp, device)[0]),
         "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
         "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
         "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
@@ -318,12 +317,22 @@ def main(argv: list[str] | None = None) -> dict:
     if not folds or min(folds) < 0 or max(folds) >= cfg.train.n_folds:
         raise UserError(f"--folds {args.folds!r}: folds are 0 .. {cfg.train.n_folds - 1}")
     torch.set_num_threads(args.threads)
+    from uumamba.engine.components import precision_name, select_precision
+
+    precision = precision_name(select_precision(cfg.train.amp, torch.device("cpu"))[0])
     records = []
     for fold in folds:
         path = args.output / "folds" / f"fold_{fold}.json"
         if path.is_file():
             print(f"--- fold {fold}: done before ({path})", flush=True)
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
+            # records older than the field trained in float32 (the CPU had no autocast then)
+            if record.get("train_precision", "float32") != precision:
+                raise UserError(f"{path}: fold {fold} trained in "
+                                f"{record.get('train_precision', 'float32')}, this run trains "
+                                f"in {precision} (train.amp={cfg.train.amp} on this CPU): "
+                                "folds of one table must share it; use another --output")
+            records.append(record)
             continue
         if (args.output / "uumamba" / f"fold_{fold}" / "checkpoint_latest.pt").exists():
             raise UserError(f"{args.output}: fold {fold} was started but not finished; remove "

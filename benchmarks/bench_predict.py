@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -148,8 +149,9 @@ def startup(args: argparse.Namespace, in_process: float) -> dict:
             cmd = [sys.executable, "-m", "uumamba.cli", "predict", "--model", str(args.model),
                    "--folds", str(args.fold), "--device", "cpu", "--output",
                    str(Path(tmp) / str(k)), "--input", str(case.images[0])]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             t = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             runs.append(time.perf_counter() - t)
             if done.returncode != 0:
                 from uumamba.errors import UserError

@@ -43,7 +43,7 @@ def profile(args: argparse.Namespace) -> dict:
     import torch
 
     from uumamba.config import load_config
-    from uumamba.engine.components import build_components, seed_everything
+    from uumamba.engine.components import build_components, precision_name, seed_everything
     from uumamba.engine.prepare import prepare_model_folder
     from uumamba.engine.sampling import make_patch_loader
     from uumamba.engine.step import _clip, training_step
@@ -123,7 +123,7 @@ def profile(args: argparse.Namespace) -> dict:
               "iterations_per_minute": 60.0 / statistics.median(loop_s),
               "threads": args.threads, "num_workers": tc.num_workers,
               "loader_nice": tc.loader_nice,
-              "precision": str(parts.autocast_dtype or torch.float32).removeprefix("torch."),
+              "precision": precision_name(parts.autocast_dtype),
               "batch_size": plans.batch_size, "patch_size": list(plans.patch_size),
               "iterations": args.iterations, "warmup": args.warmup}
     result["compute_ms"] = sum(result[f"{k}_ms"] for k in phases)

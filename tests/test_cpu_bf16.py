@@ -25,10 +25,17 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_detection_follows_the_cpu_when_unset(monkeypatch, amx):
-    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert cpu_amx_bf16() is amx
-    assert native_bf16(CPU) is amx
+    monkeypatch.setattr(uumamba.device, "_onednn_bf16", lambda: True)
+    for unset in (None, "", " "):
+        if unset is None:
+            monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+        else:
+            monkeypatch.setenv(CPU_BF16_ENV, unset)
+        assert cpu_amx_bf16() is amx
+        assert native_bf16(CPU) is amx
+    monkeypatch.setattr(uumamba.device, "_onednn_bf16", lambda: False)  # AMX, no oneDNN bf16
+    assert not cpu_amx_bf16()
 
 
 def test_override_wins_and_a_bad_value_is_a_config_error(monkeypatch):
@@ -103,3 +110,46 @@ def test_windows_run_in_bf16_where_the_cpu_has_it_and_float32_with_amp_off(monke
     again = sliding_window_probabilities(model, image, plans, InferenceConfig(sw_batch_size=2))
     assert model.seen == {torch.float32}
     torch.testing.assert_close(again, fp32)
+
+
+def test_the_training_log_names_the_precision():
+    from uumamba.engine.components import describe_precision, precision_name
+
+    assert precision_name(torch.bfloat16) == "bfloat16" and precision_name(None) == "float32"
+    assert describe_precision("auto", torch.bfloat16, None, CPU).startswith(
+        "bf16 autocast (train.amp=auto;")
+    assert describe_precision("auto", None, None, CPU) == \
+        "float32 (train.amp=auto; cpu without bf16 matrix units)"
+    assert describe_precision("off", None, None, CPU) == "float32 (train.amp=off)"
+    assert describe_precision("fp16", None, None, CPU) == \
+        "float32 (train.amp=fp16, which a CPU does not use)"
+
+
+def test_resuming_in_another_precision_is_a_warning(caplog):
+    """The checkpoint records what train.amp resolved to; resuming where it resolves
+    differently (e.g. a bf16 run moved to a CPU without AMX) continues with a warning."""
+    import logging
+
+    from uumamba.engine.checkpoint import capture_rng_state
+    from uumamba.engine.resume import restore_from_checkpoint
+    from uumamba.optim import PolyLRScheduler
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = SimpleNamespace(model=model, loss_fn=torch.nn.Module(), optimizer=opt,
+                            scheduler=PolyLRScheduler(opt, total_iters=10), scaler=None,
+                            autocast_dtype=None)
+    saved = {"model": model.state_dict(), "loss": {}, "optimizer": opt.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "scaler": None,
+             "rng": capture_rng_state(), "iteration": 3, "best_metric": None,
+             "metric_history": [], "config": Config().model_dump(mode="json"),
+             "precision": "bfloat16"}
+    with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
+        state = restore_from_checkpoint(parts, saved, total=10)
+    assert state.iteration == 3
+    assert "trained in bfloat16 and continues in float32 (train.amp=auto" in caplog.text
+    caplog.clear()
+    saved["precision"] = "float32"
+    with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
+        restore_from_checkpoint(parts, saved, total=10)
+    assert "continues in" not in caplog.text

@@ -77,22 +77,36 @@ CPU_BF16_ENV = "UUMAMBA_CPU_BF16"
 
 def cpu_amx_bf16() -> bool:
     """True when this CPU has AMX tiles and torch's oneDNN has bf16 kernels (see
-    :func:`native_bf16`), or when :data:`CPU_BF16_ENV` is ``1``; False when it is ``0``.
-    ``torch.cpu._is_amx_tile_supported`` is private API (torch >= 2.3), so its absence reads
-    as False.
+    :func:`native_bf16`), or when :data:`CPU_BF16_ENV` is ``1``; False when it is ``0``
+    (empty counts as unset). ``torch.cpu._is_amx_tile_supported`` is private API
+    (torch >= 2.3), so its absence reads as False.
 
     Raises:
-        ConfigError: :data:`CPU_BF16_ENV` is set to anything but ``0`` or ``1``.
+        ConfigError: :data:`CPU_BF16_ENV` is set to anything but ``0``, ``1`` or nothing.
     """
-    forced = os.environ.get(CPU_BF16_ENV)
-    if forced is not None:
-        if forced.strip() not in ("0", "1"):
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
             raise ConfigError(f"{CPU_BF16_ENV}={forced[:20]!r}: expected 0 (float32 on the CPU) "
                               "or 1 (bf16 autocast on the CPU), or unset (bf16 where the CPU "
                               "has AMX)")
-        return forced.strip() == "1"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return forced == "1"
+    return _amx_tiles() and _onednn_bf16()
+
+
+def _amx_tiles() -> bool:
+    """The CPU reports AMX tiles (torch's own CPU feature probe)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
-        return bool(amx is not None and amx() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(probe is not None and probe())
+    except RuntimeError:
+        return False
+
+
+def _onednn_bf16() -> bool:
+    """torch's oneDNN is enabled and has bf16 kernels for this CPU."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (RuntimeError, AttributeError):
         return False

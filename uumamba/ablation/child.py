@@ -150,6 +150,9 @@ def _run_locked(config: Path | None, overrides: list[str], data: Path, model_dir
         "model_dir": str(model_dir),
         "iterations": iterations, "planned_iterations": planned,
         "seconds": float(saved.get("elapsed", 0.0)),
+        # what train.amp resolved to here (auto: bf16 on a CPU with AMX); None from a
+        # checkpoint older than the field
+        "precision": saved.get("precision"),
         "stopped_by": "time_limit" if iterations < planned else "completed",
         "best_validation_dice": saved.get("best_metric"),
         "val_cases": list(val_ids),

@@ -214,6 +214,7 @@ def summarise(request: AblationRequest) -> tuple[dict[str, Any], list[CellScores
     runs = [{"cell": r["cell"], "fold": r["fold"], "seed": r["seed"],
              "iterations": r["iterations"], "planned_iterations": r["planned_iterations"],
              "seconds": r["seconds"], "stopped_by": r["stopped_by"],
+             "precision": r.get("precision"),
              "foreground_mean_dice": r["foreground_mean_dice"],
              "postprocessed_foreground_mean_dice": r.get("postprocessed_foreground_mean_dice"),
              "scores_file": r["scores_file"]}
@@ -222,9 +223,15 @@ def summarise(request: AblationRequest) -> tuple[dict[str, Any], list[CellScores
     if not isinstance(record, dict):
         raise DataError(f"{request.output / RECORD}: not an ablation record (expected a JSON "
                         "object)")
-    caution = None if len(cases) >= FEW_CASES else (
+    cautions = [] if len(cases) >= FEW_CASES else [
         f"only {len(cases)} case(s) are scored: intervals and p-values from so few cases are "
-        "not informative (score more folds with --folds, or use more data)")
+        "not informative (score more folds with --folds, or use more data)"]
+    precisions = sorted({str(r["precision"]) for r in runs})
+    if len(precisions) > 1:  # train.amp=auto resolves by machine (bf16 on a CPU with AMX)
+        cautions.append(f"the runs trained in different precisions ({', '.join(precisions)}; "
+                        "None: not recorded), so their iterations and Dice are not a like "
+                        "for like comparison (rerun the cells on one machine, or pin train.amp)")
+    caution = "; ".join(cautions) or None
     return {
         "arguments": record, "reference": ref.cell.label, "classes": classes,
         "cases": cases, "n_cases": len(cases), "folds": request.folds, "seeds": request.seeds,
@@ -323,11 +330,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if not summary["comparisons"]:
         lines.append("| (one cell only) | | | |")
     lines += ["", "## Runs", "", "| cell | fold | seed | iterations | planned | seconds | "
-              "stopped by | foreground Dice |", "|---|---|---|---|---|---|---|---|"]
+              "stopped by | precision | foreground Dice |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
         lines.append(f"| {_md(r['cell'])} | {r['fold']} | {r['seed']} | {r['iterations']} | "
                      f"{r['planned_iterations']} | {r['seconds']:.0f} | {r['stopped_by']} | "
-                     f"{_f(r['foreground_mean_dice'])} |")
+                     f"{r.get('precision') or '-'} | {_f(r['foreground_mean_dice'])} |")
     own = [c["label"] for c in summary["cells"] if c["plan"] == "own"]
     seed_note = ("With several seeds, a case's Dice (and HD95) is first averaged over the "
                  "seeds; intervals and tests resample cases, never cases x seeds."

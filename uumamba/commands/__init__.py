@@ -118,6 +118,7 @@ def predict(
     pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases for clinical.csv (default: ACDC names + Info.cfg)")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write PATIENT_report.html (mid slices, indices, reference ranges) per patient")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="skip cases whose outputs are already written (an interrupted run)")] = False,
+    amp: Annotated[str | None, typer.Option(help="auto (bf16 where the device has bf16 matrix units: a GPU of compute capability 8.0+, a CPU with AMX) | off (float32) (default: the model's inference.amp)")] = None,
 ) -> None:
     """Segment images with a trained model; masks keep the input's geometry (several processes under torchrun)."""
     _require(model, "--model", folder=True)
@@ -128,7 +129,7 @@ def predict(
         model_dir=model, input_path=input, output_dir=output, folds=folds, tta=tta,
         out_format=format, probabilities=probabilities, uncertainty=uncertainty,
         split_4d=split_4d, device=device, pairs=pairs, report=report, frame=frame,
-        resume=resume,
+        resume=resume, amp=amp,
     )
 
 

@@ -44,7 +44,8 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
                      tta: bool = False, out_format: str | None = None, probabilities: bool = False,
                      uncertainty: bool = False, split_4d: bool = False, device: str = "auto",
                      pairs: Path | None = None, report: bool = False,
-                     frame: int | None = None, resume: bool = False) -> list[Path]:
+                     frame: int | None = None, resume: bool = False,
+                     amp: str | None = None) -> list[Path]:
     """Segment a file, a folder of images, or DICOM (a folder of series or a ``.zip``).
 
     DICOM input (:func:`uumamba.inference.inputs.is_dicom_input`): each series becomes one
@@ -52,8 +53,12 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
     temporary folder kept until every output is written (one per rank under torchrun);
     ``frame`` picks one temporal position of 4D series (``split_4d`` splits them); a series
     that cannot be read counts as a failed input. Masks default to ``nii.gz``; ``--format
-    dcm`` writes DICOM SEG. Otherwise as :func:`_predict_from_cli`.
+    dcm`` writes DICOM SEG. ``amp`` (``auto`` | ``off``) overrides the model's
+    ``inference.amp``. Otherwise as :func:`_predict_from_cli`.
     """
+    if amp is not None and amp not in ("auto", "off"):
+        raise UserError(f"--amp {amp[:20]!r}: expected auto (bf16 where the device has bf16 "
+                        "matrix units) or off (float32)")
     from uumamba.inference.inputs import is_dicom_input
 
     args = (model_dir, input_path, output_dir, folds, tta, out_format, probabilities,
@@ -62,11 +67,12 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
         if frame is not None:
             raise UserError("--frame selects a temporal position of a 4D DICOM series; for "
                             "4D NIfTI use --split-4d")
-        return _predict_from_cli(*args, resume=resume)
+        return _predict_from_cli(*args, resume=resume, amp=amp)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="uumamba-dicom-") as work:
-        return _predict_from_cli(*args, dicom_work=Path(work), frame=frame, resume=resume)
+        return _predict_from_cli(*args, dicom_work=Path(work), frame=frame, resume=resume,
+                                 amp=amp)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class _Request:
     dicom_work: Path | None
     frame: int | None
     resume: bool
+    amp: str | None
 
 
 def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds: str | None = None,
@@ -95,7 +102,7 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
                       uncertainty: bool = False, split_4d: bool = False, device: str = "auto",
                       pairs: Path | None = None, report: bool = False,
                       dicom_work: Path | None = None, frame: int | None = None,
-                      resume: bool = False) -> list[Path]:
+                      resume: bool = False, amp: str | None = None) -> list[Path]:
     """Segment a file or every image in a folder (:mod:`uumamba.inference.batch`).
 
     ``tta=False`` means "as the model's config says" (``inference.tta``); ``True`` forces
@@ -147,7 +154,8 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
 
         check_local_inputs(input_path)
     request = _Request(model_dir, input_path, output_dir, folds, tta, out_format, probabilities,
-                       uncertainty, split_4d, pairs, pair_rows, report, dicom_work, frame, resume)
+                       uncertainty, split_4d, pairs, pair_rows, report, dicom_work, frame, resume,
+                       amp)
     from uumamba.engine import distributed as ddp
 
     # Under torchrun: one process group (gloo on CPU, nccl on CUDA), each rank on its device
@@ -182,10 +190,13 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
         written_volumes,
     )
     from uumamba.inference.predict import Predictor
+    from uumamba.inference.sliding import window_precision
 
     with ddp.main_rank_logs(ctx, "uumamba"):  # notes about the whole run: rank 0's only
         predictor = Predictor.from_model_dir(r.model_dir, folds=r.folds, device=device,
                                              tta=True if r.tta else None)
+        if r.amp is not None:
+            predictor.inference_cfg = predictor.inference_cfg.model_copy(update={"amp": r.amp})
         refused: list[str] = []
         if r.dicom_work is not None:
             from uumamba.dicom.cases import materialize_cases
@@ -202,7 +213,9 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
     options = {"split_4d": r.split_4d, "probabilities": r.probabilities,
                "entropy": r.uncertainty, "out_format": r.out_format,
                "extra": {"model": str(r.model_dir), "folds": predictor.fold_names,
-                         "tta": predictor.tta, "device": str(predictor.device)}}
+                         "tta": predictor.tta, "device": str(predictor.device),
+                         "precision": window_precision(predictor.inference_cfg,
+                                                       predictor.device)}}
     if r.out_format == "dcm":  # the SEG's algorithm identification
         from uumamba.model_folder import ModelFolder
 

@@ -26,7 +26,9 @@ forward-backward at the perturbed weights), ``1 + 1/k`` for LookSAM, ``1 + p`` f
 include the backward pass (about twice the forward).
 
 Calibration (the constants below), measured 2026-12-01 on the reference machine: 2 cores
-(Intel Xeon, AVX-512), torch 2.13 CPU, 2 threads, float32, shared with other jobs (load
+(Intel Xeon, AVX-512 and AMX), torch 2.13 CPU, 2 threads, float32 (``train.amp=auto``
+trains in bf16 on AMX CPUs, where a 2D step takes about 3/4 of this: the plan is then
+sized conservatively, never too large), shared with other jobs (load
 average 1.6-2.5; the fastest of 4 repetitions after a warm-up was kept). The step terms
 come from ``benchmarks/bench_3d_cpu.py --calibrate`` (single AdamW training steps, no data
 loading) over eight U-Mamba-Bot topologies: 3D 32^3 to 112 x 80 x 40 at base features 16 and

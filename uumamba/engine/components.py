@@ -131,7 +131,7 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
         ConfigError: invalid optimizer / loss / schedule settings (naming the key);
             ``model.scan_backend=cuda`` that cannot run on ``device``, or ``d_state`` /
             ``d_conv`` outside the CUDA kernels' limits where they may run; ``train.amp=bf16``
-            on a GPU older than compute capability 8.0.
+            on a GPU older than compute capability 8.0 or on a CPU without AMX.
     """
     try:
         model = build_network(cfg.model, plans).to(device)
@@ -167,6 +167,12 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
     return Components(model, loss_fn, optimizer, scheduler, scaler, autocast_dtype)
 
 
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """``bfloat16`` / ``float16`` / ``float32``: the arithmetic of an autocast dtype from
+    :func:`select_precision` (None: float32), as checkpoints and benchmarks record it."""
+    return str(autocast_dtype or torch.float32).removeprefix("torch.")
+
+
 def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any,
                        device: torch.device) -> str:
     """One line for the training log: what ``train.amp`` resolved to on ``device`` and why,
@@ -176,8 +182,7 @@ def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any
         why = {"off": "off", "fp16": "fp16, which a CPU does not use"}.get(
             amp, f"{amp}; {device.type} without bf16 matrix units")
         return f"float32 (train.amp={why})"
-    name = str(autocast_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
-        "float16", "fp16")
+    name = {"bfloat16": "bf16", "float16": "fp16"}[precision_name(autocast_dtype)]
     extra = " with a GradScaler" if scaler is not None else ""
-    return (f"{name} autocast{extra} (train.amp={amp}; the selective scan and the loss in "
-            "float32)")
+    return (f"{name} autocast{extra} (train.amp={amp}; normalisation statistics, any "
+            "selective scan and the loss in float32)")

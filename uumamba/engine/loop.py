@@ -21,8 +21,9 @@ Flow of :func:`train_fold`
        cheaper options when the schedule would take over 10x the limit or a day;
     4. epochs × ``iterations_per_epoch`` training steps (SAM / ASAM / SGD / AdamW,
        uncertainty-weighted loss with deep supervision, poly learning rate with optional
-       warm-up, gradient clipping; AMP on CUDA only: bf16 where supported else fp16 with a
-       GradScaler, float32 on CPU);
+       warm-up, gradient clipping; ``train.amp``: bf16 autocast where the device has bf16
+       matrix units (a GPU of compute capability 8.0+, a CPU with AMX), fp16 with a
+       GradScaler on an older GPU, float32 on other CPUs);
     5. every ``val_every`` epochs and at the end: full-volume sliding-window validation on the
        held-out fold (Dice per class and mean); fold ``all`` has no validation;
     6. ``checkpoint_latest.pt`` at every epoch's end — *before* that epoch's validation when
@@ -41,7 +42,8 @@ Reproducibility and exact resume
     the iteration counter (stored under ``rng["data"]``) besides the model, optimizer (with
     SAM's base momentum), loss σ, scaler, scheduler and global RNG states. A resumed CPU run
     therefore continues the same trajectory bit for bit, from any iteration, not only from
-    epoch boundaries. (Different ``WORLD_SIZE`` on resume changes which patches each rank
+    epoch boundaries, where ``train.amp`` resolves to the precision it trained in (the
+    checkpoint records it; a change is logged as a warning). (Different ``WORLD_SIZE`` on resume changes which patches each rank
     sees.) With ``train.deterministic`` the run also uses MONAI's ``set_determinism`` and, on
     CUDA, ``torch.use_deterministic_algorithms(True, warn_only=True)``. Bit-identity holds for
     a fixed torch thread count (float reductions depend on how work is split).

@@ -52,6 +52,7 @@ from uumamba.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
+from uumamba.engine.components import precision_name
 from uumamba.errors import ConfigError, DataError, UserError
 
 if TYPE_CHECKING:
@@ -68,12 +69,13 @@ log = logging.getLogger(__name__)
 #: ``train.val_every`` (which epochs validate: metrics and the best checkpoint, not the
 #: weights), ``train.checkpoint_every_minutes``,
 #: ``train.max_nonfinite_steps`` (when to give up), ``inference.sw_batch_size`` (memory of
-#: the validation's sliding window) and ``inference.overlap`` (its window spacing; a run
-#: saved before 0.4 holds 0.5 where the default is now "by device").
+#: the validation's sliding window), ``inference.overlap`` (its window spacing; a run
+#: saved before 0.4 holds 0.5 where the default is now "by device") and ``inference.amp``
+#: (its precision; a run saved before it existed has none).
 RESUMABLE_KEYS = (
     "train.time_limit_minutes", "train.num_workers", "train.loader_nice", "train.cache",
     "train.val_every", "train.checkpoint_every_minutes", "train.max_nonfinite_steps",
-    "inference.sw_batch_size", "inference.overlap",
+    "inference.sw_batch_size", "inference.overlap", "inference.amp",
 )
 
 
@@ -314,6 +316,8 @@ def checkpoint_state(parts: Components, loop: LoopState, cfg: Config, prepared: 
         "pending_end": None if loop.pending_end is None else dict(loop.pending_end),
         "pending_epoch_end": loop.pending_end is not None, "world_size": world_size,
         "elapsed": elapsed,
+        # what train.amp resolved to on the machine that trained (auto depends on the CPU)
+        "precision": precision_name(parts.autocast_dtype),
     }
 
 
@@ -339,6 +343,12 @@ def restore_from_checkpoint(parts: Components, saved: dict[str, Any],
     if parts.scaler is not None and saved["scaler"] is not None:
         parts.scaler.load_state_dict(saved["scaler"])
     restore_rng_state(saved["rng"])
+    before, now = saved.get("precision"), precision_name(parts.autocast_dtype)
+    if before is not None and before != now:
+        log.warning(f"warning: this run trained in {before} and continues in {now} "
+                    f"(train.amp={saved['config']['train']['amp']} resolves by device: "
+                    "uumamba.device.native_bf16, UUMAMBA_CPU_BF16); the continuation is not "
+                    "the one an uninterrupted run would have taken")
     return LoopState(
         iteration=int(saved["iteration"]), best_metric=saved["best_metric"],
         history=list(saved["metric_history"]),

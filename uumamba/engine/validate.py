@@ -102,7 +102,8 @@ def validate(model: nn.Module, dataset: Any, case_ids: Sequence[str], plans: Any
         plans: :class:`uumamba.data.plan.Plans` (labels, patch size, slice axis).
         inference_cfg: :class:`uumamba.config.InferenceConfig` (overlap, Gaussian weighting,
             sw_batch_size); test-time augmentation is off during training validation.
-        device: where to run the network (autocast on CUDA is the sliding window's).
+        device: where to run the network (its autocast is the sliding window's,
+            ``inference.amp``: :func:`uumamba.inference.sliding.window_autocast`).
         ignore_label: reference value excluded from the scores.
         overlay_case: index of the case whose slice is returned for the overlay (None: none).
         keep_masks: also return every case's predicted and reference label maps.

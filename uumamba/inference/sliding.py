@@ -108,13 +108,22 @@ def window_autocast(inference_cfg: Any, device: torch.device) -> Any:
     :func:`_softmax` takes the logits to float32. On ACDC, bf16 and float32 masks of the same
     trained network agree to a Dice of 0.99+ (benchmarks/README.md, "Prediction: seconds per
     stage")."""
+    dtype = _window_dtype(inference_cfg, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def window_precision(inference_cfg: Any, device: torch.device) -> str:
+    """``bfloat16`` / ``float16`` / ``float32``: what :func:`window_autocast` computes in on
+    ``device`` (the record of a prediction says it)."""
+    return str(_window_dtype(inference_cfg, device) or torch.float32).removeprefix("torch.")
+
+
+def _window_dtype(inference_cfg: Any, device: torch.device) -> torch.dtype | None:
     if getattr(inference_cfg, "amp", "auto") == "off" or device.type not in ("cuda", "cpu"):
-        return nullcontext()
+        return None
     if native_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else None
 
 
 def _softmax(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:

@@ -299,7 +299,9 @@ def selective_scan_cpu(
     (d_inner,). Computes in float32 (float64 when an input is float64); returns
     (batch, d_inner, L) in that dtype. Gradients reach every input that requires them, in the
     input's own dtype. Extra memory: (batch, d_inner, ceil(L / CHUNK), d_state) saved states,
-    plus 2 * (batch, threads, L, d_state) partial B / C gradients in backward.
+    plus 2 * (batch, threads, L, d_state) partial B / C gradients in backward, plus what
+    autograd keeps of the elementwise steps in torch: up to four (batch, d_inner, L) tensors
+    (delta + bias, its softplus, y and silu(z)).
 
     Raises:
         ValueError: a tensor is not on the CPU.
