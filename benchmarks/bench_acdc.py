@@ -199,10 +199,12 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
 
     from uumamba.commands.script import describe_machine
     from uumamba.engine.components import precision_name, select_precision
+    from uumamba.inference.sliding import window_precision
 
     return {
         "fold": fold, "val_cases": sorted(val_ids), "machine": describe_machine(),
         "train_precision": precision_name(select_precision(cfg.train.amp, device)[0]),
+        "inference_precision": window_precision(cfg.inference, device),
         "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
         "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
         "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
@@ -318,20 +320,32 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--folds {args.folds!r}: folds are 0 .. {cfg.train.n_folds - 1}")
     torch.set_num_threads(args.threads)
     from uumamba.engine.components import precision_name, select_precision
+    from uumamba.inference.sliding import window_precision
 
     precision = precision_name(select_precision(cfg.train.amp, torch.device("cpu"))[0])
+    inference_precision = window_precision(cfg.inference, torch.device("cpu"))
     records = []
     for fold in folds:
         path = args.output / "folds" / f"fold_{fold}.json"
         if path.is_file():
             print(f"--- fold {fold}: done before ({path})", flush=True)
-            record = json.loads(path.read_text())
-            # records older than the field trained in float32 (the CPU had no autocast then)
-            if record.get("train_precision", "float32") != precision:
-                raise UserError(f"{path}: fold {fold} trained in "
-                                f"{record.get('train_precision', 'float32')}, this run trains "
-                                f"in {precision} (train.amp={cfg.train.amp} on this CPU): "
-                                "folds of one table must share it; use another --output")
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path}: not a fold record ({type(exc).__name__}); remove it "
+                                "to rerun the fold") from None
+            if not isinstance(record, dict) or not {"dice", "iterations"} <= record.keys():
+                raise UserError(f"{path}: not a fold record (expected a JSON object with "
+                                "'dice' and 'iterations'); remove it to rerun the fold")
+            # records older than the fields trained and predicted in float32 (no CPU autocast)
+            for key, now in (("train_precision", precision),
+                             ("inference_precision", inference_precision)):
+                if record.get(key, "float32") != now:
+                    raise UserError(f"{path}: fold {fold} has {key} "
+                                    f"{str(record.get(key, 'float32'))[:20]!r}, this run "
+                                    f"{now} (train.amp={cfg.train.amp}, inference.amp="
+                                    f"{cfg.inference.amp} on this CPU): folds of one table "
+                                    "must share them; use another --output")
             records.append(record)
             continue
         if (args.output / "uumamba" / f"fold_{fold}" / "checkpoint_latest.pt").exists():

@@ -1,6 +1,6 @@
 """Seconds per volume of prediction, UU-Mamba against the DynUNet, in each precision, interleaved.
 
-Four predictors segment the same ACDC volumes in one process, volume by volume, in an order
+Four predictors (five with ``--tta``) segment the same ACDC volumes in one process, volume by volume, in an order
 that rotates with the volume (so none always runs first after a read): a trained UU-Mamba
 model folder (``--model``, fold ``--fold``, e.g. the one ``bench_acdc.py`` leaves in
 ``OUTPUT/uumamba``) and a DynUNet of ``bench_acdc.py``'s architecture on the same plan, each
@@ -207,17 +207,20 @@ def markdown(r: dict, machine: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REPO / "runs" / "bench_acdc_cv" / "uumamba")
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ACDC")
+    p.add_argument("--model", type=Path, default=REPO / "runs" / "bench_acdc_cv" / "uumamba",
+                   help="trained model folder (default: the one bench_acdc.py leaves in "
+                        "runs/bench_acdc_cv/uumamba)")
+    p.add_argument("--fold", type=int, default=0, help="its fold: model and validation cases")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ACDC",
+                   help="ACDC folder of patientXXX folders")
     p.add_argument("--cases", type=int, default=8, help="validation volumes (first: warm-up)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2: the CPU configs')")
     p.add_argument("--startup", action="store_true", help="also time `uumamba predict` processes")
     p.add_argument("--tta", action="store_true",
                    help="also UU-Mamba with mirroring TTA (auto precision): seconds and Dice")
     p.add_argument("--dynunet-default-features", action="store_true",
                    help="MONAI's default DynUNet widths instead of the model's")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
     from uumamba.commands.script import describe_machine
     from uumamba.errors import UserError

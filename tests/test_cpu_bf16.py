@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import uumamba.device
-from uumamba.config import Config, InferenceConfig
-from uumamba.device import CPU_BF16_ENV, cpu_amx_bf16, native_bf16
+from uumamba.config import CPU_BF16_ENV, Config, InferenceConfig
+from uumamba.device import cpu_amx_bf16, native_bf16
 from uumamba.engine.components import select_precision
 from uumamba.errors import ConfigError
 from uumamba.inference.sliding import sliding_window_probabilities
@@ -54,6 +54,7 @@ def test_override_wins_and_a_bad_value_is_a_config_error(monkeypatch):
 def test_training_precision_follows_amx(monkeypatch, amx):
     """A CPU with AMX trains in bf16 under ``auto`` (no scaler); one without stays in float32
     and refuses a forced bf16 (it would be emulated); fp16 and off are float32 on a CPU."""
+    monkeypatch.delenv(CPU_BF16_ENV)
     monkeypatch.setattr(uumamba.device, "cpu_amx_bf16", lambda: amx)
     assert select_precision("auto", CPU) == ((torch.bfloat16, None) if amx else (None, None))
     assert select_precision("off", CPU) == (None, None)
@@ -112,8 +113,10 @@ def test_windows_run_in_bf16_where_the_cpu_has_it_and_float32_with_amp_off(monke
     torch.testing.assert_close(again, fp32)
 
 
-def test_the_training_log_names_the_precision():
+def test_the_training_log_names_the_precision(monkeypatch):
     from uumamba.engine.components import describe_precision, precision_name
+
+    monkeypatch.delenv(CPU_BF16_ENV)
 
     assert precision_name(torch.bfloat16) == "bfloat16" and precision_name(None) == "float32"
     assert describe_precision("auto", torch.bfloat16, None, CPU).startswith(
@@ -153,3 +156,53 @@ def test_resuming_in_another_precision_is_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
         restore_from_checkpoint(parts, saved, total=10)
     assert "continues in" not in caplog.text
+
+
+def test_messages_name_the_variable_that_turned_bf16_off(monkeypatch):
+    """UUMAMBA_CPU_BF16=0 on a CPU with AMX: the refusal and the log line say it was the
+    variable, not the CPU."""
+    from uumamba.engine.components import describe_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    with pytest.raises(ConfigError, match=r"train\.amp=bf16: UUMAMBA_CPU_BF16=0 turns bf16 off"):
+        select_precision("bf16", CPU)
+    assert describe_precision("auto", None, None, CPU) == \
+        "float32 (train.amp=auto; UUMAMBA_CPU_BF16=0)"
+
+
+def test_a_bad_variable_fails_before_any_command_runs(tmp_path, monkeypatch):
+    """The CLI checks UUMAMBA_CPU_BF16 first (a float32 training would otherwise run an epoch
+    before its validation met it); one line, exit 1."""
+    from typer.testing import CliRunner
+
+    from uumamba.commands import app
+
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    result = CliRunner().invoke(app, ["check-data", "--data", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "UUMAMBA_CPU_BF16='yes': expected 0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_crafted_checkpoint_precision_is_not_echoed(caplog):
+    import logging
+
+    from uumamba.engine.checkpoint import capture_rng_state
+    from uumamba.engine.resume import restore_from_checkpoint
+    from uumamba.optim import PolyLRScheduler
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = SimpleNamespace(model=model, loss_fn=torch.nn.Module(), optimizer=opt,
+                            scheduler=PolyLRScheduler(opt, total_iters=10), scaler=None,
+                            autocast_dtype=None)
+    saved = {"model": model.state_dict(), "loss": {}, "optimizer": opt.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "scaler": None,
+             "rng": capture_rng_state(), "iteration": 3, "best_metric": None,
+             "metric_history": [], "config": Config().model_dump(mode="json"),
+             "precision": "bf\n16\x1b[31m" + "x" * 10_000}
+    with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
+        restore_from_checkpoint(parts, saved, total=10)
+    assert "trained in an unknown precision and continues in float32" in caplog.text
+    assert "\x1b" not in caplog.text and len(caplog.text) < 1000

@@ -316,3 +316,16 @@ def test_cpu_kernel_keeps_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_kernel_refuses_shapes_it_would_read_past():
+    """The fused kernels index by u's and A's sizes: a short B (or delta, A) must be refused
+    before them, not read past its end (which returned NaN or crashed the process)."""
+    from uumamba.nn.ops.scan_cpu import selective_scan_cpu
+
+    inputs = make_inputs(16)
+    short_b = dict(inputs, B=inputs["B"][:, :, :3])
+    with pytest.raises(ValueError, match=r"selective_scan: B must have shape"):
+        selective_scan_cpu(**short_b)
+    with pytest.raises(ValueError, match=r"selective_scan: A must be \(d_inner="):
+        selective_scan_cpu(**dict(inputs, A=inputs["A"][:1]))

@@ -29,6 +29,30 @@ from pydantic import (
 from uumamba.errors import ConfigError
 from uumamba.utils import atomic_path
 
+#: Environment variable that overrides the CPU's bf16 detection (:func:`uumamba.device.
+#: cpu_amx_bf16`): ``0`` (float32 on every CPU) or ``1`` (bf16 autocast on any CPU, emulated
+#: where there is no AMX: for testing the bf16 path). The test suite sets ``0`` so that its
+#: float32 expectations do not depend on the host CPU.
+CPU_BF16_ENV = "UUMAMBA_CPU_BF16"
+
+
+def cpu_bf16_override() -> bool | None:
+    """:data:`CPU_BF16_ENV` read (no torch needed, so commands check it before loading
+    anything): True for ``1``, False for ``0``, None when unset or empty.
+
+    Raises:
+        ConfigError: any other value (quoted, cut to 20 characters).
+    """
+    import os
+
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if not forced:
+        return None
+    if forced not in ("0", "1"):
+        raise ConfigError(f"{CPU_BF16_ENV}={forced[:20]!r}: expected 0 (float32 on the CPU) or "
+                          "1 (bf16 autocast on the CPU), or unset (bf16 where the CPU has AMX)")
+    return forced == "1"
+
 
 def _amp_from_yaml_bool(v: Any) -> Any:
     """``amp: off`` / ``amp: on`` unquoted: YAML reads them as booleans; map them back to

@@ -6,11 +6,10 @@ means the same everywhere and an unavailable one fails with the same message.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from uumamba.errors import ConfigError, UserError
+from uumamba.config import cpu_bf16_override
+from uumamba.errors import UserError
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
@@ -68,29 +67,18 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-#: Environment variable that overrides :func:`cpu_amx_bf16`'s detection: ``0`` (float32 on
-#: every CPU) or ``1`` (bf16 autocast on any CPU, emulated where there is no AMX: for testing
-#: the bf16 path). The test suite sets ``0`` so that its float32 expectations do not depend on
-#: the host CPU.
-CPU_BF16_ENV = "UUMAMBA_CPU_BF16"
-
-
 def cpu_amx_bf16() -> bool:
     """True when this CPU has AMX tiles and torch's oneDNN has bf16 kernels (see
-    :func:`native_bf16`), or when :data:`CPU_BF16_ENV` is ``1``; False when it is ``0``
-    (empty counts as unset). ``torch.cpu._is_amx_tile_supported`` is private API
-    (torch >= 2.3), so its absence reads as False.
+    :func:`native_bf16`), unless :data:`uumamba.config.CPU_BF16_ENV` says otherwise (``1``:
+    True, ``0``: False; empty counts as unset). ``torch.cpu._is_amx_tile_supported`` is
+    private API (torch >= 2.3), so its absence reads as False.
 
     Raises:
-        ConfigError: :data:`CPU_BF16_ENV` is set to anything but ``0``, ``1`` or nothing.
+        ConfigError: the variable is set to anything but ``0``, ``1`` or nothing.
     """
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced:
-        if forced not in ("0", "1"):
-            raise ConfigError(f"{CPU_BF16_ENV}={forced[:20]!r}: expected 0 (float32 on the CPU) "
-                              "or 1 (bf16 autocast on the CPU), or unset (bf16 where the CPU "
-                              "has AMX)")
-        return forced == "1"
+    forced = cpu_bf16_override()
+    if forced is not None:
+        return forced
     return _amx_tiles() and _onednn_bf16()
 
 

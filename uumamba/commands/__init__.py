@@ -32,10 +32,17 @@ app = typer.Typer(
 
 @app.callback()
 def _setup() -> None:
-    """Runs before every command: library messages (``uumamba`` logger) go to stdout."""
+    """Runs before every command: library messages (``uumamba`` logger) go to stdout; a bad
+    ``UUMAMBA_CPU_BF16`` fails here, before any work (it is read again where bf16 is chosen)."""
+    from uumamba.config import cpu_bf16_override
+    from uumamba.errors import ConfigError
     from uumamba.logs import print_messages
 
     print_messages()
+    try:
+        cpu_bf16_override()
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 def _fail(message: str) -> None:
@@ -118,7 +125,7 @@ def predict(
     pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases for clinical.csv (default: ACDC names + Info.cfg)")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write PATIENT_report.html (mid slices, indices, reference ranges) per patient")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="skip cases whose outputs are already written (an interrupted run)")] = False,
-    amp: Annotated[str | None, typer.Option(help="auto (bf16 where the device has bf16 matrix units: a GPU of compute capability 8.0+, a CPU with AMX) | off (float32) (default: the model's inference.amp)")] = None,
+    amp: Annotated[str | None, typer.Option(help="auto (bf16 where the device has bf16 matrix units: a GPU of compute capability 8.0+, a CPU with AMX; fp16 on older GPUs; UUMAMBA_CPU_BF16=0 turns it off on CPUs) | off (float32) (default: the model's inference.amp)")] = None,
 ) -> None:
     """Segment images with a trained model; masks keep the input's geometry (several processes under torchrun)."""
     _require(model, "--model", folder=True)

@@ -56,6 +56,7 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
     dcm`` writes DICOM SEG. ``amp`` (``auto`` | ``off``) overrides the model's
     ``inference.amp``. Otherwise as :func:`_predict_from_cli`.
     """
+    amp = None if amp is None else amp.strip().lower()
     if amp is not None and amp not in ("auto", "off"):
         raise UserError(f"--amp {amp[:20]!r}: expected auto (bf16 where the device has bf16 "
                         "matrix units) or off (float32)")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uumamba.config import Config
+from uumamba.config import CPU_BF16_ENV, Config, cpu_bf16_override
 from uumamba.data.plan import Plans
 from uumamba.device import native_bf16
 from uumamba.errors import ConfigError
@@ -47,6 +47,9 @@ def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
     bf16_native = native_bf16(device)
     if amp == "bf16" and not bf16_native:
         if device.type == "cpu":
+            if cpu_bf16_override() is False:
+                raise ConfigError(f"train.amp=bf16: {CPU_BF16_ENV}=0 turns bf16 off on the CPU; "
+                                  f"unset it or use train.amp=auto or off")
             raise ConfigError("train.amp=bf16: this CPU has no AMX tiles (or torch's oneDNN "
                               "has no bf16 kernels), so bf16 would be emulated and slower than "
                               "float32; use train.amp=auto or off")
@@ -179,8 +182,9 @@ def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any
     e.g. ``bf16 autocast (train.amp=auto; the selective scan and the loss in float32)`` or
     ``float32 (train.amp=auto; cpu without bf16 matrix units)``."""
     if autocast_dtype is None:
-        why = {"off": "off", "fp16": "fp16, which a CPU does not use"}.get(
-            amp, f"{amp}; {device.type} without bf16 matrix units")
+        lacks = (f"{CPU_BF16_ENV}=0" if device.type == "cpu" and cpu_bf16_override() is False
+                 else f"{device.type} without bf16 matrix units")
+        why = {"off": "off", "fp16": "fp16, which a CPU does not use"}.get(amp, f"{amp}; {lacks}")
         return f"float32 (train.amp={why})"
     name = {"bfloat16": "bf16", "float16": "fp16"}[precision_name(autocast_dtype)]
     extra = " with a GradScaler" if scaler is not None else ""

@@ -344,6 +344,8 @@ def restore_from_checkpoint(parts: Components, saved: dict[str, Any],
         parts.scaler.load_state_dict(saved["scaler"])
     restore_rng_state(saved["rng"])
     before, now = saved.get("precision"), precision_name(parts.autocast_dtype)
+    if before is not None and before not in ("bfloat16", "float16", "float32"):
+        before = "an unknown precision"  # a crafted checkpoint's value is never echoed
     if before is not None and before != now:
         log.warning(f"warning: this run trained in {before} and continues in {now} "
                     f"(train.amp={saved['config']['train']['amp']} resolves by device: "

@@ -304,11 +304,16 @@ def selective_scan_cpu(
     (delta + bias, its softplus, y and silu(z)).
 
     Raises:
-        ValueError: a tensor is not on the CPU.
+        ValueError: a tensor is not on the CPU, or the shapes do not agree (the kernels index
+            by u's and A's sizes: a short B would be read past its end).
+        TypeError: a non-tensor or non-floating-point input.
 
     Source: mamba-ssm's selective_scan_fwd / bwd CUDA kernels (chunked states, recomputation,
     reverse scan), Gu & Dao 2023 Algorithm 2.
     """
+    from uumamba.nn.ops.selective_scan import _check_shapes
+
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     for name, t in zip(names, tensors, strict=True):
