@@ -128,9 +128,9 @@ def test_the_training_log_names_the_precision(monkeypatch):
         "float32 (train.amp=fp16, which a CPU does not use)"
 
 
-def test_resuming_in_another_precision_is_a_warning(caplog):
-    """The checkpoint records what train.amp resolved to; resuming where it resolves
-    differently (e.g. a bf16 run moved to a CPU without AMX) continues with a warning."""
+def _restore(precision, caplog):
+    """Restore a float32 run (a linear model) from a checkpoint that says ``precision``;
+    returns the loop state and the warnings logged."""
     import logging
 
     from uumamba.engine.checkpoint import capture_rng_state
@@ -146,16 +146,20 @@ def test_resuming_in_another_precision_is_a_warning(caplog):
              "scheduler": parts.scheduler.state_dict(), "scaler": None,
              "rng": capture_rng_state(), "iteration": 3, "best_metric": None,
              "metric_history": [], "config": Config().model_dump(mode="json"),
-             "precision": "bfloat16"}
+             "precision": precision}
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
         state = restore_from_checkpoint(parts, saved, total=10)
+    return state, caplog.text
+
+
+def test_resuming_in_another_precision_is_a_warning(caplog):
+    """The checkpoint records what train.amp resolved to; resuming where it resolves
+    differently (e.g. a bf16 run moved to a CPU without AMX) continues with a warning."""
+    state, text = _restore("bfloat16", caplog)
     assert state.iteration == 3
-    assert "trained in bfloat16 and continues in float32 (train.amp=auto" in caplog.text
-    caplog.clear()
-    saved["precision"] = "float32"
-    with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
-        restore_from_checkpoint(parts, saved, total=10)
-    assert "continues in" not in caplog.text
+    assert "trained in bfloat16 and continues in float32 (train.amp=auto" in text
+    assert "continues in" not in _restore("float32", caplog)[1]
 
 
 def test_messages_name_the_variable_that_turned_bf16_off(monkeypatch):
@@ -186,23 +190,6 @@ def test_a_bad_variable_fails_before_any_command_runs(tmp_path, monkeypatch):
 
 
 def test_a_crafted_checkpoint_precision_is_not_echoed(caplog):
-    import logging
-
-    from uumamba.engine.checkpoint import capture_rng_state
-    from uumamba.engine.resume import restore_from_checkpoint
-    from uumamba.optim import PolyLRScheduler
-
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    parts = SimpleNamespace(model=model, loss_fn=torch.nn.Module(), optimizer=opt,
-                            scheduler=PolyLRScheduler(opt, total_iters=10), scaler=None,
-                            autocast_dtype=None)
-    saved = {"model": model.state_dict(), "loss": {}, "optimizer": opt.state_dict(),
-             "scheduler": parts.scheduler.state_dict(), "scaler": None,
-             "rng": capture_rng_state(), "iteration": 3, "best_metric": None,
-             "metric_history": [], "config": Config().model_dump(mode="json"),
-             "precision": "bf\n16\x1b[31m" + "x" * 10_000}
-    with caplog.at_level(logging.WARNING, logger="uumamba.engine.resume"):
-        restore_from_checkpoint(parts, saved, total=10)
-    assert "trained in an unknown precision and continues in float32" in caplog.text
-    assert "\x1b" not in caplog.text and len(caplog.text) < 1000
+    _, text = _restore("bf\n16\x1b[31m" + "x" * 10_000, caplog)
+    assert "trained in an unknown precision and continues in float32" in text
+    assert "\x1b" not in text and len(text) < 1000
