@@ -198,7 +198,8 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
                 for c in summary["metric_per_case"]}
 
     from uumamba.commands.script import describe_machine
-    from uumamba.engine.components import precision_name, select_precision
+    from uumamba.device import precision_name
+    from uumamba.engine.components import select_precision
     from uumamba.inference.sliding import window_precision
 
     return {
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not folds or min(folds) < 0 or max(folds) >= cfg.train.n_folds:
         raise UserError(f"--folds {args.folds!r}: folds are 0 .. {cfg.train.n_folds - 1}")
     torch.set_num_threads(args.threads)
-    from uumamba.engine.components import precision_name, select_precision
+    from uumamba.device import precision_name
+    from uumamba.engine.components import select_precision
     from uumamba.inference.sliding import window_precision
 
     precision = precision_name(select_precision(cfg.train.amp, torch.device("cpu"))[0])

@@ -168,8 +168,8 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 
 def _mean_or_dash(values: list[float | None]) -> str:
-    kept = [v for v in values if v is not None]
-    return f"{statistics.mean(kept):.4f}" if kept else "-"
+    mean = _mean_or_none(values)
+    return "-" if mean is None else f"{mean:.4f}"
 
 
 def markdown(r: dict, machine: str) -> str:

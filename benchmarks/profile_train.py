@@ -43,7 +43,8 @@ def profile(args: argparse.Namespace) -> dict:
     import torch
 
     from uumamba.config import load_config
-    from uumamba.engine.components import build_components, precision_name, seed_everything
+    from uumamba.device import precision_name
+    from uumamba.engine.components import build_components, seed_everything
     from uumamba.engine.prepare import prepare_model_folder
     from uumamba.engine.sampling import make_patch_loader
     from uumamba.engine.step import _clip, training_step

@@ -114,7 +114,8 @@ def test_windows_run_in_bf16_where_the_cpu_has_it_and_float32_with_amp_off(monke
 
 
 def test_the_training_log_names_the_precision(monkeypatch):
-    from uumamba.engine.components import describe_precision, precision_name
+    from uumamba.device import precision_name
+    from uumamba.engine.components import describe_precision
 
     monkeypatch.delenv(CPU_BF16_ENV)
 

@@ -98,3 +98,11 @@ def _onednn_bf16() -> bool:
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (RuntimeError, AttributeError):
         return False
+
+
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """``bfloat16`` / ``float16`` / ``float32``: the arithmetic of an autocast dtype (None:
+    float32), as training (:func:`uumamba.engine.components.select_precision`) and inference
+    (:func:`uumamba.inference.sliding.window_precision`) record it in checkpoints, case
+    records and benchmarks."""
+    return str(autocast_dtype or torch.float32).removeprefix("torch.")

@@ -14,7 +14,7 @@ import torch
 
 from uumamba.config import CPU_BF16_ENV, Config, cpu_bf16_override
 from uumamba.data.plan import Plans
-from uumamba.device import native_bf16
+from uumamba.device import native_bf16, precision_name
 from uumamba.errors import ConfigError
 from uumamba.losses import build_loss
 from uumamba.nn import build_network, network_scan_backend
@@ -168,12 +168,6 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
     autocast_dtype, scaler = select_precision(cfg.train.amp, device)
     log.info(f"precision: {describe_precision(cfg.train.amp, autocast_dtype, scaler, device)}")
     return Components(model, loss_fn, optimizer, scheduler, scaler, autocast_dtype)
-
-
-def precision_name(autocast_dtype: torch.dtype | None) -> str:
-    """``bfloat16`` / ``float16`` / ``float32``: the arithmetic of an autocast dtype from
-    :func:`select_precision` (None: float32), as checkpoints and benchmarks record it."""
-    return str(autocast_dtype or torch.float32).removeprefix("torch.")
 
 
 def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any,

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from uumamba.config import Config, config_from_dict
+from uumamba.device import precision_name
 from uumamba.engine.checkpoint import (
     LATEST,
     PREVIOUS,
@@ -52,7 +53,6 @@ from uumamba.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from uumamba.engine.components import precision_name
 from uumamba.errors import ConfigError, DataError, UserError
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-from uumamba.device import native_bf16
+from uumamba.device import native_bf16, precision_name
 from uumamba.utils import plain_tensor
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def window_autocast(inference_cfg: Any, device: torch.device) -> Any:
 def window_precision(inference_cfg: Any, device: torch.device) -> str:
     """``bfloat16`` / ``float16`` / ``float32``: what :func:`window_autocast` computes in on
     ``device`` (the record of a prediction says it)."""
-    return str(_window_dtype(inference_cfg, device) or torch.float32).removeprefix("torch.")
+    return precision_name(_window_dtype(inference_cfg, device))
 
 
 def _window_dtype(inference_cfg: Any, device: torch.device) -> torch.dtype | None:

@@ -311,7 +311,7 @@ def selective_scan_cpu(
     Source: mamba-ssm's selective_scan_fwd / bwd CUDA kernels (chunked states, recomputation,
     reverse scan), Gu & Dao 2023 Algorithm 2.
     """
-    from uumamba.nn.ops.selective_scan import _check_shapes
+    from uumamba.nn.ops.selective_scan import _check_shapes, _finish_output, _prepare_delta
 
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
@@ -326,11 +326,7 @@ def selective_scan_cpu(
     # The elementwise steps run in torch, vectorised, their gradients by autograd; inside the
     # kernels their scalar transcendentals per position (softplus's log1p(exp(x)), the gate's
     # sigmoid, forward and backward) took 40 % of the forward.
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        delta = torch.nn.functional.softplus(delta)  # threshold 20, as mamba-ssm's
+    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(dtype),
+                           delta_softplus)
     y = _SelectiveScanCPU.apply(u, delta.contiguous(), A, B, C, D)
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.to(dtype))
-    return y
+    return _finish_output(y, u, None, None if z is None else z.to(dtype))  # D: in the kernel
