@@ -49,6 +49,7 @@ def _load_model(state: ServiceState, predictor: Any, info: ModelInfo | None = No
     state.device = str(getattr(predictor, "device", settings.device))
     state.scan_backend = getattr(predictor, "scan_backend", None)
     state.scan_backend_warning = getattr(predictor, "scan_backend_warning", None)
+    state.precision = getattr(predictor, "precision", None)
     state.info = info
     state.predictor = predictor
     state.run_context = RunContext(predictor, info.labels, info.tta_default,
@@ -62,7 +63,8 @@ async def _load_in_background(state: ServiceState, predictor: Any, info: ModelIn
         await asyncio.to_thread(_load_model, state, predictor, info)
         logger.info("model loaded", extra={"fields": {
             "model": state.info.name, "version": state.info.version, "device": state.device,
-            "scan_backend": state.scan_backend, "folds": state.info.folds}})
+            "scan_backend": state.scan_backend, "precision": state.precision,
+            "folds": state.info.folds}})
         if state.scan_backend_warning:
             logger.warning("selective-scan fallback", extra={"fields": {
                 "scan_backend": state.scan_backend, "reason": state.scan_backend_warning}})

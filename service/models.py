@@ -66,6 +66,9 @@ class Readiness(BaseModel):
         default=None, description="Why mamba-ssm's CUDA kernels are not used although wanted (auto on a GPU, "
         "or mamba-ssm installed): the backend that runs instead and the reason; null when none.",
         examples=[None])
+    precision: str | None = Field(
+        default=None, description="What the sliding windows compute in: bfloat16 (a GPU of compute capability "
+        "8.0+ or a CPU with AMX, inference.amp auto), float16 (an older GPU) or float32.", examples=["bfloat16"])
     detail: str | None = Field(default=None, description="Why the service is not ready (load error).")
 
 

@@ -335,9 +335,9 @@ def healthz() -> Health:
 @health_router.get("/readyz", response_model=Readiness, summary="Readiness",
                    responses={503: {"model": Readiness, "description": "Model loading or failed to load."}})
 def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
-    """200 with the device and selective-scan backend once the model is loaded and the job
-    store answers, else 503 (no key needed); ``scan_backend_warning`` says why mamba-ssm's
-    kernels are not in use where they were wanted."""
+    """200 with the device, selective-scan backend and precision once the model is loaded
+    and the job store answers, else 503 (no key needed); ``scan_backend_warning`` says why
+    mamba-ssm's kernels are not in use where they were wanted."""
     status, detail = state.status, state.load_error
     if status == "ready" and state.jobs is not None:
         try:
@@ -346,7 +346,8 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
             status, detail = "failed", "job store unavailable (busy or unreachable)"
             logger.warning("readiness: job store unavailable", extra={"fields": {"error": type(exc).__name__}})
     body = Readiness(status=status, device=state.device, scan_backend=state.scan_backend,
-                     scan_backend_warning=state.scan_backend_warning, detail=detail)
+                     scan_backend_warning=state.scan_backend_warning, precision=state.precision,
+                     detail=detail)
     if status == "ready":
         return JSONResponse(body.model_dump())
     return JSONResponse(body.model_dump(), status_code=503,

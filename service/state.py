@@ -39,9 +39,9 @@ class ServiceState:
         predictor, info: the loaded predictor and the ``/v1/model`` description (``None``
             until loaded).
         status: ``loading`` | ``ready`` | ``failed`` (``load_error`` says why).
-        device, scan_backend, scan_backend_warning: what ``/readyz`` reports (the predictor's
-            ``device``, ``scan_backend`` and ``scan_backend_warning``: why mamba-ssm's CUDA
-            kernels are not used where wanted).
+        device, scan_backend, scan_backend_warning, precision: what ``/readyz`` reports (the
+            predictor's ``device``, ``scan_backend``, ``scan_backend_warning``: why mamba-ssm's
+            CUDA kernels are not used where wanted, and ``precision``).
         work_root: private temporary folder of this app (synchronous uploads and results),
             removed at shutdown. jobs: the durable job store
             (:class:`~uumamba_service.jobs.JobStore`, or the Redis one with a broker).
@@ -63,6 +63,7 @@ class ServiceState:
     device: str | None = None
     scan_backend: str | None = None
     scan_backend_warning: str | None = None
+    precision: str | None = None
     work_root: Path | None = None
     jobs: JobStore | Any = None
     owner: str = ""

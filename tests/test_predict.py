@@ -288,6 +288,23 @@ def test_cli_folder_skips_bad_file(model_dir, tmp_path):
     assert geometry.mismatch(read_geometry(inputs / "a_0000.nii.gz")) == []
 
 
+def test_the_case_record_names_the_precision_the_windows_ran_in(model_dir, tmp_path, monkeypatch):
+    from uumamba.config import CPU_BF16_ENV
+
+    path = tmp_path / "one.nii.gz"
+    _write_nifti(np.random.default_rng(3).normal(size=(20, 18, 4)).astype(np.float32),
+                 _affine("lps", (1.5, 1.5, 8.0)), path)
+    masks = {}
+    for bf16, amp, expected in (("1", None, "bfloat16"), ("1", "off", "float32"),
+                                ("0", None, "float32")):
+        monkeypatch.setenv(CPU_BF16_ENV, bf16)  # "1": a CPU with AMX
+        out = tmp_path / f"out_{bf16}_{amp}"
+        predict_from_cli(model_dir, path, out, folds="0", device="cpu", amp=amp)
+        assert json.loads((out / "one_volumes.json").read_text())["precision"] == expected
+        masks[(bf16, amp)] = read_image(out / "one.nii.gz")[0]
+    assert np.array_equal(masks[("1", "off")], masks[("0", None)])  # both float32
+
+
 def test_cli_single_file_seg_nrrd_and_probabilities(model_dir, tmp_path):
     import nrrd
 

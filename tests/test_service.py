@@ -115,6 +115,7 @@ def test_health_ready_and_model_info(client, model_dir):
     assert ready["status"] == "ready"
     assert ready["device"].startswith("cpu")
     assert ready["scan_backend"] in ("cpu", "torch")
+    assert ready["precision"] == "float32"  # the suite pins UUMAMBA_CPU_BF16=0 (conftest)
 
     info = client.get("/v1/model").json()
     plans = json.loads((model_dir / "plans.json").read_text())

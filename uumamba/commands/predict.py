@@ -191,7 +191,6 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
         written_volumes,
     )
     from uumamba.inference.predict import Predictor
-    from uumamba.inference.sliding import window_precision
 
     with ddp.main_rank_logs(ctx, "uumamba"):  # notes about the whole run: rank 0's only
         predictor = Predictor.from_model_dir(r.model_dir, folds=r.folds, device=device,
@@ -215,8 +214,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
                "entropy": r.uncertainty, "out_format": r.out_format,
                "extra": {"model": str(r.model_dir), "folds": predictor.fold_names,
                          "tta": predictor.tta, "device": str(predictor.device),
-                         "precision": window_precision(predictor.inference_cfg,
-                                                       predictor.device)}}
+                         "precision": predictor.precision}}
     if r.out_format == "dcm":  # the SEG's algorithm identification
         from uumamba.model_folder import ModelFolder
 

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from uumamba.data.geometry import Geometry, as_floats
 from uumamba.data.layouts import split_suffix
@@ -36,6 +35,9 @@ from uumamba.errors import DataError
 from uumamba.utils import atomic_path
 
 if TYPE_CHECKING:  # uumamba.dicom imports this module; pydicom loads on first DICOM read
+    # SimpleITK loads on the first NRRD / MetaImage: a fifth of a second of every start-up
+    import SimpleITK as sitk
+
     from uumamba.data.dicom_series import DicomLimits, SeriesGeometry
 
 #: Output formats accepted by the writers, with their file endings.
@@ -136,6 +138,8 @@ def _mm(value: float) -> str:
 
 def _sitk_reader(path: Path) -> sitk.ImageFileReader:
     """A SimpleITK reader of ``path`` whose header is read and whose spacing is checked."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -198,6 +202,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     if not is_nifti(path):
+        import SimpleITK as sitk
+
         reader = _sitk_reader(path)
         try:
             img = reader.Execute()
@@ -348,6 +354,8 @@ def nifti_on_grid(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
 
 
 def _write_sitk(data: np.ndarray, ref_geom: Geometry, tmp: Path) -> None:
+    import SimpleITK as sitk
+
     if data.ndim == 4:
         img = sitk.GetImageFromArray(data.transpose(2, 1, 0, 3), isVector=True)
     else:

@@ -214,6 +214,15 @@ class Predictor:
         self._invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image",
                                nearest_interp=False, to_tensor=True)
 
+    @property
+    def precision(self) -> str:
+        """``bfloat16`` / ``float16`` / ``float32``: what the windows compute in on this
+        device under ``inference_cfg.amp`` (:func:`~uumamba.inference.sliding.window_precision`);
+        case records and ``/readyz`` report it."""
+        from uumamba.inference.sliding import window_precision
+
+        return window_precision(self.inference_cfg, self.device)
+
     @classmethod
     def from_model_dir(
         cls,
