@@ -40,8 +40,8 @@ from .warmup import warm_up
 
 def _load_model(state: ServiceState, predictor: Any, info: ModelInfo | None = None) -> None:
     """Describe the model folder (unless ``info`` is given), build the predictor (unless
-    given), warm it up, and record its device and selective-scan backend (the predictor's
-    own ``scan_backend``)."""
+    given), warm it up, and record its device, selective-scan backend and precision (the
+    predictor's own ``scan_backend`` and ``precision``, None for a predictor without them)."""
     settings = state.settings
     predictor, info = load_predictor(settings.model_dir, settings.folds, settings.device, predictor, info)
     if settings.warmup:

@@ -145,3 +145,15 @@ def test_truncated_and_missing_files(reference: Path, tmp_path: Path) -> None:
     bad_mha.write_text("ObjectType = Image\nNDims = 3\n")
     with pytest.raises(DataError, match="bad.mha"):
         read_image(bad_mha)
+
+
+def test_simpleitk_loads_only_for_nrrd_and_metaimage():
+    """A NIfTI prediction never pays SimpleITK's import (a fifth of a second of start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, uumamba.data.io, uumamba.commands.predict; "
+            "print('SimpleITK' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"

@@ -142,6 +142,22 @@ def test_gradients_match_reference(backend, options, small_chunks):
         assert _rel_err(g, expected[name]) <= 2e-4, name
 
 
+def test_cpu_kernel_blocks_of_several_scans_over_several_chunks(small_chunks):
+    """38 (batch, channel) scans share out into blocks of several (at most 8 x threads
+    blocks), each crossing five chunks: outputs and every gradient as the reference's."""
+    inputs = make_inputs(37, batch=2, d_inner=19, seed=4)
+    grad_out = torch.randn(2, 19, 37, generator=torch.Generator().manual_seed(5))
+    expected = _grads(reference_scan, {k: v.double() if isinstance(v, torch.Tensor) else v
+                                       for k, v in inputs.items()}, grad_out.double())
+    with torch.no_grad():
+        ref = reference_scan(**{k: v.double() if isinstance(v, torch.Tensor) else v
+                                for k, v in inputs.items()})
+    assert _rel_err(selective_scan(**inputs, backend="cpu"), ref) <= 1e-5
+    got = _grads(functools.partial(selective_scan, backend="cpu"), inputs, grad_out)
+    for name, g in got.items():
+        assert _rel_err(g, expected[name]) <= 2e-4, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("max_step", [12.0, 150.0])
 def test_strong_decay_forward_and_gradients(backend, max_step, small_chunks):

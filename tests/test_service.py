@@ -157,6 +157,14 @@ def test_readyz_503_until_loaded_then_200(model_dir, predictor, monkeypatch):
         assert _ready(c)["status"] == "ready"
 
 
+def test_readyz_reports_bf16_on_a_cpu_with_amx(model_dir, predictor, monkeypatch):
+    from uumamba.config import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # as on a CPU with AMX tiles
+    with TestClient(create_app(_settings(model_dir), predictor=predictor)) as c:
+        assert _ready(c)["precision"] == "bfloat16"
+
+
 def test_warmup_runs_one_inference_before_ready(model_dir, predictor):
     calls = []
 

@@ -34,10 +34,11 @@ from uumamba.data.layouts import split_suffix
 from uumamba.errors import DataError
 from uumamba.utils import atomic_path
 
-if TYPE_CHECKING:  # uumamba.dicom imports this module; pydicom loads on first DICOM read
+if TYPE_CHECKING:
     # SimpleITK loads on the first NRRD / MetaImage: a fifth of a second of every start-up
     import SimpleITK as sitk
 
+    # uumamba.dicom imports this module; pydicom loads on first DICOM read
     from uumamba.data.dicom_series import DicomLimits, SeriesGeometry
 
 #: Output formats accepted by the writers, with their file endings.

@@ -4,8 +4,9 @@ Same recurrence and shapes as :func:`uumamba.nn.ops.selective_scan.selective_sca
 follows mamba-ssm's CUDA kernel (``selective_scan_fwd_kernel`` / ``selective_scan_bwd_kernel``)
 translated to CPU threads:
 
-* forward: one task per (batch, channel). The state h (d_state values) lives in a local
-  array, and the D skip is added inside the loop. Chunk by chunk, the decays exp(delta_t A)
+* forward: the (batch, channel) scans, shared out in contiguous blocks whose buffers are
+  allocated once per block. The state h (d_state values) lives in a local array, and the D
+  skip is added inside the loop. Chunk by chunk, the decays exp(delta_t A)
   of every position are computed in one vectorised pass before the recurrence runs over
   them. Only the state entering every chunk of ``CHUNK`` positions is stored, (batch,
   d_inner, n_chunks, d_state), never (batch, d_inner, L, d_state).
@@ -52,13 +53,19 @@ _LOG2E = np.float32(1.0 / _LN2)
 _ROUND = np.float32(12582912.0)  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds v to an integer
 _EXP2_MIN = np.float32(-126.0)
 _EXP2_MAX = np.float32(127.0)
-# The kernels may re-associate their float sums (the k-loops of y = C_t . h_t and of the
-# gradients), nothing else: no FMA contraction, no approximate functions, NaN / inf kept.
-# Measured on the 2D bottleneck (16 x 512 channels, L 64): forward 13.6 -> 9.9 ms on one
-# thread with the blocking below; float32 error against float64 unchanged (tests/test_scan.py).
+# LLVM may re-associate every float + and x in the two kernels (what it uses it for: the
+# k-loops of y = C_t . h_t and of the gradients); no FMA contraction, no approximate
+# functions, no assumption that values are finite (NaN / inf propagate). Float32 kernels sum
+# in float64 accumulators, so their results came out bit-identical on the inputs measured
+# (not guaranteed: terms spanning more than ~2^25 in magnitude, or float64 kernels, may round
+# otherwise, and may then differ between CPUs of other vector widths). Effect measured on the
+# 2D bottleneck (16 x 512 channels, L 64, forward kernel alone, one thread; benchmarks/README.md,
+# "Prediction"): 13.6 ms; blocked jobs 13.1; reassoc 11.3; both 9.9.
 _FASTMATH = {"reassoc"}
 
 
+# fastmath must stay False here, explicitly: a numba callee without its own setting takes
+# its caller's, and re-association would fold (v + _ROUND) - _ROUND into v.
 @njit(fastmath=False, cache=True)
 def _exp_into(x, out, bits, bits_as_float, n, precise):
     """out[:n] = exp(x[:n]) for 1-D arrays. ``precise`` (float64 kernels): libm exp. Otherwise
@@ -136,7 +143,7 @@ def _scan_fwd_kernel(u, delta, A, Bt, Ct, D, chunk, n_blocks, out, states):
                     out[bi, di, t] = y + D[di] * ut
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=False, cache=True)  # explicit: see _exp_into
 def _chunk_exponents(delta, A_d, bi, di, t0, steps, arg):
     """arg[i * n + k] = delta[bi, di, t0 + i] * A_d[k] for i < steps: the exponents of the
     decays of one chunk of (batch bi, channel di)."""
@@ -269,7 +276,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         with _kernel_launch():
             threads = _numba_threads()
             _scan_fwd_kernel(*_np(u, delta, A, Bt, Ct, D), CHUNK,
-                             min(batch * d_inner, 8 * threads), *_np(out, states))
+                             max(1, min(batch * d_inner, 8 * threads)), *_np(out, states))
         ctx.save_for_backward(u, delta, A, Bt, Ct, D, states)
         return out
 
