@@ -272,7 +272,7 @@ def test_resolve_auto_and_env_override(monkeypatch):
 def test_env_override_changes_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(scan_mod, "selective_scan_torch",
-                        lambda *a: calls.append("torch") or scan_mod._finish_output(a[0], a[0], None, None))
+                        lambda *a: calls.append("torch") or scan_mod.finish_output(a[0], a[0], None, None))
     inputs, _ = _case(7, "plain")
     monkeypatch.setenv(ENV_VAR, "torch")
     selective_scan(**inputs)

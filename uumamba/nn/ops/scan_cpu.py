@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from uumamba.nn.ops.scan_inputs import check_scan_inputs, finish_output, prepare_delta
+
 __all__ = ["CHUNK", "selective_scan_cpu"]
 
 CHUNK = 256  # positions between saved states; the backward recomputes inside each chunk
@@ -328,9 +330,7 @@ def selective_scan_cpu(
     Source: mamba-ssm's selective_scan_fwd / bwd CUDA kernels (chunked states, recomputation,
     reverse scan), Gu & Dao 2023 Algorithm 2.
     """
-    from uumamba.nn.ops.selective_scan import _check_shapes, _finish_output, _prepare_delta
-
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     for name, t in zip(names, tensors, strict=True):
@@ -343,7 +343,7 @@ def selective_scan_cpu(
     # The elementwise steps run in torch, vectorised, their gradients by autograd; inside the
     # kernels their scalar transcendentals per position (softplus's log1p(exp(x)), the gate's
     # sigmoid, forward and backward) took 40 % of the forward.
-    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(dtype),
+    delta = prepare_delta(delta, None if delta_bias is None else delta_bias.to(dtype),
                            delta_softplus)
     y = _SelectiveScanCPU.apply(u, delta.contiguous(), A, B, C, D)
-    return _finish_output(y, u, None, None if z is None else z.to(dtype))  # D: in the kernel
+    return finish_output(y, u, None, None if z is None else z.to(dtype))  # D: in the kernel

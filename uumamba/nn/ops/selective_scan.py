@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from uumamba.nn.ops.scan_inputs import check_scan_inputs, finish_output, prepare_delta
 from uumamba.nn.ops.scan_torch import scan_core_torch
 
 __all__ = [
@@ -398,40 +399,6 @@ def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
-    batch, d_inner, length = u.shape
-    if A.dim() != 2 or A.shape[0] != d_inner:
-        raise ValueError(
-            f"selective_scan: A must be (d_inner={d_inner}, d_state), got shape {tuple(A.shape)}"
-        )
-    if A.is_complex():
-        raise ValueError("selective_scan: complex A is not supported (Mamba uses real A)")
-    d_state = A.shape[1]
-    expected = {
-        "delta": (delta, (batch, d_inner, length), "(batch, d_inner, L)"),
-        "B": (B, (batch, d_state, length), "(batch, d_state, L)"),
-        "C": (C, (batch, d_state, length), "(batch, d_state, L)"),
-        "z": (z, (batch, d_inner, length), "(batch, d_inner, L)"),
-        "D": (D, (d_inner,), "(d_inner,)"),
-        "delta_bias": (delta_bias, (d_inner,), "(d_inner,)"),
-    }
-    for name, (t, shape, dims) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(
-                f"selective_scan: {name} must have shape {shape} = {dims} "
-                f"(sizes from u and A), got {tuple(t.shape)}"
-            )
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
-                    ("z", z), ("delta_bias", delta_bias)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -469,7 +436,7 @@ def selective_scan(
     Source: Gu & Dao 2023 (Mamba), Algorithm 2; behaviour mirrors mamba-ssm
     ``selective_scan_ref`` / ``selective_scan_fn``.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_scan_backend(backend, u.device)
     if name == "cuda":
         fn = selective_scan_cuda
@@ -487,24 +454,6 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
-
-
-def _prepare_delta(delta, delta_bias, delta_softplus):
-    """delta + delta_bias, then softplus (threshold 20 as mamba-ssm), on (batch, d_inner, L)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)  # beta=1, threshold=20: identity above 20, as mamba-ssm
-    return delta
-
-
-def _finish_output(y, u, D, z):
-    """Add the D skip and apply the silu(z) gate on (batch, d_inner, L)."""
-    if D is not None:
-        y = y + D[None, :, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +507,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     u, delta, A, B, C, D, z, delta_bias = (
         None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)
     )
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    delta = prepare_delta(delta, delta_bias, delta_softplus)
     y = scan_core_torch(u.transpose(1, 2), delta.transpose(1, 2), A,
                         B.transpose(1, 2), C.transpose(1, 2))
-    return _finish_output(y.transpose(1, 2), u, D, z)
+    return finish_output(y.transpose(1, 2), u, D, z)
