@@ -134,3 +134,20 @@ def test_import_directions():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("folds", ["q" * 100_000, "../../x", "0,fold_../1", "\u0663", "1e3"])
+def test_a_crafted_fold_name_is_refused_in_one_short_line(folds):
+    from uumamba.model_folder import parse_folds
+
+    with pytest.raises(UserError, match="expected a fold number") as err:
+        parse_folds(folds)
+    assert len(str(err.value)) < 120
+
+
+def test_fold_names_and_numbers_parse():
+    from uumamba.model_folder import parse_folds
+
+    assert parse_folds(" 0, fold_1 ,all") == ["fold_0", "fold_1", "fold_all"]
+    assert parse_folds([2, "3"]) == ["fold_2", "fold_3"]
+    assert parse_folds(None) is None

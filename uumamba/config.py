@@ -49,7 +49,9 @@ def cpu_bf16_override() -> bool | None:
     if not forced:
         return None
     if forced not in ("0", "1"):
-        raise ConfigError(f"{CPU_BF16_ENV}={forced[:20]!r}: expected 0 (float32 on the CPU) or "
+        from uumamba.errors import shown
+
+        raise ConfigError(f"{CPU_BF16_ENV}={shown(forced)}: expected 0 (float32 on the CPU) or "
                           "1 (bf16 autocast on the CPU), or unset (bf16 where the CPU has AMX)")
     return forced == "1"
 

@@ -20,3 +20,10 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A configuration key is unknown or has a value of the wrong type or range."""
+
+
+def shown(value: object, limit: int = 20) -> str:
+    """``repr`` of ``str(value)`` cut to ``limit`` characters, with ``...`` when cut: a
+    crafted value (a 100 kB flag, control characters) named in one short line."""
+    text = str(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")

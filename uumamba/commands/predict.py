@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uumamba.errors import UserError
+from uumamba.errors import UserError, shown
 from uumamba.inference.inputs import check_output_dir, input_cases
 from uumamba.inference.writer import OUTPUT_FORMATS
 
@@ -58,7 +58,7 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
     """
     amp = None if amp is None else amp.strip().lower()
     if amp is not None and amp not in ("auto", "off"):
-        raise UserError(f"--amp {amp[:20]!r}: expected auto (bf16 where the device has bf16 "
+        raise UserError(f"--amp {shown(amp)}: expected auto (bf16 where the device has bf16 "
                         "matrix units) or off (float32)")
     from uumamba.inference.inputs import is_dicom_input
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,11 @@ from typing import Any
 from uumamba.config import Config, load_config, save_config
 from uumamba.data.labels import read_dataset_labels, read_json_object
 from uumamba.data.plan import Plans
-from uumamba.errors import ConfigError, DataError, UserError
+from uumamba.errors import ConfigError, DataError, UserError, shown
 from uumamba.model_folder.checkpoints import BEST, LATEST
 from uumamba.utils import atomic_path, json_safe
+
+_FOLD = re.compile(r"(fold_)?(\d{1,3}|all)", re.ASCII)  # a fold folder's name, with or without fold_
 
 CONFIG = "config.yaml"
 PLANS = "plans.json"
@@ -58,12 +61,23 @@ class WeightsDigest:
 
 
 def parse_folds(folds: str | int | Sequence[str | int] | None) -> list[str] | None:
-    """``"0,1"`` / ``[0, "fold_1"]`` / ``"all"`` -> fold folder names; None stays None."""
+    """``"0,1"`` / ``[0, "fold_1"]`` / ``"all"`` -> fold folder names; None stays None.
+
+    Raises:
+        UserError: a fold is neither a number (up to 3 digits) nor ``all``, with or without
+            ``fold_`` (the value is shown cut to 20 characters).
+    """
     if folds is None:
         return None
     if isinstance(folds, (str, int)):
         folds = [f for f in str(folds).split(",") if f.strip()]
-    return [f if f.startswith("fold_") else f"fold_{f}" for f in (str(x).strip() for x in folds)]
+    names = []
+    for fold in (str(x).strip() for x in folds):
+        if not _FOLD.fullmatch(fold):
+            raise UserError(f"fold {shown(fold)}: expected a fold number (0, 1, ...) or all, "
+                            "comma-separated")
+        names.append(fold if fold.startswith("fold_") else f"fold_{fold}")
+    return names
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
