@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override KEY=VALUE (both models)")
     args = parser.parse_args(argv)
-    from uumamba.errors import UserError
+    from uumamba.errors import UserError, shown
 
     if not args.data.is_dir() or not any(args.data.glob("patient*")):  # before any training
         raise UserError(f"--data {args.data}: no ACDC patientXXX folders (README, 'The ACDC "
@@ -342,9 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
             # records older than the fields trained and predicted in float32 (no CPU autocast)
             for key, now in (("train_precision", precision),
                              ("inference_precision", inference_precision)):
-                if record.get(key, "float32") != now:
-                    raise UserError(f"{path}: fold {fold} has {key} "
-                                    f"{str(record.get(key, 'float32'))[:20]!r}, this run "
+                if (saved := record.get(key, "float32")) != now:
+                    raise UserError(f"{path}: fold {fold} has {key} {shown(saved)}, this run "
                                     f"{now} (train.amp={cfg.train.amp}, inference.amp="
                                     f"{cfg.inference.amp} on this CPU): folds of one table "
                                     "must share them; use another --output")
