@@ -18,7 +18,7 @@ import torch
 
 from uumamba.config import DatasetConfig, InferenceConfig, ModelConfig, PlanConfig
 from uumamba.data.layouts import discover
-from uumamba.data.orientation import world_rotation
+from uumamba.data.orientation import plan_axes_order, world_rotation
 from uumamba.data.plan import plan_dataset
 from uumamba.data.synthetic import write_synthetic_dataset
 from uumamba.inference import Predictor
@@ -107,3 +107,17 @@ def test_rotated_copies_plan_like_the_unrotated_dataset(dataset, tmp_path):
     assert a.model_dump(exclude={"fingerprint"}) == b.model_dump(exclude={"fingerprint"})
     np.testing.assert_allclose(a.fingerprint.spacings, b.fingerprint.spacings, rtol=1e-6)
     assert a.fingerprint.shapes == b.fingerprint.shapes
+
+
+@pytest.mark.parametrize(("spacing", "order"), [
+    ((1.5, 1.5, 10.0), (0, 1, 2)),      # short-axis stack as acquired
+    ((10.0, 1.5, 1.5), (1, 2, 0)),      # the same stack written slice axis first
+    ((1.5, 10.0, 1.5), (0, 2, 1)),
+    ((0.625, 1.25, 0.625), (0, 2, 1)),  # LGE 2x anisotropy, permuted
+    ((1.5625, 1.5625, 1.43), (0, 1, 2)),  # thin slices finer than the pixels: the stack axis
+    ((1.0, 1.2, 0.9), (0, 1, 2)),       # near-isotropic: the stack axis
+    ((1.0, 1.0, 1.0), (0, 1, 2)),
+])
+def test_the_slice_axis_is_the_thick_axis_or_the_stack_axis(spacing, order):
+    affine = DOUBLE_OBLIQUE @ np.diag([*spacing, 1.0])
+    assert plan_axes_order(affine) == order

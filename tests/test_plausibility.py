@@ -106,3 +106,14 @@ def test_service_answer_carries_the_warnings(tmp_path):
         files = {"file": ("blank.nii.gz", inputs["blank"].read_bytes(), "application/gzip")}
         r = client.post("/v1/segment", files=files)
         assert r.status_code == 200 and int(r.headers["X-Input-Warnings"]) >= 1
+
+
+def test_a_2d_model_does_not_flag_the_slice_spacing_it_keeps(predictor, tmp_path):
+    """The 2D fixture (trained on 8 mm slices) keeps an input's own slices
+    (``Plans.resampling_spacing``): 1 mm slices are no reason to warn, 0.1 mm pixels still are."""
+    image, _ = make_synthetic_case(11, shape=(48, 48, 4))
+    thin = predictor.predict_file(_save(tmp_path, "thin", np.repeat(image, 8, axis=2),
+                                        np.diag([1.5, 1.5, 1.0, 1.0])))
+    assert thin.warnings == []
+    fine = predictor.predict_file(_save(tmp_path, "fine", image, np.diag([1.5, 0.1, 8.0, 1.0])))
+    assert any("spacing 0.1 mm along axis 1" in w for w in fine.warnings), fine.warnings

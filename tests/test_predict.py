@@ -171,6 +171,52 @@ def test_resampled_grid_maps_back(tmp_path):
     assert np.abs(offset).max() < 0.25
 
 
+def test_2d_model_segments_the_slices_of_a_thin_slice_volume(tmp_path):
+    """A 2D model trained on 10 mm slices, given 1 mm slices (a 3D isotropic export), keeps
+    every slice: the mask is the per-voxel threshold on all 40 of them (resampling the slice
+    axis to 10 mm and back, as before, gave 4 averaged slices copied back in blocks)."""
+    shape = (23, 19, 40)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+    centre = (np.asarray(shape) - 1) / 2 * np.array([0.8, 1.1, 0.9])
+    image = ((((idx - centre) / np.array([7.0, 5.0, 13.0])) ** 2).sum(-1) <= 1)
+    image = image.astype(np.float32) * 100
+    path = tmp_path / "thin.nii.gz"
+    _write_nifti(image, _affine("oblique", spacing=(1.2, 1.3, 1.0)), path)
+    plans = _plans(2, [1.2, 1.3, 10.0])
+    assert plans.resampling_spacing == [1.2, 1.3, 0.0]
+    predictor = Predictor([_threshold_model(2)], plans, device="cpu")
+    pred = predictor.predict_file(path)
+    np.testing.assert_array_equal(pred.mask, _expected(image))
+    # a 3D model resamples every axis: the same volume on its 10 mm grid cannot be exact
+    coarse = Predictor([_threshold_model(3)], _plans(3, [1.2, 1.3, 10.0]), device="cpu")
+    assert (coarse.predict_file(path).mask != _expected(image)).sum() > 100
+
+
+@pytest.mark.parametrize("axcodes", ["voxel", "RAS"])
+def test_real_acdc_volume_resliced_thin_keeps_its_slices(acdc_dir, tmp_path, axcodes):
+    """patient001's ED frame (1.5625 mm pixels, 10 mm slices) written as 70 slices of 10/7 mm,
+    each original slice repeated 7 times over its own 10 mm (what a thin-slice export of the
+    same stack looks like to the reader): a 2D model's mask is the original's, slice for
+    slice — in the plans' voxel axes (1.43 mm slices are finer than the pixels, and the slice
+    axis stays the stack axis: ``orientation.STACK_AXIS_RATIO``) and in 0.1's RAS axes."""
+    src = nib.load(str(acdc_dir / "patient001" / "patient001_frame01.nii.gz"))
+    image = np.asarray(src.dataobj, dtype=np.float32)
+    thin_affine = src.affine.copy()
+    thin_affine[:3, 2] /= 7
+    thin_affine[:3, 3] += src.affine[:3, 2] * (-0.5 + 0.5 / 7)  # same slab, finer slices
+    _write_nifti(image, src.affine, tmp_path / "thick.nii.gz")
+    _write_nifti(np.repeat(image, 7, axis=2), thin_affine, tmp_path / "thin.nii.gz")
+    spacing = [float(v) for v in src.header.get_zooms()[:3]]
+    plans = _plans(2, spacing).model_copy(update={"axcodes": axcodes})
+    predictor = Predictor([_threshold_model(2)], plans, device="cpu")
+    thick = predictor.predict_file(tmp_path / "thick.nii.gz").mask
+    thin = predictor.predict_file(tmp_path / "thin.nii.gz").mask
+    assert thin.shape == (*image.shape[:2], 70)
+    assert 0.2 < thick.mean() < 0.8  # the threshold splits the image: a real test
+    mismatch = (thin != np.repeat(thick, 7, axis=2)).mean()
+    assert mismatch < 1e-4, mismatch  # resampled to 10 mm and back: 8 % of the voxels differed
+
+
 def test_4d_refused_or_split(tmp_path):
     affine = _affine("lps")
     frames = np.stack([_phantom(), np.roll(_phantom(), 3, axis=0)], axis=-1)

@@ -129,6 +129,19 @@ def test_implausible_spacing_and_resampled_size(tmp_path):
     _refused(nifti_volume(tmp_path / "n.nii.gz"), "4096 voxels", exc=VolumeTooLarge, limits=small)
 
 
+def test_an_axis_kept_at_its_own_spacing_is_bounded_by_the_finest_spacing(tmp_path):
+    # A 2D model keeps the slice spacing (target 0 there): the header alone cannot tell which
+    # voxel axis that is, so the cap counts it at the finest declared spacing (2 mm here):
+    # 32 x 32 mm in-plane at 1 mm, 128 mm / 2 mm = 65536 voxels (the true count is 16384).
+    path = nifti_volume(tmp_path / "k.nii.gz", shape=(16, 16, 16), spacing=(2.0, 2.0, 8.0))
+    check_image_header(path, target_spacing=(1.0, 1.0, 0.0),
+                       limits=HeaderLimits(max_resampled_voxels=65536))
+    message = _refused(path, "about 6.55e[+]04 voxels", exc=VolumeTooLarge,
+                       target_spacing=(1.0, 1.0, 0.0),
+                       limits=HeaderLimits(max_resampled_voxels=65535))
+    assert "(1 x 1 x own mm)" in message
+
+
 def test_only_3d_unless_4d_allowed(tmp_path):
     four = nifti_volume(tmp_path / "c.nii.gz", shape=(8, 8, 8, 3))
     _refused(four, "4D")
@@ -152,7 +165,7 @@ def test_predictor_refuses_a_hostile_local_file_before_reading(tmp_path):
     from uumamba.inference.predict import Predictor
 
     class Plan:
-        target_spacing = (1.0, 1.0, 1.0)
+        resampling_spacing = (1.0, 1.0, 1.0)
         num_input_channels = 1
 
     predictor = Predictor.__new__(Predictor)

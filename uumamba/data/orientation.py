@@ -9,10 +9,15 @@ body's z axis: the thick axis is resampled to in-plane spacing, an in-plane axis
 uumamba therefore works in each image's own voxel axes, as nnU-Net does, with one
 permutation-only reorientation (:func:`plan_axes_order`): the voxel axis with the largest
 spacing goes last (axis 2, the plan's slice axis for anisotropic data), the other two keep
-their order, and no axis is flipped; the array then carries the canonical affine of its own
-axes (``diag(spacing)``), so resampling happens in the voxel frame. Rotating an image's affine
-(its direction in the world) therefore changes nothing the network sees, and the inverse puts
-the mask back on the input's voxel grid, with the input's own affine, exactly.
+their order, and no axis is flipped — unless the last voxel axis is within
+:data:`STACK_AXIS_RATIO` of the largest spacing: then nothing moves. A DICOM series and its
+NIfTI conversion stack their slices along the last voxel axis, so in a thin-slice or near-
+isotropic volume (1.56 × 1.56 mm pixels, 1.43 mm slices) that axis is still the slice axis;
+taking the 1.56 mm pixel axis as "the thickest" would slice a short-axis stack lengthwise.
+The array then carries the canonical affine of its own axes (``diag(spacing)``), so
+resampling happens in the voxel frame. Rotating an image's affine (its direction in the
+world) therefore changes nothing the network sees, and the inverse puts the mask back on the
+input's voxel grid, with the input's own affine, exactly.
 
 Plans made before this rule (``plans.axcodes == "RAS"``) keep MONAI ``Orientationd("RAS")`` so
 their networks see what they were trained on; new plans say ``"voxel"``
@@ -37,6 +42,11 @@ SPACING_RTOL = 1e-3
 #: Axis labels of the RAS convention (MONAI's default for non-LPS tensors), passed explicitly.
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
+#: The last voxel axis stays the slice axis when its spacing is at least the largest divided by
+#: this: a stack written with its thick axis elsewhere (a permuted array) differs by 2x or more
+#: (short-axis cine 1.25-2 mm pixels vs 5-10 mm slices, LGE 0.625 vs 1.25-2.5 mm).
+STACK_AXIS_RATIO = 1.5
+
 #: ``plans.axcodes`` value of the voxel-axis rule (anything else is a MONAI axcodes string).
 VOXEL_AXES = "voxel"
 
@@ -54,9 +64,12 @@ def plan_axes_order(affine: np.ndarray) -> tuple[int, int, int]:
 
     Returns:
         ``order`` with ``order[k]`` = the input voxel axis that becomes plan axis ``k``;
-        ``(0, 1, 2)`` when the thickest axis is already last or spacings tie.
+        ``(0, 1, 2)`` when the last axis is the thickest, ties with it, or is within
+        :data:`STACK_AXIS_RATIO` of it (a thin-slice stack keeps its slice axis).
     """
     spacing = voxel_spacing(affine)
+    if spacing[2] * STACK_AXIS_RATIO >= spacing.max():
+        return (0, 1, 2)
     thick = int(np.flatnonzero(spacing >= spacing.max() * (1 - SPACING_RTOL))[-1])
     return (*(a for a in range(3) if a != thick), thick)  # type: ignore[return-value]
 

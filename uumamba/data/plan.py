@@ -195,6 +195,20 @@ class Plans(BaseModel):
         return max(self.labels) + 1
 
     @property
+    def resampling_spacing(self) -> list[float]:
+        """The spacing (mm, plan axes) the preprocessing resamples to: ``target_spacing`` for
+        3D models; for 2D models the in-plane target with ``0.0`` along ``slice_axis``, which
+        MONAI's ``Spacing`` reads as "keep the volume's own spacing" (a non-positive
+        ``pixdim``). A 2D network never looks across slices, so its input keeps every slice
+        the scanner acquired: a 1.4 mm isotropic volume is segmented on its own slices, not
+        averaged onto the 10 mm training grid and copied back in blocks (nnU-Net's 2D
+        configuration keeps the out-of-plane spacing the same way)."""
+        if self.spatial_dims == 3:
+            return list(self.target_spacing)
+        return [0.0 if axis == self.slice_axis else float(t)
+                for axis, t in enumerate(self.target_spacing)]
+
+    @property
     def in_plane_axes(self) -> tuple[int, int]:
         """The two oriented-volume axes a 2D model sees (those other than ``slice_axis``)."""
         axes = tuple(a for a in range(3) if a != self.slice_axis)

@@ -8,7 +8,8 @@ Shared preprocessing (deterministic, so ``CacheDataset`` / ``PersistentDataset``
 NRRD / MHA, :class:`~uumamba.data.readers.DicomSeriesReader` for DICOM series folders) -> ``EnsureChannelFirstd`` -> the plan's reorientation
 (:func:`uumamba.data.orientation.reorientation_transform`: the image's own voxel axes with the
 thickest last, or ``Orientationd("RAS")`` for older plans) -> ``Spacingd``
-(``plans.target_spacing`` along those axes, direction kept; images bilinear, labels nearest) -> [``CropForegroundd`` to the
+(``plans.resampling_spacing`` along those axes: the target spacing, except that 2D models keep
+each volume's own slice spacing; direction kept; images bilinear, labels nearest) -> [``CropForegroundd`` to the
 non-zero image box: training and validation only] -> :class:`NormalizeFromPlan` -> cast.
 
 Training then pads to the sampling size, draws one patch with foreground oversampling
@@ -68,7 +69,7 @@ from monai.transforms import (
 
 from uumamba.config import AugmentationConfig, TrainConfig
 from uumamba.data.dataset import case_to_item, make_dataset
-from uumamba.data.orientation import reorientation_transform
+from uumamba.data.orientation import STACK_AXIS_RATIO, reorientation_transform
 from uumamba.data.plan import ChannelNormalization, Plans
 from uumamba.data.readers import DicomSeriesReader, SimpleITKReader
 from uumamba.utils import plain_tensor
@@ -285,7 +286,8 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
 def _signed(pipeline: Compose, kind: str, plans: Plans, **extra) -> Compose:
     """Attach ``cache_signature``: a digest of what the cached (deterministic) part of the
     pipeline depends on, so disk caches of different plans or pipelines never mix."""
-    key = {"kind": kind, "plans": plans.model_dump(mode="json", exclude={"fingerprint"}), **extra}
+    key = {"kind": kind, "plans": plans.model_dump(mode="json", exclude={"fingerprint"}),
+           "resampling": plans.resampling_spacing, "stack_axis_ratio": STACK_AXIS_RATIO, **extra}
     pipeline.cache_signature = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return pipeline
 
@@ -300,7 +302,7 @@ def _preprocessing(plans: Plans, with_label: bool, crop_foreground: bool,
         _reader_transform(keys),
         EnsureChannelFirstd(keys),
         reorientation_transform(keys, plans.axcodes),
-        Spacingd(keys, pixdim=plans.target_spacing, mode=modes),
+        Spacingd(keys, pixdim=plans.resampling_spacing, mode=modes),
     ]
     if crop_foreground:
         # no foreground_start/end_coord keys: nothing reads them, and PersistentDataset
@@ -398,7 +400,8 @@ def training_transforms(plans: Plans, train_cfg: TrainConfig) -> Compose:
 
 def validation_transforms(plans: Plans) -> Compose:
     """Whole preprocessed 3D volumes with labels: ``image`` ``(C, x, y, z)`` float32, ``label``
-    ``(1, x, y, z)`` uint8, on the target-spacing grid, cropped to the non-zero box."""
+    ``(1, x, y, z)`` uint8, on the resampling grid (``plans.resampling_spacing``), cropped to
+    the non-zero box."""
     return _signed(Compose(_preprocessing(plans, with_label=True, crop_foreground=True)),
                    "validation", plans)
 
@@ -406,8 +409,8 @@ def validation_transforms(plans: Plans) -> Compose:
 def inference_transforms(plans: Plans, record_statistics: bool = False) -> Compose:
     """Image-only preprocessing, invertible with ``Invertd(orig_keys="image")``.
 
-    Output: ``image`` ``(C, x, y, z)`` float32 MetaTensor on the target-spacing grid of the
-    plan's axes, carrying the applied operations that ``Invertd`` undoes (resampling,
+    Output: ``image`` ``(C, x, y, z)`` float32 MetaTensor on the resampling grid of the
+    plan's axes (``plans.resampling_spacing``), carrying the applied operations that ``Invertd`` undoes (resampling,
     reorientation); with ``record_statistics`` also ``image_statistics``
     (:class:`RecordIntensityStatisticsd`, measured before normalisation).
     """

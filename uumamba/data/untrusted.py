@@ -102,8 +102,10 @@ def check_image_header(
     Args:
         path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.hdr`` or
             ``.img`` file. Other endings are not inspected (``None`` is returned).
-        target_spacing: the model's target spacing (x, y, z mm) for the resampled-size cap;
-            ``None`` skips that cap.
+        target_spacing: the spacing (mm) the model resamples to, for the resampled-size cap
+            (``Plans.resampling_spacing``); a value <= 0 is an axis kept at the volume's own
+            spacing (a 2D model's slice axis), bounded by the finest spacing the header
+            declares; ``None`` skips that cap.
         limits: caps (default :class:`HeaderLimits`).
         allow_detached: accept a detached data file inside the header's own folder (local
             files); uploads leave this ``False``.
@@ -185,12 +187,15 @@ def _check_info(info: HeaderInfo, label: str, limits: HeaderLimits,
             raise DataError(f"{label}: voxel spacing {s:g} mm along axis {axis} is implausible "
                             f"(allowed {limits.min_spacing_mm:g}-{limits.max_spacing_mm:g} mm)")
     if target_spacing is not None:
-        target = [float(t) for t in target_spacing][:3]
+        # Which voxel axis becomes a kept (native) axis depends on the affine, which this
+        # header-only check does not have: the finest declared spacing bounds its count.
+        target = [float(t) if t > 0 else min(spacing) for t in list(target_spacing)[:3]]
         extent = math.prod(n * s for n, s in zip(shape[:3], spacing, strict=True))
         resampled = extent / math.prod(target) * (shape[3] if ndim == 4 else 1)
         if resampled > limits.max_resampled_voxels:
+            grid = " x ".join(f"{t:g}" if t > 0 else "own" for t in list(target_spacing)[:3])
             raise VolumeTooLarge(
-                f"{label}: resampled to the model's spacing {target} mm the volume would have "
+                f"{label}: resampled to the model's spacing ({grid} mm) the volume would have "
                 f"about {resampled:.3g} voxels, above the limit of {limits.max_resampled_voxels}")
 
 

@@ -14,7 +14,8 @@ and returns one sentence per problem:
   model given an image whose percentile-1 intensity is above −200 HU (no air: not HU) or whose
   percentile 99 is above 4000;
 - **spacing** more than :data:`SPACING_FACTOR` times finer or coarser than every training
-  case along an axis (in the plan's axes);
+  case along an axis (in the plan's axes; for a 2D model only in-plane, since it keeps each
+  volume's own slices: ``Plans.resampling_spacing``);
 - **field of view** in-plane smaller than :data:`MIN_FOV_FRACTION` of the training median
   (it cannot hold the anatomy).
 
@@ -79,7 +80,8 @@ def _geometry_problems(geometry: Geometry, plans: Plans) -> list[str]:
     train_spacing, train_shape = np.asarray(fp.spacings), np.asarray(fp.shapes)
     problems = []
     low, high = train_spacing.min(axis=0), train_spacing.max(axis=0)
-    for axis in range(3):
+    checked = range(3) if plans.spatial_dims == 3 else plans.in_plane_axes
+    for axis in checked:
         if spacing[axis] < low[axis] / SPACING_FACTOR or spacing[axis] > high[axis] * SPACING_FACTOR:
             problems.append(f"spacing {spacing[axis]:g} mm along axis {axis} is far outside the "
                             f"training range {low[axis]:g}-{high[axis]:g} mm")

@@ -5,8 +5,8 @@ Flow of :meth:`Predictor.predict_file` (one 3D volume, or one file per input cha
 1. the header is read first: a 4D image is refused with the reason (or split into 3D
    frames when asked);
 2. ``inference_transforms(plans)`` (the training preprocessing without cropping: load,
-   channel first, reorient to ``plans.axcodes``, resample to ``plans.target_spacing``,
-   normalise) gives the network's input grid;
+   channel first, reorient to ``plans.axcodes``, resample to ``plans.resampling_spacing``
+   (2D models keep the input's slice spacing), normalise) gives the network's input grid;
 3. every fold's network predicts softmax probabilities with Gaussian-weighted sliding windows
    (:func:`uumamba.inference.sliding.accumulate_window_probabilities`, optional mirroring
    TTA), all folds adding into one (K, X, Y, Z) float32 buffer: the fold ensemble is the mean
@@ -329,7 +329,7 @@ class Predictor:
                 :func:`uumamba.data.untrusted.check_local_inputs` (too large, implausible
                 spacing, a data file outside the header's folder).
         """
-        check_local_inputs(path, self.plans.target_spacing)
+        check_local_inputs(path, self.plans.resampling_spacing)
         paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
         if len(paths) != self.plans.num_input_channels:
             raise UserError(f"{paths[0]}: the model takes {self.plans.num_input_channels} input "
