@@ -301,3 +301,25 @@ def test_predict_zero_pixdim_is_one_line(tmp_path, monkeypatch, capsys):
     assert err == [f"error: {path}: spacing along axis 2 is 0 mm (pixdim[3] = 0); "
                    "voxel sizes must be positive"]
     assert not list((tmp_path / "out").glob("scan*"))
+
+
+def test_predict_folder_skip_line_is_not_wrapped_when_piped(tmp_path, monkeypatch, capsys):
+    """Each message is one line in a log, however long the path (rich wraps at 80 columns when
+    the output is not a terminal)."""
+    from uumamba import cli
+
+    folder = tmp_path / ("input_folder_with_a_long_name_" * 3)
+    folder.mkdir()
+    _save(folder / "good_0000.nii.gz", np.ones((44, 42, 3), np.float32))
+    bad = _set_pixdim(_save(folder / "bad_0000.nii", np.ones((44, 42, 3), np.float32)), 3, 0.0)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(sys, "argv", [
+        "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(folder),
+        "--output", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    skipped = [line for line in lines if line.startswith("skipped")]
+    assert skipped and all(str(bad) in line and "pixdim[3] = 0" in line for line in skipped), lines
+    assert (tmp_path / "out" / "good.nii.gz").exists()

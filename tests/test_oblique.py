@@ -117,6 +117,11 @@ def test_rotated_copies_plan_like_the_unrotated_dataset(dataset, tmp_path):
     ((1.5625, 1.5625, 1.43), (0, 1, 2)),  # thin slices finer than the pixels: the stack axis
     ((1.0, 1.2, 0.9), (0, 1, 2)),       # near-isotropic: the stack axis
     ((1.0, 1.0, 1.0), (0, 1, 2)),
+    ((1.5625, 1.5625, 1.0), (0, 1, 2)),  # 1 mm slices: the pixels are not "the thickest"
+    ((1.25, 1.25, 0.8), (0, 1, 2)),
+    ((2.0, 1.5625, 1.5625), (1, 2, 0)),  # 2 mm slices written first: the square pixels say so
+    ((1.5625, 1.0, 1.5625), (0, 2, 1)),  # 1 mm slices written in the middle
+    ((1.0, 1.2, 1.4), (0, 1, 2)),       # nothing says: the stack axis
 ])
 def test_the_slice_axis_is_the_thick_axis_or_the_stack_axis(spacing, order):
     affine = DOUBLE_OBLIQUE @ np.diag([*spacing, 1.0])

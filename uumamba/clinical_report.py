@@ -8,9 +8,10 @@ reference ranges (:data:`REFERENCE_RANGES`), the pairing rule, every undefined v
 reason, and the model's name, version and the SHA-256 of every checkpoint
 (:class:`uumamba.model_folder.ModelFolder`).
 
-Mid slice: the slice axis is the voxel axis with the largest spacing (the short-axis stack of
-a cine MRI); the slice shown is the middle one of the slices holding LV at that phase (the
-middle of the volume when the LV is empty).
+Mid slice: the slice axis is the one the model sliced along
+(:func:`uumamba.data.orientation.slice_axis`: the clearly thickest voxel axis of a short-axis
+stack, else the stack axis); the slice shown is the middle one of the slices holding LV at that
+phase (the middle of the volume when the LV is empty).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from uumamba.clinical import (
     records_from_volumes,
     write_clinical,
 )
+from uumamba.data.orientation import slice_axis
 from uumamba.errors import DataError, UserError
 from uumamba.utils import atomic_path
 
@@ -77,9 +79,10 @@ _COLOURS = {"RV": (0.12, 0.47, 0.95), "MYO": (0.10, 0.75, 0.25), "LV": (0.95, 0.
 
 
 def mid_slice(mask: np.ndarray, spacing: Sequence[float], lv_value: int) -> tuple[int, int]:
-    """(slice axis, index) of the mid-ventricular slice of an (x, y, z) mask: the axis with
-    the largest spacing, the middle of the slices holding ``lv_value`` (else of the volume)."""
-    axis = int(np.argmax([float(s) for s in spacing[:3]]))
+    """(slice axis, index) of the mid-ventricular slice of an (x, y, z) mask: the slice axis
+    (:func:`uumamba.data.orientation.slice_axis`), the middle of the slices holding
+    ``lv_value`` (else of the volume)."""
+    axis = slice_axis([float(s) for s in spacing[:3]])
     other = tuple(a for a in range(3) if a != axis)
     present = np.flatnonzero(np.any(np.asarray(mask) == lv_value, axis=other))
     if present.size == 0:

@@ -135,7 +135,7 @@ class PlanConfig(_Section):
     Attributes:
         target_spacing: voxel spacing in mm per reoriented axis (``voxel``: in-plane, in-plane,
             slice axis; ``ras``: x, y, z).
-        reorientation: ``voxel`` (default): each image's own voxel axes, the thickest last —
+        reorientation: ``voxel`` (default): each image's own voxel axes, the slice axis last —
             oblique and double-oblique short-axis series keep their slice axis whatever their
             direction; ``ras``: MONAI ``Orientationd("RAS")``, the 0.1 behaviour, which picks
             the wrong slice axis for slice normals tilted over 45°.

@@ -221,7 +221,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
         digests = ModelFolder(r.model_dir).digests(predictor.fold_names)
         options["extra"].update(model_version=ModelFolder.version(digests),
                                 weights_sha256={d.fold: d.sha256 for d in digests})
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one line per message in logs
     if len(cases) == 1 and r.input_path.is_file() and not refused and not ctx.enabled:
         case, files = cases[0]
         if r.resume and written_volumes(case, files, r.output_dir, split_4d=r.split_4d,

@@ -7,13 +7,16 @@ body's z axis: the thick axis is resampled to in-plane spacing, an in-plane axis
 2D model segments the wrong plane.
 
 uumamba therefore works in each image's own voxel axes, as nnU-Net does, with one
-permutation-only reorientation (:func:`plan_axes_order`): the voxel axis with the largest
-spacing goes last (axis 2, the plan's slice axis for anisotropic data), the other two keep
-their order, and no axis is flipped — unless the last voxel axis is within
-:data:`STACK_AXIS_RATIO` of the largest spacing: then nothing moves. A DICOM series and its
-NIfTI conversion stack their slices along the last voxel axis, so in a thin-slice or near-
-isotropic volume (1.56 × 1.56 mm pixels, 1.43 mm slices) that axis is still the slice axis;
-taking the 1.56 mm pixel axis as "the thickest" would slice a short-axis stack lengthwise.
+permutation-only reorientation (:func:`plan_axes_order`) that moves the slice axis last (axis 2,
+the plan's slice axis for anisotropic data), keeps the other two in their order and flips
+nothing. The slice axis is the voxel axis that is *clearly* the thickest (at least
+:data:`STACK_AXIS_RATIO` × the second-largest spacing: 5-10 mm short-axis slices, LGE's 2×
+anisotropy); in a thin-slice or near-isotropic volume, the axis whose two others have square
+pixels (equal spacing); otherwise the last voxel axis, along which a DICOM series and its NIfTI
+conversion stack their slices. Taking "the thickest axis" in a thin-slice stack (1.56 × 1.56
+mm pixels, 1.0 or 1.43 mm slices) would slice it lengthwise. A near-isotropic volume whose
+pixels are not square and whose axes were permuted is ambiguous from its header alone: it keeps
+its last voxel axis.
 The array then carries the canonical affine of its own axes (``diag(spacing)``), so
 resampling happens in the voxel frame. Rotating an image's affine (its direction in the
 world) therefore changes nothing the network sees, and the inverse puts the mask back on the
@@ -35,17 +38,20 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, Orientationd
 from monai.utils import TraceKeys, convert_data_type
 
-#: Spacings within this relative tolerance count as equal (the later axis is then the thick one,
-#: so an isotropic volume is not permuted).
+#: Spacings within this relative tolerance count as equal (square pixels).
 SPACING_RTOL = 1e-3
 
 #: Axis labels of the RAS convention (MONAI's default for non-LPS tensors), passed explicitly.
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
-#: The last voxel axis stays the slice axis when its spacing is at least the largest divided by
-#: this: a stack written with its thick axis elsewhere (a permuted array) differs by 2x or more
-#: (short-axis cine 1.25-2 mm pixels vs 5-10 mm slices, LGE 0.625 vs 1.25-2.5 mm).
+#: An axis is the slice axis by thickness alone when its spacing is at least this times the
+#: second-largest: a stack's thick axis is 2x or more (short-axis cine 1.25-2 mm pixels vs 5-10
+#: mm slices, LGE 0.625 vs 1.25-2.5 mm); thinner slices are found by the square pixels.
 STACK_AXIS_RATIO = 1.5
+
+#: Version of :func:`plan_axes_order`'s rule, part of the cache signature (a cache made under
+#: an older rule may hold volumes sliced along another axis).
+AXES_RULE = 2
 
 #: ``plans.axcodes`` value of the voxel-axis rule (anything else is a MONAI axcodes string).
 VOXEL_AXES = "voxel"
@@ -56,22 +62,33 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
 
 
+def slice_axis(spacing) -> int:
+    """The slice axis of a volume of voxel ``spacing`` (3 values, mm), in this order: the axis
+    at least :data:`STACK_AXIS_RATIO` × thicker than the second-thickest; the odd one out when
+    exactly two axes have equal spacing (square pixels, within :data:`SPACING_RTOL`); the last
+    voxel axis (the stack axis of a DICOM series and its NIfTI conversion)."""
+    spacing = np.asarray(spacing, dtype=float)[:3]
+    second, largest = np.sort(spacing)[1:]
+    if largest >= STACK_AXIS_RATIO * second:
+        return int(np.argmax(spacing))
+    equal = [bool(np.isclose(spacing[a], spacing[b], rtol=SPACING_RTOL, atol=0))
+             for a, b in ((1, 2), (0, 2), (0, 1))]  # equal[k]: the two axes other than k
+    return equal.index(True) if sum(equal) == 1 else 2
+
+
 def plan_axes_order(affine: np.ndarray) -> tuple[int, int, int]:
-    """The voxel axes in plan order: the two finer axes in their own order, the thickest last.
+    """The voxel axes in plan order: the two in-plane axes in their own order, the slice axis
+    (:func:`slice_axis`) last.
 
     Args:
         affine: (4, 4) voxel-to-world matrix (RAS or LPS: only column norms are used).
 
     Returns:
         ``order`` with ``order[k]`` = the input voxel axis that becomes plan axis ``k``;
-        ``(0, 1, 2)`` when the last axis is the thickest, ties with it, or is within
-        :data:`STACK_AXIS_RATIO` of it (a thin-slice stack keeps its slice axis).
+        ``(0, 1, 2)`` when the slice axis is already last.
     """
-    spacing = voxel_spacing(affine)
-    if spacing[2] * STACK_AXIS_RATIO >= spacing.max():
-        return (0, 1, 2)
-    thick = int(np.flatnonzero(spacing >= spacing.max() * (1 - SPACING_RTOL))[-1])
-    return (*(a for a in range(3) if a != thick), thick)  # type: ignore[return-value]
+    axis = slice_axis(voxel_spacing(affine))
+    return (*(a for a in range(3) if a != axis), axis)  # type: ignore[return-value]
 
 
 def world_rotation(axis: int, degrees: float) -> np.ndarray:

@@ -4,7 +4,7 @@ network topology, batch size).
 The rules follow nnU-Net v2's experiment planner (Isensee et al., Nature Methods 2021):
 
 * fingerprint — voxel spacing and shape of every case in the plan's axes (its own voxel axes,
-  thickest last; :mod:`uumamba.data.orientation`), and
+  the slice axis last; :mod:`uumamba.data.orientation`), and
   intensity statistics of foreground voxels (up to 10,000 sampled per case with a fixed seed);
 * target spacing — per-axis median spacing; when the data are strongly anisotropic (largest
   median spacing > 3x the smallest, and that axis has < 1/3 the voxels of the largest other
@@ -153,7 +153,7 @@ class Plans(BaseModel):
         labels: label value -> name, background (0) included.
         num_input_channels: image channels per case.
         axcodes: how every volume is reoriented before resampling: ``voxel`` (its own voxel
-            axes, the thickest last, no flips: :mod:`uumamba.data.orientation`; plans since
+            axes, the slice axis last, no flips: :mod:`uumamba.data.orientation`; plans since
             0.2) or a MONAI axcodes string (``RAS``: plans of 0.1, kept for their networks).
         target_spacing: voxel spacing in mm along the reoriented axes 0, 1, 2 (``voxel``: the
             two in-plane axes, then the slice axis).

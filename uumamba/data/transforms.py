@@ -7,7 +7,7 @@ Shared preprocessing (deterministic, so ``CacheDataset`` / ``PersistentDataset``
 ``LoadImaged`` (NibabelReader for NIfTI, :class:`~uumamba.data.readers.SimpleITKReader` for
 NRRD / MHA, :class:`~uumamba.data.readers.DicomSeriesReader` for DICOM series folders) -> ``EnsureChannelFirstd`` -> the plan's reorientation
 (:func:`uumamba.data.orientation.reorientation_transform`: the image's own voxel axes with the
-thickest last, or ``Orientationd("RAS")`` for older plans) -> ``Spacingd``
+slice axis last, or ``Orientationd("RAS")`` for older plans) -> ``Spacingd``
 (``plans.resampling_spacing`` along those axes: the target spacing, except that 2D models keep
 each volume's own slice spacing; direction kept; images bilinear, labels nearest) -> [``CropForegroundd`` to the
 non-zero image box: training and validation only] -> :class:`NormalizeFromPlan` -> cast.
@@ -69,7 +69,7 @@ from monai.transforms import (
 
 from uumamba.config import AugmentationConfig, TrainConfig
 from uumamba.data.dataset import case_to_item, make_dataset
-from uumamba.data.orientation import STACK_AXIS_RATIO, reorientation_transform
+from uumamba.data.orientation import AXES_RULE, STACK_AXIS_RATIO, reorientation_transform
 from uumamba.data.plan import ChannelNormalization, Plans
 from uumamba.data.readers import DicomSeriesReader, SimpleITKReader
 from uumamba.utils import plain_tensor
@@ -287,7 +287,8 @@ def _signed(pipeline: Compose, kind: str, plans: Plans, **extra) -> Compose:
     """Attach ``cache_signature``: a digest of what the cached (deterministic) part of the
     pipeline depends on, so disk caches of different plans or pipelines never mix."""
     key = {"kind": kind, "plans": plans.model_dump(mode="json", exclude={"fingerprint"}),
-           "resampling": plans.resampling_spacing, "stack_axis_ratio": STACK_AXIS_RATIO, **extra}
+           "resampling": plans.resampling_spacing, "stack_axis_ratio": STACK_AXIS_RATIO,
+           "axes_rule": AXES_RULE, **extra}
     pipeline.cache_signature = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return pipeline
 
