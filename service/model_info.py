@@ -39,6 +39,7 @@ def describe_model(model_dir: str | Path, folds: list[str] | None = None) -> Mod
         labels=dict(sorted(folder.labels(plans).items())),
         modality=plans.modality,
         target_spacing_mm=[float(s) for s in plans.target_spacing],
+        resampling_spacing_mm=[float(s) for s in plans.resampling_spacing],
         patch_size=[int(s) for s in plans.patch_size],
         folds=[d.fold for d in digests],
         weights=[WeightsFile(**asdict(d)) for d in digests],

@@ -98,8 +98,12 @@ class ModelInfo(BaseModel):
     labels: dict[int, str] = Field(description="Label value -> name, background (0) included.",
                                    examples=[{0: "background", 1: "RV", 2: "MYO", 3: "LV"}])
     modality: str | None = Field(description="MRI or CT (decides the intensity normalisation).", examples=["MRI"])
-    target_spacing_mm: list[float] = Field(description="Resampling spacing (x, y, z) in mm.",
+    target_spacing_mm: list[float] = Field(description="Target spacing of the plan (in-plane, in-plane, slice axis) in mm.",
                                            examples=[[1.5, 1.5, 5.0]])
+    resampling_spacing_mm: list[float] = Field(
+        description="What a volume is resampled to, per plan axis, in mm; 0 = the volume's own "
+                    "spacing along that axis (a 2D model keeps each volume's slices).",
+        examples=[[1.5, 1.5, 0.0]])
     patch_size: list[int] = Field(description="Sliding-window patch size in voxels.", examples=[[192, 192, 16]])
     folds: list[str] = Field(description="Folds ensembled at inference.", examples=[["fold_0", "fold_1"]])
     weights: list[WeightsFile] = Field(description="The checkpoint of every fold with its SHA-256.")

@@ -303,8 +303,11 @@ async def _receive_checked(request: Request, state: ServiceState, workdir: Path,
         from uumamba.clinical import label_roles
 
         label_roles(state.info.labels)  # DataError (422) for a model without an LV label
+    # the grid the predictor resamples to (a 2D model keeps each volume's slices: 0 = own),
+    # from the in-process predictor or, in an API process without one, the model's description
     plans = getattr(state.predictor, "plans", None)
-    target = getattr(plans, "target_spacing", None) or getattr(state.info, "target_spacing", None)
+    target = getattr(plans, "resampling_spacing", None) or \
+        getattr(state.info, "resampling_spacing_mm", None)
     for received in (upload, upload.es):
         if received is None:
             continue

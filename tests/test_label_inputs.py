@@ -323,3 +323,30 @@ def test_predict_folder_skip_line_is_not_wrapped_when_piped(tmp_path, monkeypatc
     skipped = [line for line in lines if line.startswith("skipped")]
     assert skipped and all(str(bad) in line and "pixdim[3] = 0" in line for line in skipped), lines
     assert (tmp_path / "out" / "good.nii.gz").exists()
+
+
+def test_predict_set_changes_the_models_inference_settings(tmp_path, monkeypatch, capsys):
+    """``--set inference.input_check=refuse`` refuses a blank scan the model's own setting
+    (``warn``) would segment; keys outside ``inference`` and bad values are one-line errors."""
+    from uumamba import cli
+
+    path = _save(tmp_path / "blank.nii.gz", np.zeros((44, 42, 3), np.float32))
+
+    def run(*extra):
+        monkeypatch.setattr(sys, "argv", [
+            "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(path),
+            "--output", str(tmp_path / "out"), "--device", "cpu", *extra])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+    code, err = run("--set", "inference.input_check=refuse")
+    assert code == 1 and err == [f"error: {path}: refused (inference.input_check = refuse): "
+                                 "the image is blank or constant (intensities 0 to 0): there is "
+                                 "no anatomy to segment"]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    code, err = run("--set", "train.epochs=3")
+    assert code == 1 and len(err) == 1 and "predict changes only the inference section" in err[0]
+    code, err = run("--set", "inference.overlap=2")
+    assert code == 1 and err == ["error: --set: invalid configuration: 'inference.overlap': "
+                                 "Input should be less than 1 (got 2)"]

@@ -122,7 +122,22 @@ def test_rotated_copies_plan_like_the_unrotated_dataset(dataset, tmp_path):
     ((2.0, 1.5625, 1.5625), (1, 2, 0)),  # 2 mm slices written first: the square pixels say so
     ((1.5625, 1.0, 1.5625), (0, 2, 1)),  # 1 mm slices written in the middle
     ((1.0, 1.2, 1.4), (0, 1, 2)),       # nothing says: the stack axis
+    ((1.4844, 1.5, 1.5), (0, 1, 2)),    # near-isotropic, a rounded pixel: the stack axis
+    ((1.4, 1.5, 1.5), (1, 2, 0)),       # 7 % off square pixels; the shape says otherwise below
 ])
 def test_the_slice_axis_is_the_thick_axis_or_the_stack_axis(spacing, order):
     affine = DOUBLE_OBLIQUE @ np.diag([*spacing, 1.0])
     assert plan_axes_order(affine) == order
+
+
+@pytest.mark.parametrize(("spacing", "shape", "order"), [
+    ((1.4, 1.5, 1.5), (40, 40, 12), (0, 1, 2)),      # non-square pixels, 12 slices stacked last
+    ((1.0, 1.0, 1.0), (1, 40, 40), (1, 2, 0)),       # one slice written slice axis first
+    ((1.0, 1.0, 1.0), (40, 2, 40), (0, 2, 1)),
+    ((1.0, 1.0, 1.0), (96, 96, 48), (0, 1, 2)),      # a 3D box: the stack axis
+    ((1.0, 1.5625, 1.5625), (100, 216, 256), (1, 2, 0)),  # 100 thin slices first: square pixels
+    ((10.0, 1.5, 1.5), (300, 4, 4), (1, 2, 0)),      # the spacing decides before the shape
+])
+def test_a_few_slices_make_the_slice_axis_when_the_spacing_does_not(spacing, shape, order):
+    affine = DOUBLE_OBLIQUE @ np.diag([*spacing, 1.0])
+    assert plan_axes_order(affine, shape) == order

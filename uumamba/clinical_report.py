@@ -82,7 +82,7 @@ def mid_slice(mask: np.ndarray, spacing: Sequence[float], lv_value: int) -> tupl
     """(slice axis, index) of the mid-ventricular slice of an (x, y, z) mask: the slice axis
     (:func:`uumamba.data.orientation.slice_axis`), the middle of the slices holding
     ``lv_value`` (else of the volume)."""
-    axis = slice_axis([float(s) for s in spacing[:3]])
+    axis = slice_axis([float(s) for s in spacing[:3]], np.shape(mask)[:3])
     other = tuple(a for a in range(3) if a != axis)
     present = np.flatnonzero(np.any(np.asarray(mask) == lv_value, axis=other))
     if present.size == 0:

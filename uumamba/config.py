@@ -402,10 +402,10 @@ _SHORT.maxlist = _SHORT.maxdict = 8
 _SHORT.maxlevel = 3
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, within: tuple = ()) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in (*within, *e["loc"]))
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
         else:
@@ -456,6 +456,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[path[-1]] = value
     return data
+
+
+def inference_overrides(cfg: InferenceConfig, overrides: list[str]) -> InferenceConfig:
+    """``cfg`` with ``inference.KEY=VALUE`` strings applied (``predict --set``: a trained
+    model's other sections are fixed by its weights and plans), validated like a config file.
+
+    Raises:
+        ConfigError: a key outside ``inference``, an unknown key, a wrong-typed value, or an
+            override not of the form ``inference.key=value`` (the message names it).
+    """
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("inference.") or key == "inference.":
+            raise ConfigError(f"--set {_SHORT.repr(key)}: predict changes only the inference "
+                              "section (e.g. --set inference.input_check=refuse); the others "
+                              "are the trained model's")
+    data = apply_overrides({"inference": cfg.model_dump()}, overrides)
+    try:
+        return InferenceConfig.model_validate(data["inference"])
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "--set", ("inference",))) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

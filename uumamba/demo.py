@@ -135,9 +135,9 @@ def run_demo(
         cut_short = trained.iteration < ITERATIONS
         if cut_short:
             log.warning(f"the {minutes:g} min cap stopped training after {trained.iteration} of "
-                        f"{ITERATIONS} iterations (this machine is slow or busy): expect Dice "
+                        f"{ITERATIONS} iterations (this machine is slow or busy): Dice may stay "
                         f"below {EXPECTED_MIN_DICE} (RV is learnt last: about 0.6 after half "
-                        "the iterations); rerun with a larger --minutes")
+                        "the iterations); rerun with a larger --minutes if it does")
         log.info("segmenting the held-out cases")
         predictor = Predictor.from_model_dir(root / "model", device=used)
         cases = input_cases(test_dir / "images", predictor.plans.num_input_channels)

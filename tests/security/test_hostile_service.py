@@ -52,7 +52,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "huge": nifti_huge_shape(root / "huge.nii.gz"),
         "bomb": gzip_bomb(root / "bomb.nii.gz", inflated_mib=1024),
         "spacing": nifti_volume(root / "spacing.nii.gz", spacing=(300.0, 300.0, 300.0)),
+        "origin": _with_origin(nifti_volume(root / "origin.nii.gz"), (np.inf, 0.0, 0.0)),
     }
+
+
+def _with_origin(path: Path, origin) -> Path:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    affine = img.affine.copy()
+    affine[:3, 3] = origin
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(path))
+    return path
 
 
 model_dir = service_fixtures.model_dir  # module-scoped fixtures shared with tests/security
@@ -106,6 +117,7 @@ def slow_predictor(model_dir):
     ("huge", 413, "voxels"),
     ("bomb", 413, "beyond the declared size"),
     ("spacing", 422, "implausible"),
+    ("origin", 422, "is not a position in a scanner"),  # crashed the resampling: a 500
 ])
 def test_hostile_file_refused_without_leak(client, files, name, status, words):
     for endpoint in ("/v1/segment", "/v1/jobs"):
@@ -419,3 +431,23 @@ def test_header_caps_follow_the_settings(model_dir, predictor, files):
         assert r.status_code == 413 and "limit of 1000" in r.json()["detail"]
     assert np.prod((16, 16, 8)) > 1000
 
+
+
+def test_both_endpoints_cap_a_2d_models_thin_upload_at_its_own_slices(model_dir, predictor,
+                                                                       tmp_path, monkeypatch):
+    """A 2D model keeps each volume's slices (``plans.resampling_spacing``): /v1/jobs refuses a
+    thin-slice upload that would exceed the resampled-size cap at submission, as /v1/segment
+    does (it used to accept it against the 8 mm target grid and fail it in the worker)."""
+    plans2d = predictor.plans.model_copy(update={"spatial_dims": 2, "slice_axis": 2})
+    monkeypatch.setattr(predictor, "plans", plans2d)
+    thin = nifti_volume(tmp_path / "thin.nii.gz", shape=(40, 40, 200), spacing=(1.5, 1.5, 0.05))
+    # 200 slices kept at their own 0.05 mm: 40 x 40 x 200 voxels; on an 8 mm grid about 2
+    app = create_app(_settings(model_dir, max_resampled_voxels=100_000), predictor=predictor)
+    with TestClient(app) as c:
+        _ready(c)
+        for endpoint in ("/v1/segment", "/v1/jobs"):
+            r = c.post(endpoint, files=_upload(thin))
+            assert r.status_code == 413, (endpoint, r.text)
+            assert "1.5 x 1.5 x own mm" in r.json()["detail"], r.text
+            _assert_no_leak(r.text, c.app)
+        assert c.app.state.service.pool.queued == 0

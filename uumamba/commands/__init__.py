@@ -126,6 +126,7 @@ def predict(
     report: Annotated[bool, typer.Option("--report", help="also write PATIENT_report.html (mid slices, indices, reference ranges) per patient")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="skip cases whose outputs are already written (an interrupted run)")] = False,
     amp: Annotated[str | None, typer.Option(help="auto (bf16 where the device has bf16 matrix units: a GPU of compute capability 8.0+, a CPU with AMX; fp16 on older GPUs; UUMAMBA_CPU_BF16=0 turns it off on CPUs) | off (float32) (default: the model's inference.amp)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override one of the model's inference settings, e.g. inference.input_check=refuse, inference.overlap=0.5 (repeatable)")] = None,
 ) -> None:
     """Segment images with a trained model; masks keep the input's geometry (several processes under torchrun)."""
     _require(model, "--model", folder=True)
@@ -136,7 +137,7 @@ def predict(
         model_dir=model, input_path=input, output_dir=output, folds=folds, tta=tta,
         out_format=format, probabilities=probabilities, uncertainty=uncertainty,
         split_4d=split_4d, device=device, pairs=pairs, report=report, frame=frame,
-        resume=resume, amp=amp,
+        resume=resume, amp=amp, overrides=set_ or [],
     )
 
 

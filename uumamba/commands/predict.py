@@ -45,7 +45,7 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
                      uncertainty: bool = False, split_4d: bool = False, device: str = "auto",
                      pairs: Path | None = None, report: bool = False,
                      frame: int | None = None, resume: bool = False,
-                     amp: str | None = None) -> list[Path]:
+                     amp: str | None = None, overrides: list[str] | None = None) -> list[Path]:
     """Segment a file, a folder of images, or DICOM (a folder of series or a ``.zip``).
 
     DICOM input (:func:`uumamba.inference.inputs.is_dicom_input`): each series becomes one
@@ -54,8 +54,14 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
     ``frame`` picks one temporal position of 4D series (``split_4d`` splits them); a series
     that cannot be read counts as a failed input. Masks default to ``nii.gz``; ``--format
     dcm`` writes DICOM SEG. ``amp`` (``auto`` | ``off``) overrides the model's
-    ``inference.amp``. Otherwise as :func:`_predict_from_cli`.
+    ``inference.amp``; ``overrides`` (``inference.KEY=VALUE``, ``--set``) any of its inference
+    settings (:func:`uumamba.config.inference_overrides`, checked here before the model loads).
+    Otherwise as :func:`_predict_from_cli`.
     """
+    from uumamba.config import InferenceConfig, inference_overrides
+
+    overrides = list(overrides or [])
+    inference_overrides(InferenceConfig(), overrides)  # a bad key fails before torch loads
     amp = None if amp is None else amp.strip().lower()
     if amp is not None and amp not in ("auto", "off"):
         raise UserError(f"--amp {shown(amp)}: expected auto (bf16 where the device has bf16 "
@@ -68,12 +74,12 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
         if frame is not None:
             raise UserError("--frame selects a temporal position of a 4D DICOM series; for "
                             "4D NIfTI use --split-4d")
-        return _predict_from_cli(*args, resume=resume, amp=amp)
+        return _predict_from_cli(*args, resume=resume, amp=amp, overrides=overrides)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="uumamba-dicom-") as work:
         return _predict_from_cli(*args, dicom_work=Path(work), frame=frame, resume=resume,
-                                 amp=amp)
+                                 amp=amp, overrides=overrides)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class _Request:
     frame: int | None
     resume: bool
     amp: str | None
+    overrides: tuple[str, ...] = ()
 
 
 def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds: str | None = None,
@@ -103,7 +110,8 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
                       uncertainty: bool = False, split_4d: bool = False, device: str = "auto",
                       pairs: Path | None = None, report: bool = False,
                       dicom_work: Path | None = None, frame: int | None = None,
-                      resume: bool = False, amp: str | None = None) -> list[Path]:
+                      resume: bool = False, amp: str | None = None,
+                      overrides: list[str] | None = None) -> list[Path]:
     """Segment a file or every image in a folder (:mod:`uumamba.inference.batch`).
 
     ``tta=False`` means "as the model's config says" (``inference.tta``); ``True`` forces
@@ -156,7 +164,7 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
         check_local_inputs(input_path)
     request = _Request(model_dir, input_path, output_dir, folds, tta, out_format, probabilities,
                        uncertainty, split_4d, pairs, pair_rows, report, dicom_work, frame, resume,
-                       amp)
+                       amp, tuple(overrides or ()))
     from uumamba.engine import distributed as ddp
 
     # Under torchrun: one process group (gloo on CPU, nccl on CUDA), each rank on its device
@@ -195,6 +203,11 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
     with ddp.main_rank_logs(ctx, "uumamba"):  # notes about the whole run: rank 0's only
         predictor = Predictor.from_model_dir(r.model_dir, folds=r.folds, device=device,
                                              tta=True if r.tta else None)
+        if r.overrides:
+            from uumamba.config import inference_overrides
+
+            predictor.inference_cfg = inference_overrides(predictor.inference_cfg,
+                                                          list(r.overrides))
         if r.amp is not None:
             predictor.inference_cfg = predictor.inference_cfg.model_copy(update={"amp": r.amp})
         refused: list[str] = []
@@ -351,11 +364,15 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
         already = f"; {n_skipped} already written, skipped (--resume)" if n_skipped else ""
         raise UserError(f"{n_bad} of {n_all} input(s) failed ({written}{already}): "
                         + "; ".join(messages))
+    n_masks = sum(len(names) for case, names in result.outputs.items()
+                  if case not in result.skipped)
+    frames = f" of {n_cases - n_skipped} input(s), 4D split into frames" \
+        if n_masks != n_cases - n_skipped else ""
     if n_skipped:
-        console.print(f"wrote {n_cases - n_skipped} prediction(s) to {r.output_dir}; "
+        console.print(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}; "
                       f"skipped {n_skipped} already written (--resume)")
     else:
-        console.print(f"wrote {n_cases} prediction(s) to {r.output_dir}")
+        console.print(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}")
     from uumamba.clinical_report import write_batch_clinical
 
     clinical = write_batch_clinical(result.volumes_ml, result.inputs, predictor.labels,

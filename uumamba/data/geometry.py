@@ -50,7 +50,8 @@ class Geometry:
     @classmethod
     def from_affine_ras(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
         """Geometry from a 4x4 RAS affine (nibabel convention) and an array shape."""
-        lps = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
+        lps = np.array(affine, dtype=np.float64)
+        lps[:2] *= -1  # = _LPS_FROM_RAS @ affine, without 0 * inf spreading NaN
         spacing = np.linalg.norm(lps[:3, :3], axis=0)
         spacing = np.where(spacing > 0, spacing, 1.0)
         direction = lps[:3, :3] / spacing[None, :]
@@ -79,3 +80,38 @@ class Geometry:
 def as_floats(values) -> tuple[float, ...]:
     """The values as a tuple of Python floats."""
     return tuple(float(v) for v in values)
+
+
+#: Farthest plausible origin from the scanner's isocentre, in mm (1 km): beyond it (or not
+#: finite) the grid's world coordinates overflow what the resampling computes with (an origin
+#: of 1e37 mm gave an empty mask without an error).
+MAX_ORIGIN_MM = 1e6
+
+#: Largest |cosine| between two voxel axes of an accepted grid (0.06° from perpendicular):
+#: float32 rounding of a rotated affine stays far below it.
+MAX_AXIS_COSINE = 1e-3
+
+
+def grid_problem(origin, direction, frame: str = "LPS") -> str | None:
+    """Why an origin (3 values, mm) and (3, 3) direction (unit columns, one per voxel axis)
+    (both in world ``frame``, named in the text) are not a scanner's grid, or None: an origin not finite or beyond :data:`MAX_ORIGIN_MM`;
+    direction cosines not finite; voxel axes not perpendicular (a sheared grid, e.g. an
+    uncorrected gantry tilt, or a singular affine, whose volumes in mL and slice planes would
+    be wrong; DICOM series with a gantry tilt are refused the same way). The text names the
+    rule and the values, never a path."""
+    origin = np.asarray(origin, dtype=np.float64)
+    if not np.all(np.isfinite(origin)) or np.max(np.abs(origin)) > MAX_ORIGIN_MM:
+        shown = ", ".join(f"{v + 0.0:g}" for v in origin)  # + 0.0: no "-0"
+        return (f"origin ({shown}) mm {frame} is not a position in a scanner (finite, within "
+                f"{MAX_ORIGIN_MM:g} mm of the isocentre)")
+    direction = np.asarray(direction, dtype=np.float64)
+    if not np.all(np.isfinite(direction)):
+        return "orientation (direction cosines) is not finite"
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        cos = float(np.dot(direction[:, a], direction[:, b]))
+        if abs(cos) > MAX_AXIS_COSINE:
+            angle = float(np.degrees(np.arccos(min(abs(cos), 1.0))))
+            return (f"voxel axes {a} and {b} meet at {angle:.1f}°, not 90° (a sheared or "
+                    "singular grid); resample it to an orthogonal grid first")
+    return None
+

@@ -23,13 +23,14 @@ to the reference's geometry before they replace ``out_path``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
-from uumamba.data.geometry import Geometry, as_floats
+from uumamba.data.geometry import Geometry, as_floats, grid_problem
 from uumamba.data.layouts import split_suffix
 from uumamba.errors import DataError
 from uumamba.utils import atomic_path
@@ -114,6 +115,15 @@ def _nifti_spacing_check(path: Path, img) -> None:
                             f"(column {axis} of the {form} affine); voxel sizes must be positive")
 
 
+def _checked(path: Path, geometry: Geometry) -> Geometry:
+    """``geometry`` when its origin and axes describe a real grid (:func:`uumamba.data.
+    geometry.grid_problem`), else a DataError naming the file and the rule."""
+    problem = grid_problem(geometry.origin, geometry.direction)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return geometry
+
+
 def _sitk_spacing_check(path: Path, spacing: tuple[float, ...]) -> None:
     """Refuse an NRRD / MetaImage header whose spacing along an axis is not positive.
 
@@ -169,13 +179,14 @@ def read_geometry(path: str | Path) -> Geometry:
     if not is_nifti(path):
         reader = _sitk_reader(path)
         shape = _sitk_xyz_shape(reader.GetSize(), reader.GetNumberOfComponents())
-        return _sitk_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), shape)
+        return _checked(path, _sitk_geometry(reader.GetSpacing(), reader.GetOrigin(),
+                                             reader.GetDirection(), shape))
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for a broken header
         raise DataError(f"{path}: cannot read image header: {exc}") from None
     _nifti_spacing_check(path, img)
-    return Geometry.from_affine_ras(img.affine, img.shape)
+    return _checked(path, Geometry.from_affine_ras(img.affine, img.shape))
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
@@ -215,18 +226,19 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         spatial = img.GetDimension()
         order = tuple(reversed(range(spatial))) + ((spatial,) if components > 1 else ())
         array = array.transpose(order)
-        return array, _sitk_geometry(img.GetSpacing(), img.GetOrigin(), img.GetDirection(),
-                                     array.shape)
+        return array, _checked(path, _sitk_geometry(img.GetSpacing(), img.GetOrigin(),
+                                                    img.GetDirection(), array.shape))
     try:
         img = nib.load(str(path), mmap=False)
     except Exception as exc:  # nibabel raises many types for a broken header
         raise _unreadable(path, exc) from None
     _nifti_spacing_check(path, img)
+    geometry = _checked(path, Geometry.from_affine_ras(img.affine, img.shape))  # before decoding
     try:
         array = np.asarray(np.asanyarray(img.dataobj))  # reads and decompresses everything
     except Exception as exc:  # EOFError / zlib.error for truncated files
         raise _unreadable(path, exc) from None
-    return array, Geometry.from_affine_ras(img.affine, array.shape)
+    return array, replace(geometry, shape=tuple(int(s) for s in array.shape))
 
 
 def read_dicom_folder(path: str | Path, decode: bool = True, limits: DicomLimits | None = None

@@ -11,12 +11,13 @@ permutation-only reorientation (:func:`plan_axes_order`) that moves the slice ax
 the plan's slice axis for anisotropic data), keeps the other two in their order and flips
 nothing. The slice axis is the voxel axis that is *clearly* the thickest (at least
 :data:`STACK_AXIS_RATIO` × the second-largest spacing: 5-10 mm short-axis slices, LGE's 2×
-anisotropy); in a thin-slice or near-isotropic volume, the axis whose two others have square
-pixels (equal spacing); otherwise the last voxel axis, along which a DICOM series and its NIfTI
-conversion stack their slices. Taking "the thickest axis" in a thin-slice stack (1.56 × 1.56
-mm pixels, 1.0 or 1.43 mm slices) would slice it lengthwise. A near-isotropic volume whose
-pixels are not square and whose axes were permuted is ambiguous from its header alone: it keeps
-its last voxel axis.
+anisotropy); else an axis of a few slices (a third or less of the voxels of each other axis);
+else the axis across square pixels (equal spacings) when it differs from them by 5 % or more;
+otherwise the last voxel axis, along which a DICOM series and its NIfTI conversion stack their
+slices (:func:`slice_axis`). Taking "the thickest axis" in a thin-slice stack (1.56 × 1.56 mm
+pixels, 1.0 or 1.43 mm slices) would slice it lengthwise. A near-isotropic volume of many
+slices whose pixels are not square and whose axes were permuted is ambiguous from its header
+alone: it keeps its last voxel axis.
 The array then carries the canonical affine of its own axes (``diag(spacing)``), so
 resampling happens in the voxel frame. Rotating an image's affine (its direction in the
 world) therefore changes nothing the network sees, and the inverse puts the mask back on the
@@ -49,9 +50,18 @@ _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: mm slices, LGE 0.625 vs 1.25-2.5 mm); thinner slices are found by the square pixels.
 STACK_AXIS_RATIO = 1.5
 
+#: An axis with at most 1 / this of the voxels of each other axis is the slice axis when the
+#: spacings do not decide (``slice_axis`` rule 2): 10 slices of 256 x 256, 12 of 40 x 40.
+FEW_SLICES_RATIO = 3
+
+#: Square pixels decide only when the third spacing differs from them by this fraction or
+#: more (``slice_axis`` rule 3): 1.43 mm slices under 1.5625 mm pixels differ by 8.5 %, a
+#: near-isotropic 1.4844 x 1.5 x 1.5 mm volume by 1 %.
+SQUARE_MARGIN = 0.05
+
 #: Version of :func:`plan_axes_order`'s rule, part of the cache signature (a cache made under
 #: an older rule may hold volumes sliced along another axis).
-AXES_RULE = 2
+AXES_RULE = 3
 
 #: ``plans.axcodes`` value of the voxel-axis rule (anything else is a MONAI axcodes string).
 VOXEL_AXES = "voxel"
@@ -62,32 +72,50 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
 
 
-def slice_axis(spacing) -> int:
-    """The slice axis of a volume of voxel ``spacing`` (3 values, mm), in this order: the axis
-    at least :data:`STACK_AXIS_RATIO` × thicker than the second-thickest; the odd one out when
-    exactly two axes have equal spacing (square pixels, within :data:`SPACING_RTOL`); the last
-    voxel axis (the stack axis of a DICOM series and its NIfTI conversion)."""
+def slice_axis(spacing, shape=None) -> int:
+    """The slice axis of a volume of voxel ``spacing`` (3 values, mm) and ``shape`` (voxels;
+    optional), by the first rule that decides:
+
+    1. the axis at least :data:`STACK_AXIS_RATIO` × thicker than the second-thickest (a 5-10
+       mm short-axis stack, LGE's 2× anisotropy);
+    2. the axis with at most 1 / :data:`FEW_SLICES_RATIO` of the voxels of each other axis (a
+       thin-slice stack of a few slices, a single slice written slice axis first);
+    3. the odd one out when exactly two axes have equal spacing (square pixels, within
+       :data:`SPACING_RTOL`) and the third differs from them by :data:`SQUARE_MARGIN` or more
+       (1.0 or 1.43 mm slices under 1.5625 mm pixels);
+    4. the last voxel axis, along which a DICOM series and its NIfTI conversion stack slices
+       (a near-isotropic volume: 1.4844 × 1.5 × 1.5 mm).
+    """
     spacing = np.asarray(spacing, dtype=float)[:3]
     second, largest = np.sort(spacing)[1:]
     if largest >= STACK_AXIS_RATIO * second:
         return int(np.argmax(spacing))
-    equal = [bool(np.isclose(spacing[a], spacing[b], rtol=SPACING_RTOL, atol=0))
-             for a, b in ((1, 2), (0, 2), (0, 1))]  # equal[k]: the two axes other than k
-    return equal.index(True) if sum(equal) == 1 else 2
+    if shape is not None:
+        n = np.asarray(list(shape)[:3], dtype=float)
+        for axis in range(3):
+            others = n[[a for a in range(3) if a != axis]]
+            if np.all(n[axis] * FEW_SLICES_RATIO <= others):
+                return axis
+    for axis, (a, b) in enumerate(((1, 2), (0, 2), (0, 1))):  # (a, b): the axes other than axis
+        if np.isclose(spacing[a], spacing[b], rtol=SPACING_RTOL, atol=0) and \
+                abs(spacing[axis] - spacing[a]) >= SQUARE_MARGIN * spacing[a]:
+            return axis
+    return 2
 
 
-def plan_axes_order(affine: np.ndarray) -> tuple[int, int, int]:
+def plan_axes_order(affine: np.ndarray, shape=None) -> tuple[int, int, int]:
     """The voxel axes in plan order: the two in-plane axes in their own order, the slice axis
     (:func:`slice_axis`) last.
 
     Args:
         affine: (4, 4) voxel-to-world matrix (RAS or LPS: only column norms are used).
+        shape: the spatial shape (3 voxel counts), or None (the spacing rules alone).
 
     Returns:
         ``order`` with ``order[k]`` = the input voxel axis that becomes plan axis ``k``;
         ``(0, 1, 2)`` when the slice axis is already last.
     """
-    axis = slice_axis(voxel_spacing(affine))
+    axis = slice_axis(voxel_spacing(affine), shape)
     return (*(a for a in range(3) if a != axis), axis)  # type: ignore[return-value]
 
 
@@ -102,18 +130,19 @@ def world_rotation(axis: int, degrees: float) -> np.ndarray:
     return r
 
 
-def destination_axes(affine_ras: np.ndarray, axcodes: str) -> np.ndarray:
+def destination_axes(affine_ras: np.ndarray, axcodes: str, shape=None) -> np.ndarray:
     """For each voxel axis, the axis it becomes after the plan's reorientation.
 
     Args:
         affine_ras: (4, 4) RAS voxel-to-world matrix.
-        axcodes: ``"voxel"`` (plan order, thickest last) or ``"RAS"`` (nearest RAS axis).
+        axcodes: ``"voxel"`` (plan order, slice axis last) or ``"RAS"`` (nearest RAS axis).
+        shape: the spatial shape, for :func:`slice_axis` (None: spacing rules alone).
 
     Returns:
         (3,) int array ``dest`` with ``dest[i]`` = the reoriented axis of voxel axis ``i``.
     """
     if axcodes == VOXEL_AXES:
-        order = plan_axes_order(affine_ras)
+        order = plan_axes_order(affine_ras, shape)
         return np.array([order.index(i) for i in range(3)])
     return nib.orientations.io_orientation(affine_ras)[:, 0].astype(int)
 
@@ -126,7 +155,7 @@ def spacing_and_shape_in_plan_axes(affine_ras: np.ndarray, spacing, shape, axcod
     Returns:
         ((3,) float spacing, (3,) int shape) in plan order.
     """
-    dest = destination_axes(affine_ras, axcodes)
+    dest = destination_axes(affine_ras, axcodes, list(shape)[:3])
     out_spacing, out_shape = np.zeros(3), np.zeros(3, dtype=int)
     out_spacing[dest] = [float(v) for v in list(spacing)[:3]]
     out_shape[dest] = [int(v) for v in list(shape)[:3]]
@@ -156,7 +185,7 @@ class PlanAxes(Orientation):
             raise ValueError(f"PlanAxes: expected 3 spatial axes, got shape {spatial}")
         affine, *_ = convert_data_type(data_array.peek_pending_affine(), np.ndarray)
         affine = np.asarray(affine, dtype=np.float64)
-        order = plan_axes_order(affine)
+        order = plan_axes_order(affine, spatial)
         canonical = np.diag([*voxel_spacing(affine)[list(order)], 1.0])
         meta = self.track_transform_meta(
             data_array, sp_size=[spatial[o] for o in order],

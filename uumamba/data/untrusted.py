@@ -12,6 +12,9 @@ buffer) and refuses, with a :class:`~uumamba.errors.DataError` that names the ru
 - a declared voxel count or byte size (voxels x item size) above :class:`HeaderLimits`;
 - a voxel count after resampling to the model's target spacing above the limits;
 - an implausible spacing (outside 0.05-50 mm by default, or not finite);
+- (NIfTI, whose header holds the affine) an origin that is not finite or farther than 1 km
+  from the isocentre, or voxel axes that are not perpendicular (sheared or singular:
+  :func:`uumamba.data.geometry.grid_problem`; the readers apply the same rule to every format);
 - anything but 3D (4D passes with ``allow_4d=True``, for the CLI's ``--split-4d``);
 - for gzip NIfTI: decompressed content beyond vox_offset + the declared size + 64 KiB (a
   gzip bomb is refused once that much, plus at most one 1 MiB chunk, was inflated; nothing
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from uumamba.data.geometry import grid_problem
 from uumamba.errors import DataError
 
 #: Bytes of a text header (NRRD, MetaImage) read at most; a longer header is refused.
@@ -257,9 +261,14 @@ def _nifti_info(header, label: str) -> HeaderInfo:
                         "supported") from None
     try:
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
-        spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+        norms = np.linalg.norm(affine[:3, :3], axis=0)
+        spacing = tuple(float(v) for v in norms)
     except Exception:
         raise DataError(f"{label}: NIfTI orientation (qform / sform) is invalid") from None
+    if np.all(np.isfinite(norms)) and np.all(norms > 0):  # else the spacing rule refuses it
+        problem = grid_problem(affine[:3, 3], affine[:3, :3] / norms[None, :], "RAS")
+        if problem:
+            raise DataError(f"{label}: {problem}")
     item = int(dtype.itemsize)
     voxels = math.prod(max(s, 0) for s in shape)
     return HeaderInfo("nifti", shape, spacing, item, voxels * item)
