@@ -75,3 +75,15 @@ def test_override_and_config_sizes_are_bounded_and_errors_do_not_echo_whole_inpu
     bomb.write_text("loss:\n  focal_alpha: &a [1, 1]\n")
     with pytest.raises(ConfigError, match="anchors and aliases"):
         load_config(bomb)
+
+
+@pytest.mark.parametrize("override", [
+    "inference.overlap=" + "[" * 9000,           # RecursionError in the YAML composer
+    "inference.sw_batch_size=" + "9" * 9000,     # ValueError: int beyond 4300 digits
+])
+def test_overrides_that_break_the_yaml_parser_are_one_line_errors(override):
+    from uumamba.config import InferenceConfig, inference_overrides
+
+    with pytest.raises(ConfigError, match=r"nests too deep or holds a number too long") as info:
+        inference_overrides(InferenceConfig(), [override])
+    assert len(str(info.value)) < 200 and "\n" not in str(info.value)

@@ -196,3 +196,18 @@ def test_rotated_float32_affines_are_perpendicular_enough(tmp_path):
     path = _nifti_with_affine(tmp_path / "oblique.nii.gz", affine.astype(np.float32))
     geometry = read_geometry(path)
     np.testing.assert_allclose(geometry.spacing, (1.5625, 1.5625, 10.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("matrix", ["2 0 0 0 2 0 0 0 2", "0 0 0 0 0 0 0 0 0"])
+def test_metaimage_direction_of_other_than_unit_length_is_refused(tmp_path, matrix):
+    """ITK keeps a MetaImage TransformMatrix as given: 2 I was read as direction 2 I beside
+    1.5 mm spacing and changed the mask; all zeros failed later with a misleading message."""
+    data = np.ones((4, 5, 6), np.float32)
+    path = tmp_path / "scaled.mha"
+    header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              f"TransformMatrix = {matrix}\nOffset = 0 0 0\nElementSpacing = 1.5 1.5 8\n"
+              "DimSize = 4 5 6\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    path.write_bytes(header.encode() + data.tobytes())
+    with pytest.raises(DataError, match=r"scaled\.mha: direction cosines of voxel axis 0 have "
+                                        r"length (2|0), not 1"):
+        read_geometry(path)

@@ -350,3 +350,26 @@ def test_predict_set_changes_the_models_inference_settings(tmp_path, monkeypatch
     code, err = run("--set", "inference.overlap=2")
     assert code == 1 and err == ["error: --set: invalid configuration: 'inference.overlap': "
                                  "Input should be less than 1 (got 2)"]
+
+
+def test_crafted_file_names_cannot_forge_lines_or_drive_the_terminal(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A file named with a newline, an OSC title sequence and rich markup prints escaped, in
+    the skipped line and in the final error line."""
+    from uumamba import cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _save(folder / "good_0000.nii.gz", np.ones((44, 42, 3), np.float32))
+    name = "bad\x1b]0;TITLE\x07\nINJECTED error: fake [bold red]x[not bold] .nii"
+    _set_pixdim(_save(folder / name, np.ones((44, 42, 3), np.float32)), 3, 0.0)
+    monkeypatch.setattr(sys, "argv", [
+        "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(folder),
+        "--output", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert "\x1b" not in err and "\x07" not in err
+    assert not any(line.startswith("INJECTED") for line in err.splitlines()), err
+    assert "\\x1b]0;TITLE\\x07\\x0aINJECTED" in err and "[bold red]x[not bold]" in err

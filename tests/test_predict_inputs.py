@@ -73,3 +73,64 @@ def test_acdc_cine_beside_its_frames_is_skipped_with_a_warning(tmp_path, caplog)
     assert [c for c, _ in cases] == ["other_4d", "patient001_frame01", "patient001_frame12"]
     assert any("skipping 1 cine series" in r.getMessage() and "patient001_4d.nii.gz"
                in r.getMessage() for r in caplog.records)
+
+
+def test_an_output_folder_in_a_searched_input_tree_is_refused(tmp_path):
+    """Masks written into a patient folder replaced its scan (same name); in any sub-folder
+    the next run took them for scans. A flat input folder may hold its output folder."""
+    root = tmp_path / "root"
+    _save(root / "p1" / "p1_frame01.nii.gz")
+    _save(root / "p2" / "p2_frame01.nii.gz")
+    for out in (root / "p1", root / "out", root):
+        with pytest.raises(UserError, match=r"is inside --input .*choose a folder outside it"):
+            input_cases(root, 1, output_dir=out)
+    assert [c for c, _ in input_cases(root, 1, output_dir=tmp_path / "pred")] == [
+        "p1_frame01", "p2_frame01"]
+    flat = root / "p1"
+    assert [c for c, _ in input_cases(flat, 1, output_dir=flat / "pred")] == ["p1_frame01"]
+
+
+def test_a_case_named_like_another_cases_side_file_or_frame_is_refused(tmp_path):
+    _save(tmp_path / "p1" / "a.nii.gz")
+    _save(tmp_path / "p2" / "a_probabilities.nii.gz")
+    with pytest.raises(UserError, match=r"case 'a_probabilities' would be overwritten by the "
+                                        r"probabilities file of case 'a'"):
+        input_cases(tmp_path, 1)
+    other = tmp_path / "frames"
+    _save(other / "x.nii.gz")
+    _save(other / "x_frame01.nii.gz")
+    assert len(input_cases(other, 1)) == 2
+    with pytest.raises(UserError, match=r"case 'x_frame01' is also the name of a frame of 'x'"):
+        input_cases(other, 1, split_4d=True)
+
+
+def test_the_search_ends_in_deep_trees_and_stays_out_of_system_folders(tmp_path):
+    deep = tmp_path / "deep"
+    leaf = deep
+    for _ in range(1100):  # os.walk recursed: a RecursionError at ~1000 levels
+        leaf = leaf / "d"
+        leaf.mkdir(parents=leaf.parent == deep)
+    _save(leaf / "scan.nii.gz")
+    (deep / "proc").symlink_to("/proc", target_is_directory=True)
+    (deep / "dev").symlink_to("/dev", target_is_directory=True)
+    try:
+        assert [f for _, [f] in input_cases(deep, 1)] == [leaf / "scan.nii.gz"]
+    finally:  # bottom-up: shutil.rmtree (pytest's clean-up) recurses and fails this deep
+        (leaf / "scan.nii.gz").unlink()
+        while leaf != deep:
+            leaf.rmdir()
+            leaf = leaf.parent
+
+
+def test_listing_is_linear_in_the_number_of_files(tmp_path):
+    """4000 files of cines and label maps were listed in ~100 s (a regex per pair)."""
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(3000):
+        for name in (f"p{i}_4d.nii.gz", f"p{i}_frame01_gt.nii.gz", f"p{i}_frame01.nii.gz"):
+            (folder / name).touch()
+    start = time.perf_counter()
+    cases = input_cases(folder, 1)
+    assert len(cases) == 3000 and time.perf_counter() - start < 10

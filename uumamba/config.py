@@ -407,9 +407,9 @@ def _format_validation_error(err: ValidationError, source: str, within: tuple = 
     for e in err.errors():
         key = ".".join(str(p) for p in (*within, *e["loc"]))
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
+            parts.append(f"unknown key {_SHORT.repr(key)}")
         else:
-            parts.append(f"'{key}': {e['msg']} (got {_SHORT.repr(e.get('input'))})")
+            parts.append(f"{_SHORT.repr(key)}: {e['msg']} (got {_SHORT.repr(e.get('input'))})")
     return f"{source}: invalid configuration: " + "; ".join(parts)
 
 
@@ -433,11 +433,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.rho=0.1")
+            raise ConfigError(f"--set {_SHORT.repr(item)}: expected KEY=VALUE, e.g. optim.rho=0.1")
         key, raw = item.split("=", 1)
         path = [p for p in key.strip().split(".") if p]
         if not path:
-            raise ConfigError(f"--set {item!r}: empty key")
+            raise ConfigError(f"--set {_SHORT.repr(item)}: empty key")
         if len(raw) > MAX_OVERRIDE_CHARS:
             raise ConfigError(f"--set {key.strip()}=...: the value has {len(raw)} characters, "
                               f"more than {MAX_OVERRIDE_CHARS}")
@@ -445,14 +445,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = parse_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {_SHORT.repr(item)}: value is not valid YAML: "
-                              f"{' '.join(str(exc).split())}") from None
+                              f"{_SHORT.repr(' '.join(str(exc).split()))}") from None
+        except (RecursionError, ValueError):  # nesting thousands deep; a 9000-digit integer
+            raise ConfigError(f"--set {_SHORT.repr(key.strip())}=...: the value nests too deep "
+                              "or holds a number too long to be a setting") from None
         node = data
         for p in path[:-1]:
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+                raise ConfigError(f"--set {_SHORT.repr(item)}: {_SHORT.repr(p)} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -499,6 +502,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = parse_yaml(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        except (RecursionError, ValueError):
+            raise ConfigError(f"{path}: a value nests too deep or holds a number too long to "
+                              "be a setting") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

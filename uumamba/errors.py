@@ -27,3 +27,23 @@ def shown(value: object, limit: int = 20) -> str:
     crafted value (a 100 kB flag, control characters) named in one short line."""
     text = str(value)
     return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def printable(text: object, newlines: bool = False) -> str:
+    """``str(text)`` with every control or format character (newlines unless ``newlines``,
+    ESC, BEL, bidi overrides) written as its ``\\xNN`` / ``\\uNNNN`` escape: a crafted file
+    name cannot move the cursor, recolour or retitle the terminal, and a one-line message
+    stays one line (``newlines=True`` keeps the line breaks of a multi-line report)."""
+    import unicodedata
+
+    out = []
+    for ch in str(text):
+        if ch == "\n" and newlines:
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+

@@ -20,6 +20,8 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from uumamba.errors import printable
+
 ROOT = "uumamba"
 
 
@@ -29,7 +31,7 @@ class _StdoutHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            print(self.format(record), file=sys.stdout, flush=True)
+            print(printable(self.format(record), newlines=True), file=sys.stdout, flush=True)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 

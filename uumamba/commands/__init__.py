@@ -46,7 +46,9 @@ def _setup() -> None:
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from uumamba.errors import printable
+
+    typer.echo(f"error: {printable(message, newlines=True)}", err=True)
     raise typer.Exit(code=1)
 
 
@@ -310,7 +312,9 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from uumamba.errors import printable
+
+        typer.echo(f"error: {printable(exc, newlines=True)}", err=True)
         sys.exit(1)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uumamba.errors import UserError, shown
+from uumamba.errors import UserError, printable, shown
 from uumamba.inference.inputs import check_output_dir, input_cases
 from uumamba.inference.writer import OUTPUT_FORMATS
 
@@ -222,7 +222,8 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
                 raise UserError(f"{r.input_path}: no DICOM series could be read: "
                                 + "; ".join(refused))
         else:
-            cases = input_cases(r.input_path, predictor.plans.num_input_channels)
+            cases = input_cases(r.input_path, predictor.plans.num_input_channels,
+                                output_dir=r.output_dir, split_4d=r.split_4d)
     options = {"split_4d": r.split_4d, "probabilities": r.probabilities,
                "entropy": r.uncertainty, "out_format": r.out_format,
                "extra": {"model": str(r.model_dir), "folds": predictor.fold_names,
@@ -234,25 +235,27 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
         digests = ModelFolder(r.model_dir).digests(predictor.fold_names)
         options["extra"].update(model_version=ModelFolder.version(digests),
                                 weights_sha256={d.fold: d.sha256 for d in digests})
-    console = Console(stderr=True, soft_wrap=True)  # one line per message in logs
+    # one line per message in logs; file and case names are data, never markup
+    console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, emoji=False)
     if len(cases) == 1 and r.input_path.is_file() and not refused and not ctx.enabled:
         case, files = cases[0]
         if r.resume and written_volumes(case, files, r.output_dir, split_4d=r.split_4d,
                                         probabilities=r.probabilities, entropy=r.uncertainty,
                                         out_format=r.out_format) is not None:
-            console.print(f"skipped {case}: already written to {r.output_dir} (--resume)")
+            console.print(printable(f"skipped {case}: already written to {r.output_dir} (--resume)"))
             return []
         written = predict_case(predictor, case, files, r.output_dir, **options,
                                on_timings=lambda name, t: console.print(
-                                   f"{name}: {format_timings(t)}", highlight=False))
-        console.print(f"wrote {written[0].name} and {len(written) - 1} side file(s) to "
-                      f"{r.output_dir}")
+                                   printable(f"{name}: {format_timings(t)}")))
+        console.print(printable(f"wrote {written[0].name} and {len(written) - 1} side file(s) "
+                                f"to {r.output_dir}"))
         return written
     if r.resume and ctx.is_main and _all_ranks_here(ctx):
         from uumamba.utils import remove_stale_temporaries
 
         for stale in remove_stale_temporaries(r.output_dir):
-            console.print(f"removed {stale.name}, left in {r.output_dir} by a killed process")
+            console.print(printable(f"removed {stale.name}, left in {r.output_dir} by a killed "
+                                    "process"))
     ddp.barrier(ctx)  # (resume) no rank writes before the leftovers are gone
 
     def shown(message: str) -> str:
@@ -265,7 +268,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
                 message = message.replace(str(f), f"{r.input_path}: series {case}")
         return message.replace(str(r.dicom_work), str(r.input_path))
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     counter = ddp.SharedCounter(ctx) if ctx.enabled else None
     # one bar, rank 0's, counting every rank's cases; the other ranks print their failures
@@ -275,11 +278,11 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
 
         def timings(name: str, seconds: dict[str, float]) -> None:
             if ctx.is_main:  # rank 0's own cases; every case's are in its CASE_volumes.json
-                progress.console.print(f"{name}: {format_timings(seconds)}", highlight=False)
+                progress.console.print(printable(f"{name}: {format_timings(seconds)}"))
 
         def done(_i: int, case: str, failure: str | None) -> None:
             if failure is not None:
-                progress.console.print(f"[red]skipped[/red] {shown(failure)}")  # names the file
+                progress.console.print(printable(f"skipped {shown(failure)}"), style="red")
             if counter is None:
                 progress.advance(task)
             else:
@@ -289,7 +292,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
             result = predict_cases(
                 predictor, shard_cases(cases, ctx.rank, ctx.world_size), r.output_dir,
                 **options, resume=r.resume, on_timings=timings,
-                on_start=lambda _i, case: progress.update(task, description=f"predicting {case}"),
+                on_start=lambda _i, case: progress.update(task, description=printable(f"predicting {case}")),
                 on_done=done)
             if ctx.enabled:  # every rank's result on every rank (waits for the last case)
                 result.failures = [CaseFailure(f.case, f.file, shown(f.message))
@@ -308,7 +311,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
     error = ddp.broadcast_object(error, ctx)
     if error is not None:
         if ctx.is_main:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            print(f"error: {printable(error, newlines=True)}", file=sys.stderr, flush=True)
         ddp.barrier(ctx)  # torchrun stops the other ranks once one exits: print first
         raise SystemExit(1)
     return written
@@ -353,10 +356,10 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
             :func:`uumamba.clinical_report.write_batch_clinical`.
     """
     for message in refused:
-        console.print(f"[red]skipped[/red] {message}")
+        console.print(printable(f"skipped {message}"), style="red")
     n_skipped = len(result.skipped)
     if result.failures or refused:
-        messages = refused + [shown(f.message) for f in result.failures]
+        messages = [printable(m) for m in refused + [shown(f.message) for f in result.failures]]
         n_bad, n_all = len(messages), n_cases + len(refused)
         n_good = n_all - n_bad - n_skipped
         written = (f"{n_good} other{' was' if n_good == 1 else 's were'} written to "
@@ -369,10 +372,10 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
     frames = f" of {n_cases - n_skipped} input(s), 4D split into frames" \
         if n_masks != n_cases - n_skipped else ""
     if n_skipped:
-        console.print(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}; "
-                      f"skipped {n_skipped} already written (--resume)")
+        console.print(printable(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}; "
+                                f"skipped {n_skipped} already written (--resume)"))
     else:
-        console.print(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}")
+        console.print(printable(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}"))
     from uumamba.clinical_report import write_batch_clinical
 
     clinical = write_batch_clinical(result.volumes_ml, result.inputs, predictor.labels,
@@ -381,10 +384,11 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
                                     required=r.pairs is not None or r.report)
     if clinical.records or r.pairs is not None or r.report:  # no notes on other scans
         for note in clinical.notes:
-            console.print(f"clinical: {note}")
+            console.print(printable(f"clinical: {note}"))
     if clinical.records:
         pairing = ", ".join(sorted({rec["pairing"] for rec in clinical.records}))
-        console.print(f"wrote clinical indices of {len(clinical.records)} patient(s) to "
-                      f"{r.output_dir / 'clinical.csv'} and clinical.json (pairing: {pairing})"
-                      + (", and one report.html per patient" if r.report else ""))
+        console.print(printable(
+            f"wrote clinical indices of {len(clinical.records)} patient(s) to "
+            f"{r.output_dir / 'clinical.csv'} and clinical.json (pairing: {pairing})"
+            + (", and one report.html per patient" if r.report else "")))
     return result.written + clinical.written

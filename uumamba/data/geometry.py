@@ -95,18 +95,22 @@ MAX_AXIS_COSINE = 1e-3
 def grid_problem(origin, direction, frame: str = "LPS") -> str | None:
     """Why an origin (3 values, mm) and (3, 3) direction (unit columns, one per voxel axis)
     (both in world ``frame``, named in the text) are not a scanner's grid, or None: an origin not finite or beyond :data:`MAX_ORIGIN_MM`;
-    direction cosines not finite; voxel axes not perpendicular (a sheared grid, e.g. an
+    direction cosines not finite or not of unit length; voxel axes not perpendicular (a sheared grid, e.g. an
     uncorrected gantry tilt, or a singular affine, whose volumes in mL and slice planes would
     be wrong; DICOM series with a gantry tilt are refused the same way). The text names the
     rule and the values, never a path."""
     origin = np.asarray(origin, dtype=np.float64)
     if not np.all(np.isfinite(origin)) or np.max(np.abs(origin)) > MAX_ORIGIN_MM:
-        shown = ", ".join(f"{v + 0.0:g}" for v in origin)  # + 0.0: no "-0"
+        shown = ", ".join(f"{v + 0.0:.7g}" for v in origin)  # + 0.0: no "-0"
         return (f"origin ({shown}) mm {frame} is not a position in a scanner (finite, within "
                 f"{MAX_ORIGIN_MM:g} mm of the isocentre)")
     direction = np.asarray(direction, dtype=np.float64)
     if not np.all(np.isfinite(direction)):
         return "orientation (direction cosines) is not finite"
+    for axis, length in enumerate(np.linalg.norm(direction, axis=0)):
+        if abs(length - 1.0) > MAX_AXIS_COSINE:  # a MetaImage TransformMatrix of 2 I, or 0
+            return (f"direction cosines of voxel axis {axis} have length {length:.4g}, not 1 "
+                    "(the voxel size belongs in the spacing)")
     for a, b in ((0, 1), (0, 2), (1, 2)):
         cos = float(np.dot(direction[:, a], direction[:, b]))
         if abs(cos) > MAX_AXIS_COSINE:
