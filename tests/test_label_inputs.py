@@ -287,39 +287,40 @@ def test_check_data_reports_zero_pixdim_as_an_error(tmp_path):
     assert result.exit_code == 1 and "pixdim[3] = 0" in result.output
 
 
-def test_predict_zero_pixdim_is_one_line(tmp_path, monkeypatch, capsys):
+def _predict_cli(monkeypatch, capsys, input_path, output, *extra):
+    """``uumamba predict`` with the fixture model in this process: (exit code, stderr + stdout
+    captured)."""
     from uumamba import cli
 
-    path = _set_pixdim(_save(tmp_path / "scan.nii", np.ones((44, 42, 3), np.float32)), 3, 0.0)
     monkeypatch.setattr(sys, "argv", [
-        "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(path),
-        "--output", str(tmp_path / "out"), "--device", "cpu"])
+        "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(input_path),
+        "--output", str(output), "--device", "cpu", *extra])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {path}: spacing along axis 2 is 0 mm (pixdim[3] = 0); "
-                   "voxel sizes must be positive"]
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.err, captured.out
+
+
+def test_predict_zero_pixdim_is_one_line(tmp_path, monkeypatch, capsys):
+    path = _set_pixdim(_save(tmp_path / "scan.nii", np.ones((44, 42, 3), np.float32)), 3, 0.0)
+    code, err, _ = _predict_cli(monkeypatch, capsys, path, tmp_path / "out")
+    assert code == 1
+    assert err.strip().splitlines() == [f"error: {path}: spacing along axis 2 is 0 mm "
+                                        "(pixdim[3] = 0); voxel sizes must be positive"]
     assert not list((tmp_path / "out").glob("scan*"))
 
 
 def test_predict_folder_skip_line_is_not_wrapped_when_piped(tmp_path, monkeypatch, capsys):
     """Each message is one line in a log, however long the path (rich wraps at 80 columns when
     the output is not a terminal)."""
-    from uumamba import cli
-
     folder = tmp_path / ("input_folder_with_a_long_name_" * 3)
     folder.mkdir()
     _save(folder / "good_0000.nii.gz", np.ones((44, 42, 3), np.float32))
     bad = _set_pixdim(_save(folder / "bad_0000.nii", np.ones((44, 42, 3), np.float32)), 3, 0.0)
     monkeypatch.delenv("COLUMNS", raising=False)
-    monkeypatch.setattr(sys, "argv", [
-        "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(folder),
-        "--output", str(tmp_path / "out"), "--device", "cpu"])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.splitlines()
+    code, err, _ = _predict_cli(monkeypatch, capsys, folder, tmp_path / "out")
+    assert code == 1
+    lines = err.splitlines()
     skipped = [line for line in lines if line.startswith("skipped")]
     assert skipped and all(str(bad) in line and "pixdim[3] = 0" in line for line in skipped), lines
     assert (tmp_path / "out" / "good.nii.gz").exists()
@@ -328,17 +329,11 @@ def test_predict_folder_skip_line_is_not_wrapped_when_piped(tmp_path, monkeypatc
 def test_predict_set_changes_the_models_inference_settings(tmp_path, monkeypatch, capsys):
     """``--set inference.input_check=refuse`` refuses a blank scan the model's own setting
     (``warn``) would segment; keys outside ``inference`` and bad values are one-line errors."""
-    from uumamba import cli
-
     path = _save(tmp_path / "blank.nii.gz", np.zeros((44, 42, 3), np.float32))
 
     def run(*extra):
-        monkeypatch.setattr(sys, "argv", [
-            "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(path),
-            "--output", str(tmp_path / "out"), "--device", "cpu", *extra])
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-        return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+        code, err, _ = _predict_cli(monkeypatch, capsys, path, tmp_path / "out", *extra)
+        return code, err.strip().splitlines()
 
     code, err = run("--set", "inference.input_check=refuse")
     assert code == 1 and err == [f"error: {path}: refused (inference.input_check = refuse): "
@@ -356,20 +351,14 @@ def test_crafted_file_names_cannot_forge_lines_or_drive_the_terminal(tmp_path, m
                                                                      capsys):
     """A file named with a newline, an OSC title sequence and rich markup prints escaped, in
     the skipped line and in the final error line."""
-    from uumamba import cli
-
     folder = tmp_path / "in"
     folder.mkdir()
     _save(folder / "good_0000.nii.gz", np.ones((44, 42, 3), np.float32))
     name = "bad\x1b]0;TITLE\x07\nINJECTED error: fake [bold red]x[not bold] .nii"
     _set_pixdim(_save(folder / name, np.ones((44, 42, 3), np.float32)), 3, 0.0)
-    monkeypatch.setattr(sys, "argv", [
-        "uumamba", "predict", "--model", str(FIXTURE_MODEL), "--input", str(folder),
-        "--output", str(tmp_path / "out"), "--device", "cpu"])
-    with pytest.raises(SystemExit):
-        cli.main()
-    captured = capsys.readouterr()
-    err = captured.err + captured.out
+    code, err, out = _predict_cli(monkeypatch, capsys, folder, tmp_path / "out")
+    err += out
+    assert code == 1
     assert "\x1b" not in err and "\x07" not in err
     assert not any(line.startswith("INJECTED") for line in err.splitlines()), err
     assert "\\x1b]0;TITLE\\x07\\x0aINJECTED" in err and "[bold red]x[not bold]" in err
