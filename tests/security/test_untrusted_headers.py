@@ -218,3 +218,21 @@ def test_multi_member_gzip_is_read_to_the_end(tmp_path):
     assert check_image_header(path).shape == (20, 20, 10)
     path.write_bytes(gzip.compress(plain[:1000]) + gzip.compress(plain[1000:5000]))
     _refused(path, "truncated")
+
+
+@pytest.mark.parametrize("suffix, field, old, new", [
+    (".mha", "MetaImage Offset", "Offset = 0 0 0", "Offset = inf 0 0"),
+    (".mha", "MetaImage Offset", "Offset = 0 0 0", "Offset = 5 nan 3"),
+    (".nrrd", "NRRD 'space origin'", "space origin: (0,0,0)", "space origin: (1e300,0,0)"),
+])
+def test_text_header_origins_that_are_not_a_scanners_are_refused(tmp_path, suffix, field, old,
+                                                                 new):
+    """ITK reads a MetaImage Offset of inf or nan as 0 (the volume was accepted at another
+    place); for NRRD its own refusal named only an ITK source line."""
+    path = sitk_volume(tmp_path / f"v{suffix}")
+    data = path.read_bytes()
+    assert old.encode() in data, data[:400]
+    path.write_bytes(data.replace(old.encode(), new.encode(), 1))
+    with pytest.raises(DataError, match=rf"uploaded volume: {field}: origin \(.*\) mm as written "
+                                        r"is not a position in a scanner"):
+        check_image_header(path, name="uploaded volume")

@@ -12,8 +12,9 @@ buffer) and refuses, with a :class:`~uumamba.errors.DataError` that names the ru
 - a declared voxel count or byte size (voxels x item size) above :class:`HeaderLimits`;
 - a voxel count after resampling to the model's target spacing above the limits;
 - an implausible spacing (outside 0.05-50 mm by default, or not finite);
-- (NIfTI, whose header holds the affine) an origin that is not finite or farther than 1 km
-  from the isocentre, or voxel axes that are not perpendicular (sheared or singular:
+- an origin that is not finite or farther than 1 km from the isocentre (NIfTI affine, NRRD
+  ``space origin``, MetaImage ``Offset`` / ``Origin`` / ``Position``, which ITK would read as
+  0), and (NIfTI) voxel axes that are not perpendicular (sheared or singular:
   :func:`uumamba.data.geometry.grid_problem`; the readers apply the same rule to every format);
 - anything but 3D (4D passes with ``allow_4d=True``, for the CLI's ``--split-4d``);
 - for gzip NIfTI: decompressed content beyond vox_offset + the declared size + 64 KiB (a
@@ -456,6 +457,9 @@ def _nrrd(path: Path, label: str, allow_detached: bool) -> HeaderInfo:
         raise DataError(f"{label}: NRRD type '{type_name[:40]}' is not supported")
     item = _NRRD_ITEM[type_name]
     spacing = _nrrd_spacing(fields, ndim, label)
+    if "space origin" in fields:  # "(x,y,z)"; ITK's own refusal names only its source line
+        _check_origin(fields["space origin"].strip().strip("()").replace(",", " ").split(),
+                      label, "NRRD 'space origin'")
     shape = sizes
     kinds = fields.get("kinds", "").lower().split()
     if ndim == 4 and kinds and kinds[0] in ("vector", "covariant-vector", "rgb-color",
@@ -463,6 +467,20 @@ def _nrrd(path: Path, label: str, allow_detached: bool) -> HeaderInfo:
         shape = sizes[1:] + sizes[:1]  # components last, as read_image returns them
         spacing = spacing[1:] + spacing[:1]
     return HeaderInfo("nrrd", shape, spacing, item, math.prod(sizes) * item)
+
+
+def _check_origin(values: list[str], label: str, field: str) -> None:
+    """Refuse a text header's origin that is not numbers, not finite or farther than
+    :data:`uumamba.data.geometry.MAX_ORIGIN_MM` (the rule the readers apply to every format)."""
+    import numpy as np
+
+    try:
+        origin = [float(v) for v in values[:3]]
+    except ValueError:
+        raise DataError(f"{label}: {field} is not numbers") from None
+    problem = grid_problem(origin, np.eye(3), "as written") if origin else None
+    if problem:
+        raise DataError(f"{label}: {field}: {problem}")
 
 
 def _nrrd_spacing(fields: dict[str, str], ndim: int, label: str) -> tuple[float, ...]:
@@ -547,6 +565,9 @@ def _metaimage(path: Path, label: str, allow_detached: bool) -> HeaderInfo:
     if len(spacing) != ndim:
         raise DataError(f"{label}: MetaImage ElementSpacing has {len(spacing)} values for "
                         f"NDims {ndim}")
+    for key in ("offset", "origin", "position"):  # ITK reads an inf or nan there as 0
+        if key in fields:
+            _check_origin(fields[key].split(), label, f"MetaImage {key.capitalize()}")
     shape = sizes + ((channels,) if channels > 1 else ())
     spacing = spacing + ((1.0,) if channels > 1 else ())
     item = _MET_ITEM[etype] * channels
