@@ -17,6 +17,12 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def _memory_bounded_voxels() -> int:
+    from uumamba.data.untrusted import memory_bounded_voxels
+
+    return memory_bounded_voxels()
+
+
 class ServiceSettings(BaseSettings):
     """Settings of the REST inference service.
 
@@ -54,7 +60,9 @@ class ServiceSettings(BaseSettings):
             within one window batch; synchronous requests get 504, jobs fail); ``None``: none.
         max_voxels / max_resampled_voxels: caps on an upload's declared voxels and on its
             voxels after resampling to the model's target spacing (defaults sized for a
-            512 x 512 x 1000 CT); max_voxel_bytes: declared voxels x item size, in bytes.
+            512 x 512 x 1000 CT; the resampled cap also to half this machine's memory at 64 B
+            per voxel: :func:`uumamba.data.untrusted.memory_bounded_voxels`);
+            max_voxel_bytes: declared voxels x item size, in bytes.
         state_dir: folder of the durable job store (``jobs.sqlite3`` and ``jobs/<id>/``), shared
             by every API process and ``uumamba worker`` of this host that names it; ``None``:
             :func:`default_state_dir` of the model (stable across restarts, never a fresh
@@ -96,7 +104,7 @@ class ServiceSettings(BaseSettings):
     max_decoding: int = Field(default=2, ge=1)
     max_inference_s: float | None = Field(default=3600.0, gt=0)
     max_voxels: int = Field(default=512 * 512 * 1000, ge=1)
-    max_resampled_voxels: int = Field(default=2 * 512 * 512 * 1000, ge=1)
+    max_resampled_voxels: int = Field(default_factory=_memory_bounded_voxels, ge=1)
     max_voxel_bytes: int = Field(default=2 * 1024**3, ge=1)
     state_dir: Path | None = None
     run_jobs: bool = True

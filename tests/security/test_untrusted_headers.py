@@ -236,3 +236,23 @@ def test_text_header_origins_that_are_not_a_scanners_are_refused(tmp_path, suffi
     with pytest.raises(DataError, match=rf"uploaded volume: {field}: origin \(.*\) mm as written "
                                         r"is not a position in a scanner"):
         check_image_header(path, name="uploaded volume")
+
+
+def test_the_default_resampled_cap_follows_the_machines_memory(monkeypatch):
+    """Half the memory at 64 B per resampled voxel (62 measured), at most 2 x 512 x 512 x 1000:
+    the old fixed cap would have let a crafted 197 KB upload ask for ~30 GB on a 24 GB
+    machine."""
+    import os
+
+    from uumamba.data import untrusted
+
+    pages = {"SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(untrusted.Path, "read_text", lambda self: "max")  # no cgroup limit
+    pages["SC_PHYS_PAGES"] = 24 * 1024**3 // 4096
+    assert untrusted.memory_bounded_voxels() == 24 * 1024**3 // 2 // 64 == 201_326_592
+    assert untrusted.HeaderLimits().max_resampled_voxels == 201_326_592
+    pages["SC_PHYS_PAGES"] = 512 * 1024**3 // 4096
+    assert untrusted.memory_bounded_voxels() == 2 * 512 * 512 * 1000
+    monkeypatch.setattr(untrusted.Path, "read_text", lambda self: str(8 * 1024**3))  # container
+    assert untrusted.memory_bounded_voxels() == 8 * 1024**3 // 2 // 64
