@@ -9,8 +9,7 @@ reason, and the model's name, version and the SHA-256 of every checkpoint
 (:class:`uumamba.model_folder.ModelFolder`).
 
 Mid slice: the slice axis is the one the model sliced along
-(:func:`uumamba.data.orientation.slice_axis`: the clearly thickest voxel axis of a short-axis
-stack, else the stack axis); the slice shown is the middle one of the slices holding LV at that
+(:func:`uumamba.data.orientation.slice_axis`, from the mask's spacing and shape); the slice shown is the middle one of the slices holding LV at that
 phase (the middle of the volume when the LV is empty).
 """
 

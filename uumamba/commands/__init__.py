@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from uumamba.errors import UserError
+from uumamba.errors import UserError, printable
 
 app = typer.Typer(
     name="uumamba",
@@ -46,8 +46,6 @@ def _setup() -> None:
 
 
 def _fail(message: str) -> None:
-    from uumamba.errors import printable
-
     typer.echo(f"error: {printable(message, newlines=True)}", err=True)
     raise typer.Exit(code=1)
 
@@ -312,8 +310,6 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        from uumamba.errors import printable
-
         typer.echo(f"error: {printable(exc, newlines=True)}", err=True)
         sys.exit(1)
 

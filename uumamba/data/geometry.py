@@ -93,12 +93,13 @@ MAX_AXIS_COSINE = 1e-3
 
 
 def grid_problem(origin, direction, frame: str = "LPS") -> str | None:
-    """Why an origin (3 values, mm) and (3, 3) direction (unit columns, one per voxel axis)
-    (both in world ``frame``, named in the text) are not a scanner's grid, or None: an origin not finite or beyond :data:`MAX_ORIGIN_MM`;
-    direction cosines not finite or not of unit length; voxel axes not perpendicular (a sheared grid, e.g. an
-    uncorrected gantry tilt, or a singular affine, whose volumes in mL and slice planes would
-    be wrong; DICOM series with a gantry tilt are refused the same way). The text names the
-    rule and the values, never a path."""
+    """Why an origin (3 values, mm) and a (3, 3) direction (unit columns, one per voxel axis),
+    both in world ``frame`` (named in the text), are not a scanner's grid, or None: an origin
+    not finite or beyond :data:`MAX_ORIGIN_MM`; direction cosines not finite or not of unit
+    length; voxel axes not perpendicular (a sheared grid, e.g. an uncorrected gantry tilt, or
+    a singular affine, whose volumes in mL and slice planes would be wrong; DICOM series with
+    a gantry tilt are refused the same way). The text names the rule and the values, never a
+    path."""
     origin = np.asarray(origin, dtype=np.float64)
     if not np.all(np.isfinite(origin)) or np.max(np.abs(origin)) > MAX_ORIGIN_MM:
         shown = ", ".join(f"{v + 0.0:.7g}" for v in origin)  # + 0.0: no "-0"
@@ -118,4 +119,3 @@ def grid_problem(origin, direction, frame: str = "LPS") -> str | None:
             return (f"voxel axes {a} and {b} meet at {angle:.1f}°, not 90° (a sheared or "
                     "singular grid); resample it to an orthogonal grid first")
     return None
-

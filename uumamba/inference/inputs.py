@@ -40,8 +40,7 @@ def input_cases(input_path: Path, n_channels: int, output_dir: Path | None = Non
     file directly in it is searched below (:func:`_image_files`): one patient per sub-folder,
     as ACDC is downloaded (``patientXXX/patientXXX_frameNN.nii.gz``); ``output_dir`` must
     then lie outside ``input_path`` (its masks could replace scans, and a later run would take
-    them for scans). The masks are written
-    side by side, so case ids must be unique, also against the side files and (``split_4d``)
+    them for scans). The masks are written side by side, so case ids must be unique, also against the side files and (``split_4d``)
     frames of the other cases. Hidden files and folders, Slicer ``.seg.nrrd`` files and
     reference label maps named ``*_gt`` (ACDC) or ``*_seg`` are skipped (with a warning for the
     label maps: a patient folder holds both), and so is an ACDC cine series ``PATIENT_4d``
@@ -50,8 +49,8 @@ def input_cases(input_path: Path, n_channels: int, output_dir: Path | None = Non
     Raises:
         UserError: no such path; a folder without image files (below it either); two files
             that would be written as the same case or one case named like another's side
-            file or frame; ``output_dir`` inside a folder searched below; a multi-channel model given files not named ``CASE_0000`` ...
-            (each message names the path).
+            file or frame; ``output_dir`` inside a folder searched below; a multi-channel
+            model given files not named ``CASE_0000`` ... (each message names the path).
     """
     if input_path.is_file():
         files = [input_path]
@@ -70,7 +69,7 @@ def input_cases(input_path: Path, n_channels: int, output_dir: Path | None = Non
             log.warning(f"warning: {input_path}: skipping {len(cines)} cine series beside their "
                         f"own ED / ES frames (ACDC), e.g. {min(cines).name}; give one as --input "
                         "with --split-4d to segment all its frames")
-            files = [p for p in files if p not in cines]
+            files = [p for p in files if p not in cines]  # a set: linear in the files
         if not files:
             raise UserError(f"{input_path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it "
                             "or its sub-folders")
@@ -113,21 +112,17 @@ def _check_side_names(groups: dict[str, dict[int, Path]], split_4d: bool) -> Non
                 raise UserError(f"{next(iter(groups[case].values()))}: case '{case}' would be "
                                 f"overwritten by the {tag[1:]} file of case '{owner}' "
                                 f"({next(iter(groups[owner].values()))}); rename one of them")
-        m = re.fullmatch(r"(?P<owner>.+)_frame\d+", case)
-        if split_4d and m and m["owner"] in groups:
+        m = _FRAME_TAG.fullmatch(case)
+        if split_4d and m and m["patient"] in groups:
             raise UserError(f"{next(iter(groups[case].values()))}: case '{case}' is also the name "
-                            f"of a frame of '{m['owner']}' (--split-4d); rename one of them")
+                            f"of a frame of '{m['patient']}' (--split-4d); rename one of them")
 
 
-def _cines_beside_their_frames(files: list[Path]) -> list[Path]:
+def _cines_beside_their_frames(files: list[Path]) -> set[Path]:
     """ACDC's ``PATIENT_4d`` files whose folder also holds a ``PATIENT_frameNN`` image."""
-    framed = set()
-    for f in files:
-        m = _FRAME_TAG.match(split_suffix(f)[0])
-        if m:
-            framed.add((f.parent, m["patient"]))
-    return [f for f in files if split_suffix(f)[0].endswith("_4d")
-            and (f.parent, split_suffix(f)[0][:-3]) in framed]
+    stems = [(f, split_suffix(f)[0]) for f in files]
+    framed = {(f.parent, m["patient"]) for f, stem in stems if (m := _FRAME_TAG.match(stem))}
+    return {f for f, stem in stems if stem.endswith("_4d") and (f.parent, stem[:-3]) in framed}
 
 
 def _is_image(path: Path) -> bool:
