@@ -13,7 +13,7 @@ inference (sliding window, Gaussian blending, inversion to the original grid). T
   config's feature widths, instance norm, deep supervision, Dice + CE, SGD (lr 0.01,
   Nesterov momentum 0.99, poly schedule) — nnU-Net's recipe, in a plain loop.
 
-Both train in the precision of the config's ``train.amp`` (bf16 autocast on a CPU with AMX
+Both train in the precision of the config's ``train.amp`` (bf16 autocast on a CPU with AMX or AVX512-BF16
 under ``auto``, :func:`uumamba.engine.components.select_precision`) and predict in that of
 ``inference.amp``, so neither gets arithmetic the other lacks.
 
@@ -134,7 +134,7 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.01, momentum=0.99, nesterov=True),
                                 model, loss_fn)
     scheduler = PolyLRScheduler(optimizer, total_iters=total)
-    # the precision ours trains in (train.amp: bf16 on a CPU with AMX), so that the budget buys
+    # the precision ours trains in (train.amp: bf16 on a CPU with AMX or AVX512-BF16), so that the budget buys
     # both models the same arithmetic
     autocast_dtype, scaler = select_precision(cfg.train.amp, device)
     losses: list[float] = []

@@ -5,7 +5,7 @@ that rotates with the volume (so none always runs first after a read): a trained
 model folder (``--model``, fold ``--fold``, e.g. the one ``bench_acdc.py`` leaves in
 ``OUTPUT/uumamba``) and a DynUNet of ``bench_acdc.py``'s architecture on the same plan, each
 with ``inference.amp`` ``auto`` (bf16 autocast where :func:`uumamba.device.native_bf16` holds:
-a CPU with AMX) and ``off`` (float32). The DynUNet's weights are its seeded initialisation:
+a CPU with AMX or AVX512-BF16) and ``off`` (float32). The DynUNet's weights are its seeded initialisation:
 a network's time does not depend on its weights. Everything else is the model's config
 (``acdc_cpu.yaml``: overlap 0.5, 16 windows per batch, Gaussian blending, no TTA).
 

@@ -68,7 +68,7 @@ class Readiness(BaseModel):
         examples=[None])
     precision: str | None = Field(
         default=None, description="What the sliding windows compute in, under the model's inference.amp: "
-        "with 'auto', bfloat16 on a GPU of compute capability 8.0+ or a CPU with AMX tiles (UUMAMBA_CPU_BF16=0|1 "
+        "with 'auto', bfloat16 on a GPU of compute capability 8.0+ or a CPU with AMX tiles or AVX512-BF16 (UUMAMBA_CPU_BF16=0|1 "
         "overrides the CPU detection), float16 on an older GPU, else float32; float32 with 'off'. Null until "
         "the model is loaded.", examples=["bfloat16"])
     detail: str | None = Field(default=None, description="Why the service is not ready (load error).")

@@ -27,7 +27,8 @@ if "UUMAMBA_TEST_STATE_HOME" not in os.environ:
         prefix="uumamba-test-state-")
 
 # float32 on every CPU unless a test asks for bf16 (monkeypatch.setenv(..., "1")): the suite's
-# numerical expectations must not depend on whether the host CPU has AMX (uumamba.device).
+# numerical expectations must not depend on whether the host CPU has bf16 units (AMX or
+# AVX512-BF16; uumamba.device).
 os.environ["UUMAMBA_CPU_BF16"] = "0"
 
 # Two threads: CI and developer machines have 2 cores.

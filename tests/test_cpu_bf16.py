@@ -1,9 +1,9 @@
-"""bf16 autocast on CPUs with AMX tiles: detection, its override, training precision and
-sliding-window inference (``uumamba.device``, ``engine.components.select_precision``,
-``inference.sliding.window_autocast``).
+"""bf16 autocast on CPUs with AMX tiles or AVX512-BF16: detection, its override, training
+precision and sliding-window inference (``uumamba.device``,
+``engine.components.select_precision``, ``inference.sliding.window_autocast``).
 
 The suite runs with ``UUMAMBA_CPU_BF16=0`` (tests/conftest.py); these tests set it themselves.
-bf16 autocast runs on any CPU (emulated without AMX), so the bf16 path is exercised everywhere.
+bf16 autocast runs on any CPU (emulated without those units), so the bf16 path is exercised everywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 import uumamba.device
 from uumamba.config import CPU_BF16_ENV, Config, InferenceConfig
-from uumamba.device import cpu_amx_bf16, native_bf16
+from uumamba.device import cpu_bf16_unit, cpu_native_bf16, native_bf16
 from uumamba.engine.components import select_precision
 from uumamba.errors import ConfigError
 from uumamba.inference.sliding import sliding_window_probabilities
@@ -23,19 +23,35 @@ from uumamba.inference.sliding import sliding_window_probabilities
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_detection_follows_the_cpu_when_unset(monkeypatch, amx):
+@pytest.mark.parametrize(("amx", "avx512_bf16", "unit"), [
+    (True, True, "AMX"), (True, False, "AMX"), (False, True, "AVX512-BF16"), (False, False, None)])
+def test_detection_follows_the_cpu_when_unset(monkeypatch, amx, avx512_bf16, unit):
+    """AMX tiles or AVX512-BF16 (Zen 4, Cooper Lake) make bf16 native; plain AVX-512 does not."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(uumamba.device, "_onednn_bf16", lambda: True)
     for unset in (None, "", " "):
         if unset is None:
             monkeypatch.delenv(CPU_BF16_ENV, raising=False)
         else:
             monkeypatch.setenv(CPU_BF16_ENV, unset)
-        assert cpu_amx_bf16() is amx
-        assert native_bf16(CPU) is amx
-    monkeypatch.setattr(uumamba.device, "_onednn_bf16", lambda: False)  # AMX, no oneDNN bf16
-    assert not cpu_amx_bf16()
+        assert cpu_bf16_unit() == unit
+        assert cpu_native_bf16() is (unit is not None)
+        assert native_bf16(CPU) is (unit is not None)
+    monkeypatch.setattr(uumamba.device, "_onednn_bf16", lambda: False)  # units, no oneDNN bf16
+    assert not cpu_native_bf16()
+
+
+def test_a_missing_or_failing_probe_reads_as_absent(monkeypatch):
+    def broken():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.delenv(CPU_BF16_ENV)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert cpu_bf16_unit() is None and not native_bf16(CPU)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_bf16_unit() == "AVX512-BF16"
 
 
 def test_override_wins_and_a_bad_value_is_a_config_error(monkeypatch):
@@ -43,6 +59,7 @@ def test_override_wins_and_a_bad_value_is_a_config_error(monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, "0")
     assert not native_bf16(CPU)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setenv(CPU_BF16_ENV, "1")
     assert native_bf16(CPU)
     monkeypatch.setenv(CPU_BF16_ENV, "yes")
@@ -50,19 +67,21 @@ def test_override_wins_and_a_bad_value_is_a_config_error(monkeypatch):
         native_bf16(CPU)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_training_precision_follows_amx(monkeypatch, amx):
-    """A CPU with AMX trains in bf16 under ``auto`` (no scaler); one without stays in float32
-    and refuses a forced bf16 (it would be emulated); fp16 and off are float32 on a CPU."""
+@pytest.mark.parametrize("native", [True, False])
+def test_training_precision_follows_the_cpu(monkeypatch, native):
+    """A CPU with bf16 units trains in bf16 under ``auto`` (no scaler); one without stays in
+    float32 and refuses a forced bf16 (it would be emulated); fp16 and off are float32 on a
+    CPU."""
     monkeypatch.delenv(CPU_BF16_ENV)
-    monkeypatch.setattr(uumamba.device, "cpu_amx_bf16", lambda: amx)
-    assert select_precision("auto", CPU) == ((torch.bfloat16, None) if amx else (None, None))
+    monkeypatch.setattr(uumamba.device, "cpu_native_bf16", lambda: native)
+    assert select_precision("auto", CPU) == ((torch.bfloat16, None) if native else (None, None))
     assert select_precision("off", CPU) == (None, None)
     assert select_precision("fp16", CPU) == (None, None)
-    if amx:
+    if native:
         assert select_precision("bf16", CPU) == (torch.bfloat16, None)
     else:
-        with pytest.raises(ConfigError, match=r"train\.amp=bf16: this CPU has no AMX tiles"):
+        with pytest.raises(ConfigError,
+                           match=r"train\.amp=bf16: this CPU has neither AMX tiles nor AVX512-BF16"):
             select_precision("bf16", CPU)
 
 
@@ -106,7 +125,7 @@ def test_windows_run_in_bf16_where_the_cpu_has_it_and_float32_with_amp_off(monke
     torch.testing.assert_close(bf16.sum(1), torch.ones(1, 24, 20, 3), atol=1e-5, rtol=0)
     diff = (bf16 - fp32).abs().max().item()
     assert 0 < diff < 0.03
-    monkeypatch.setenv(CPU_BF16_ENV, "0")  # a CPU without AMX: float32 under auto
+    monkeypatch.setenv(CPU_BF16_ENV, "0")  # a CPU without bf16 units: float32 under auto
     model.seen.clear()
     again = sliding_window_probabilities(model, image, plans, InferenceConfig(sw_batch_size=2))
     assert model.seen == {torch.float32}
@@ -120,10 +139,16 @@ def test_the_training_log_names_the_precision(monkeypatch):
     monkeypatch.delenv(CPU_BF16_ENV)
 
     assert precision_name(torch.bfloat16) == "bfloat16" and precision_name(None) == "float32"
-    assert describe_precision("auto", torch.bfloat16, None, CPU).startswith(
-        "bf16 autocast (train.amp=auto;")
+    for amx, avx512_bf16, where in ((True, True, " on AMX"), (False, True, " on AVX512-BF16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert describe_precision("auto", torch.bfloat16, None, CPU).startswith(
+            f"bf16 autocast (train.amp=auto{where}; normalisation statistics")
     assert describe_precision("auto", None, None, CPU) == \
-        "float32 (train.amp=auto; cpu without bf16 matrix units)"
+        "float32 (train.amp=auto; cpu without bf16 units: AMX or AVX512-BF16)"
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert describe_precision("bf16", torch.bfloat16, None, CPU).startswith(
+        "bf16 autocast (train.amp=bf16 with UUMAMBA_CPU_BF16=1;")
     assert describe_precision("off", None, None, CPU) == "float32 (train.amp=off)"
     assert describe_precision("fp16", None, None, CPU) == \
         "float32 (train.amp=fp16, which a CPU does not use)"
@@ -156,7 +181,7 @@ def _restore(precision, caplog):
 
 def test_resuming_in_another_precision_is_a_warning(caplog):
     """The checkpoint records what train.amp resolved to; resuming where it resolves
-    differently (e.g. a bf16 run moved to a CPU without AMX) continues with a warning."""
+    differently (e.g. a bf16 run moved to a CPU without bf16 units) continues with a warning."""
     state, text = _restore("bfloat16", caplog)
     assert state.iteration == 3
     assert "trained in bfloat16 and continues in float32 (train.amp=auto" in text

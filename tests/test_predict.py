@@ -356,7 +356,7 @@ def test_the_case_record_names_the_precision_the_windows_ran_in(model_dir, tmp_p
     masks = {}
     for bf16, amp, expected in (("1", None, "bfloat16"), ("1", "off", "float32"),
                                 ("0", None, "float32")):
-        monkeypatch.setenv(CPU_BF16_ENV, bf16)  # "1": a CPU with AMX
+        monkeypatch.setenv(CPU_BF16_ENV, bf16)  # "1": a CPU with AMX or AVX512-BF16
         out = tmp_path / f"out_{bf16}_{amp}"
         predict_from_cli(model_dir, path, out, folds="0", device="cpu", amp=amp)
         assert json.loads((out / "one_volumes.json").read_text())["precision"] == expected

@@ -157,10 +157,10 @@ def test_readyz_503_until_loaded_then_200(model_dir, predictor, monkeypatch):
         assert _ready(c)["status"] == "ready"
 
 
-def test_readyz_reports_bf16_on_a_cpu_with_amx(model_dir, predictor, monkeypatch):
+def test_readyz_reports_bf16_on_a_cpu_with_bf16_units(model_dir, predictor, monkeypatch):
     from uumamba.config import CPU_BF16_ENV
 
-    monkeypatch.setenv(CPU_BF16_ENV, "1")  # as on a CPU with AMX tiles
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # as on a CPU with AMX tiles or AVX512-BF16
     with TestClient(create_app(_settings(model_dir), predictor=predictor)) as c:
         assert _ready(c)["precision"] == "bfloat16"
 

@@ -30,8 +30,8 @@ from uumamba.errors import ConfigError
 from uumamba.utils import atomic_path
 
 #: Environment variable that overrides the CPU's bf16 detection (:func:`uumamba.device.
-#: cpu_amx_bf16`): ``0`` (float32 on every CPU) or ``1`` (bf16 autocast on any CPU, emulated
-#: where there is no AMX: for testing the bf16 path). The test suite sets ``0`` so that its
+#: cpu_native_bf16`): ``0`` (float32 on every CPU) or ``1`` (bf16 autocast on any CPU, emulated
+#: where there is neither AMX nor AVX512-BF16: for testing the bf16 path). The test suite sets ``0`` so that its
 #: float32 expectations do not depend on the host CPU.
 CPU_BF16_ENV = "UUMAMBA_CPU_BF16"
 
@@ -52,7 +52,7 @@ def cpu_bf16_override() -> bool | None:
         from uumamba.errors import shown
 
         raise ConfigError(f"{CPU_BF16_ENV}={shown(forced)}: expected 0 (float32 on the CPU) or "
-                          "1 (bf16 autocast on the CPU), or unset (bf16 where the CPU has AMX)")
+                          "1 (bf16 autocast on the CPU), or unset (bf16 where the CPU has AMX or AVX512-BF16)")
     return forced == "1"
 
 
@@ -314,8 +314,8 @@ class TrainConfig(_Section):
             ACDC with 2 cores +10 made no difference measurable through the machine's
             run-to-run spread (benchmarks/README.md, "Training throughput").
         amp: ``auto`` (bf16 where the device has bf16 matrix units: a GPU of compute
-            capability 8.0+, a CPU with AMX; else fp16 with a scaler on a GPU and float32 on
-            a CPU), ``bf16``, ``fp16`` or ``off``
+            capability 8.0+, a CPU with AMX or AVX512-BF16; else fp16 with a scaler on a GPU and
+            float32 on a CPU), ``bf16``, ``fp16`` or ``off``
             (:func:`uumamba.engine.components.select_precision`).
         max_nonfinite_steps: consecutive non-finite losses after which the run stops.
         deterministic: seeded, deterministic algorithms (CPU runs are reproducible).
@@ -355,7 +355,7 @@ class InferenceConfig(_Section):
         sw_batch_size: windows per forward pass; unset (default): 2 on a GPU, 4 on a CPU.
         amp: ``auto`` (default): windows run under bf16 autocast where the device has bf16
             matrix units (:func:`uumamba.device.native_bf16`: a GPU of compute capability
-            8.0+, a CPU with AMX), fp16 autocast on an older GPU, float32 on any other CPU;
+            8.0+, a CPU with AMX or AVX512-BF16), fp16 autocast on an older GPU, float32 on any other CPU;
             softmax and blending stay float32. ``off``: float32 everywhere.
         nsd_tolerance_mm: tolerance of the normalised surface distance in evaluation.
         input_check: what to do with an input the model cannot have been trained for (blank,

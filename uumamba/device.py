@@ -49,12 +49,15 @@ def native_bf16(device: torch.device | str) -> bool:
       Hopper, Blackwell). ``torch.cuda.is_bf16_supported()`` is not this: it also counts bf16
       that torch emulates on older GPUs (V100 7.0, T4 7.5), slowly and without kernels for
       some 3D convolutions.
-    * CPU: a processor with AMX tiles (Intel Sapphire Rapids and newer), on which oneDNN runs
-      bf16 convolutions on the matrix units, and a torch whose oneDNN has bf16 kernels. On 2
-      such cores a training step of ``configs/acdc_cpu.yaml``'s network took 155 ms in bf16
-      against 227 ms in float32, and a 16-window inference batch 89 against 160 ms
-      (benchmarks/README.md, "Training throughput"). CPUs with AVX512-BF16 but no AMX
-      (Cooper Lake, Zen 4) get float32: unmeasured there.
+    * CPU: a processor with bf16 dot-product instructions, AMX tiles (Intel Sapphire Rapids
+      and newer) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and newer), and a torch whose
+      oneDNN has bf16 kernels (:func:`cpu_bf16_unit`): oneDNN then multiplies bf16 and sums
+      in float32 on those units. On 2 AMX cores a training step of
+      ``configs/acdc_cpu.yaml``'s network took 155 ms in bf16 against 227 ms in float32, and
+      a 16-window inference batch 89 against 160 ms; on 2 Zen 4 cores (AVX512-BF16) the
+      step's compute 190-197 against 283-316 ms and the batch 95 against 195 ms
+      (benchmarks/README.md, "Training throughput"). Plain AVX-512 or AVX2 CPUs get float32:
+      bf16 would be emulated there.
 
     False for every other device.
     """
@@ -63,15 +66,15 @@ def native_bf16(device: torch.device | str) -> bool:
         major, _minor = torch.cuda.get_device_capability(device)
         return major >= 8
     if device.type == "cpu":
-        return cpu_amx_bf16()
+        return cpu_native_bf16()
     return False
 
 
-def cpu_amx_bf16() -> bool:
-    """True when this CPU has AMX tiles and torch's oneDNN has bf16 kernels (see
-    :func:`native_bf16`), unless :data:`uumamba.config.CPU_BF16_ENV` says otherwise (``1``:
-    True, ``0``: False; empty counts as unset). ``torch.cpu._is_amx_tile_supported`` is
-    private API (torch >= 2.3), so its absence reads as False.
+def cpu_native_bf16() -> bool:
+    """True when this CPU has bf16 dot-product units (:func:`cpu_bf16_unit`) and torch's
+    oneDNN has bf16 kernels (see :func:`native_bf16`), unless
+    :data:`uumamba.config.CPU_BF16_ENV` says otherwise (``1``: True, ``0``: False; empty
+    counts as unset).
 
     Raises:
         ConfigError: the variable is set to anything but ``0``, ``1`` or nothing.
@@ -79,16 +82,23 @@ def cpu_amx_bf16() -> bool:
     forced = cpu_bf16_override()
     if forced is not None:
         return forced
-    return _amx_tiles() and _onednn_bf16()
+    return cpu_bf16_unit() is not None and _onednn_bf16()
 
 
-def _amx_tiles() -> bool:
-    """The CPU reports AMX tiles (torch's own CPU feature probe)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe is not None and probe())
-    except RuntimeError:
-        return False
+def cpu_bf16_unit() -> str | None:
+    """``"AMX"`` or ``"AVX512-BF16"``: the bf16 dot-product units this CPU reports (torch's own
+    CPU feature probes, AMX first), None when it has neither. The probes
+    (``torch.cpu._is_amx_tile_supported``, ``torch.cpu._is_avx512_bf16_supported``) are private
+    API (torch >= 2.3); a missing or failing probe reads as absent."""
+    for unit, name in (("AMX", "_is_amx_tile_supported"),
+                       ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return unit
+        except RuntimeError:
+            continue
+    return None
 
 
 def _onednn_bf16() -> bool:

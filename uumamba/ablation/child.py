@@ -150,7 +150,7 @@ def _run_locked(config: Path | None, overrides: list[str], data: Path, model_dir
         "model_dir": str(model_dir),
         "iterations": iterations, "planned_iterations": planned,
         "seconds": float(saved.get("elapsed", 0.0)),
-        # what train.amp resolved to here (auto: bf16 on a CPU with AMX); None from a
+        # what train.amp resolved to here (auto: bf16 on a CPU with AMX or AVX512-BF16); None from a
         # checkpoint older than the field
         "precision": saved.get("precision"),
         "stopped_by": "time_limit" if iterations < planned else "completed",

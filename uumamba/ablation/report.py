@@ -227,7 +227,7 @@ def summarise(request: AblationRequest) -> tuple[dict[str, Any], list[CellScores
         f"only {len(cases)} case(s) are scored: intervals and p-values from so few cases are "
         "not informative (score more folds with --folds, or use more data)"]
     precisions = sorted({str(r["precision"]) for r in runs})
-    if len(precisions) > 1:  # train.amp=auto resolves by machine (bf16 on a CPU with AMX)
+    if len(precisions) > 1:  # train.amp=auto resolves by machine (bf16 on a CPU with AMX or AVX512-BF16)
         cautions.append(f"the runs trained in different precisions ({', '.join(precisions)}; "
                         "None: not recorded), so their iterations and Dice are not a like "
                         "for like comparison (rerun the cells on one machine, or pin train.amp)")

@@ -125,7 +125,7 @@ def predict(
     pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases for clinical.csv (default: ACDC names + Info.cfg)")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write PATIENT_report.html (mid slices, indices, reference ranges) per patient")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="skip cases whose outputs are already written (an interrupted run)")] = False,
-    amp: Annotated[str | None, typer.Option(help="auto (bf16 where the device has bf16 matrix units: a GPU of compute capability 8.0+, a CPU with AMX; fp16 on older GPUs; UUMAMBA_CPU_BF16=0 turns it off on CPUs) | off (float32) (default: the model's inference.amp)")] = None,
+    amp: Annotated[str | None, typer.Option(help="auto (bf16 where the device has bf16 matrix units: a GPU of compute capability 8.0+, a CPU with AMX or AVX512-BF16; fp16 on older GPUs; UUMAMBA_CPU_BF16=0 turns it off on CPUs) | off (float32) (default: the model's inference.amp)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override one of the model's inference settings, e.g. inference.input_check=refuse, inference.overlap=0.5 (repeatable)")] = None,
 ) -> None:
     """Segment images with a trained model; masks keep the input's geometry (several processes under torchrun)."""

@@ -27,9 +27,9 @@ include the backward pass (about twice the forward).
 
 Calibration (the constants below), measured 2026-12-01 on the reference machine: 2 cores
 (Intel Xeon, AVX-512 and AMX), torch 2.13 CPU, 2 threads, float32 (``train.amp=auto``
-trains in bf16 on AMX CPUs, where a 2D step takes about 3/4 of this: the plan is then
-sized conservatively, never too large), shared with other jobs (load
-average 1.6-2.5; the fastest of 4 repetitions after a warm-up was kept). The step terms
+trains in bf16 on CPUs with AMX or AVX512-BF16, where a 2D step's compute takes about 2/3
+to 3/4 of this: the plan is then sized conservatively, never too large), shared with other
+jobs (load average 1.6-2.5; the fastest of 4 repetitions after a warm-up was kept). The step terms
 come from ``benchmarks/bench_3d_cpu.py --calibrate`` (single AdamW training steps, no data
 loading) over eight U-Mamba-Bot topologies: 3D 32^3 to 112 x 80 x 40 at base features 16 and
 32, batch 1-2, and 2D 128^2 x 8 and 256 x 224 x 4; a two-term fit (MACs, elements) to the

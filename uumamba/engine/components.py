@@ -14,7 +14,7 @@ import torch
 
 from uumamba.config import CPU_BF16_ENV, Config, cpu_bf16_override
 from uumamba.data.plan import Plans
-from uumamba.device import native_bf16, precision_name
+from uumamba.device import cpu_bf16_unit, native_bf16, precision_name
 from uumamba.errors import ConfigError
 from uumamba.losses import build_loss
 from uumamba.nn import build_network, network_scan_backend
@@ -28,8 +28,8 @@ def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
     """Autocast dtype and GradScaler for ``train.amp`` on ``device``.
 
     ``auto`` is bf16 (no scaler) wherever :func:`uumamba.device.native_bf16` holds: a GPU of
-    compute capability 8.0 or newer (bf16 tensor cores), or a CPU with AMX tiles (oneDNN's
-    bf16 convolutions on the matrix units). Elsewhere ``auto`` is fp16 with
+    compute capability 8.0 or newer (bf16 tensor cores), or a CPU with AMX tiles or
+    AVX512-BF16 (oneDNN's bf16 convolutions on those units). Elsewhere ``auto`` is fp16 with
     :class:`torch.amp.GradScaler` on a GPU (Volta 7.0, Turing 7.5, Pascal 6.x; not
     ``torch.cuda.is_bf16_supported()``, which counts emulated bf16) and float32 on a CPU.
     ``bf16`` forces bf16 (refused where it would be emulated); ``fp16`` is fp16 + scaler on a
@@ -40,7 +40,7 @@ def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
 
     Raises:
         ConfigError: ``train.amp=bf16`` on a GPU of compute capability below 8.0 or on a CPU
-            without AMX (naming the device and what it lacks).
+            without AMX or AVX512-BF16 (naming the device and what it lacks).
     """
     if amp == "off" or device.type not in ("cuda", "cpu"):
         return None, None
@@ -50,9 +50,9 @@ def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
             if cpu_bf16_override() is False:
                 raise ConfigError(f"train.amp=bf16: {CPU_BF16_ENV}=0 turns bf16 off on the CPU; "
                                   f"unset it or use train.amp=auto or off")
-            raise ConfigError("train.amp=bf16: this CPU has no AMX tiles (or torch's oneDNN "
-                              "has no bf16 kernels), so bf16 would be emulated and slower than "
-                              "float32; use train.amp=auto or off")
+            raise ConfigError("train.amp=bf16: this CPU has neither AMX tiles nor AVX512-BF16 "
+                              "(or torch's oneDNN has no bf16 kernels), so bf16 would be "
+                              "emulated and slower than float32; use train.amp=auto or off")
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(f"train.amp=bf16: {device} has compute capability {major}.{minor}, "
                           "without bf16 tensor cores (bf16 needs 8.0 or newer); use "
@@ -134,7 +134,7 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
         ConfigError: invalid optimizer / loss / schedule settings (naming the key);
             ``model.scan_backend=cuda`` that cannot run on ``device``, or ``d_state`` /
             ``d_conv`` outside the CUDA kernels' limits where they may run; ``train.amp=bf16``
-            on a GPU older than compute capability 8.0 or on a CPU without AMX.
+            on a GPU older than compute capability 8.0 or on a CPU without AMX or AVX512-BF16.
     """
     try:
         model = build_network(cfg.model, plans).to(device)
@@ -173,14 +173,21 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
 def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any,
                        device: torch.device) -> str:
     """One line for the training log: what ``train.amp`` resolved to on ``device`` and why,
-    e.g. ``bf16 autocast (train.amp=auto; the selective scan and the loss in float32)`` or
-    ``float32 (train.amp=auto; cpu without bf16 matrix units)``."""
+    e.g. ``bf16 autocast (train.amp=auto on AVX512-BF16; normalisation statistics, any
+    selective scan and the loss in float32)`` or ``float32 (train.amp=auto; cpu without bf16
+    units: AMX or AVX512-BF16)``."""
+    forced = cpu_bf16_override() if device.type == "cpu" else None
     if autocast_dtype is None:
-        lacks = (f"{CPU_BF16_ENV}=0" if device.type == "cpu" and cpu_bf16_override() is False
+        lacks = (f"{CPU_BF16_ENV}=0" if forced is False
+                 else "cpu without bf16 units: AMX or AVX512-BF16" if device.type == "cpu"
                  else f"{device.type} without bf16 matrix units")
         why = {"off": "off", "fp16": "fp16, which a CPU does not use"}.get(amp, f"{amp}; {lacks}")
         return f"float32 (train.amp={why})"
     name = {"bfloat16": "bf16", "float16": "fp16"}[precision_name(autocast_dtype)]
     extra = " with a GradScaler" if scaler is not None else ""
-    return (f"{name} autocast{extra} (train.amp={amp}; normalisation statistics, any "
+    where = ""
+    if device.type == "cpu":
+        unit = cpu_bf16_unit()
+        where = (f" with {CPU_BF16_ENV}=1" if forced else f" on {unit}" if unit else "")
+    return (f"{name} autocast{extra} (train.amp={amp}{where}; normalisation statistics, any "
             "selective scan and the loss in float32)")

@@ -22,7 +22,7 @@ Flow of :func:`train_fold`
     4. epochs × ``iterations_per_epoch`` training steps (SAM / ASAM / SGD / AdamW,
        uncertainty-weighted loss with deep supervision, poly learning rate with optional
        warm-up, gradient clipping; ``train.amp``: bf16 autocast where the device has bf16
-       matrix units (a GPU of compute capability 8.0+, a CPU with AMX), fp16 with a
+       units (a GPU of compute capability 8.0+, a CPU with AMX or AVX512-BF16), fp16 with a
        GradScaler on an older GPU, float32 on other CPUs);
     5. every ``val_every`` epochs and at the end: full-volume sliding-window validation on the
        held-out fold (Dice per class and mean); fold ``all`` has no validation;

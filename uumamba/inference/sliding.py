@@ -103,7 +103,7 @@ def resolve_overlap(inference_cfg: Any, device: torch.device | str) -> float:
 def window_autocast(inference_cfg: Any, device: torch.device) -> Any:
     """The autocast context the windows run under (``inference.amp``): bf16 where
     :func:`uumamba.device.native_bf16` holds (a GPU of compute capability 8.0+, a CPU with
-    AMX), fp16 on an older GPU, none (float32) on other CPUs or with ``amp=off``. The
+    AMX or AVX512-BF16), fp16 on an older GPU, none (float32) on other CPUs or with ``amp=off``. The
     selective scan and the normalisation statistics run in float32 inside it, and
     :func:`_softmax` takes the logits to float32. On 16 unseen ACDC volumes, the bf16 and
     float32 masks of the same trained U-Mamba agree to a mean Dice of 0.999 per class
