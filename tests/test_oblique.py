@@ -151,7 +151,8 @@ def test_a_few_slices_make_the_slice_axis_when_the_spacing_does_not(spacing, sha
 def test_a_rotated_real_acdc_volume_gives_the_same_probabilities(acdc_dir, dataset, tmp_path):
     """patient007 (1.875 mm pixels, resampled to the plan's 1.5 mm) rotated about the slice
     normal and tilted: bit-identical probabilities. Before the network grid's spacing was
-    rounded to float32, 10-20 voxels of each such copy's mask differed (a trained model)."""
+    rounded to float32 and its affine set exactly, 10-20 voxels of each such copy's mask
+    differed (a trained model, bf16)."""
     predictor = _predictor(dataset, 2)
     source = acdc_dir / "patient007" / "patient007_frame01.nii.gz"
     reference = predictor.predict_file(source, probabilities=True)
