@@ -80,6 +80,11 @@ def test_demo_cli_end_to_end_cut_short(tmp_path):
     image = nib.load(str(out / "test" / "images" / "heldout_000.nii.gz"))
     assert mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine)
+    # Its case records say how they were computed, as uumamba predict's do (the suite runs
+    # with UUMAMBA_CPU_BF16=0: float32 windows)
+    record = json.loads((out / "predictions" / "heldout_000_volumes.json").read_text())
+    assert {k: record[k] for k in ("folds", "tta", "device", "precision")} == \
+        {"folds": ["fold_all"], "tta": False, "device": "cpu", "precision": "float32"}
     # A second run into the same folder is refused with a clear message.
     again = CliRunner().invoke(app, ["demo", "--minutes", "0.3", "--output", str(out)])
     assert again.exit_code != 0

@@ -138,8 +138,8 @@ def run_demo(
                         f"{ITERATIONS} iterations (this machine is slow or busy): Dice may stay "
                         f"below {EXPECTED_MIN_DICE} (RV is learnt last: about 0.6 after half "
                         "the iterations); rerun with a larger --minutes if it does")
-        log.info("segmenting the held-out cases")
         predictor = Predictor.from_model_dir(root / "model", device=used)
+        log.info(f"segmenting the held-out cases (windows in {predictor.precision})")
         cases = input_cases(test_dir / "images", predictor.plans.num_input_channels)
         failed = predict_cases(predictor, cases, root / "predictions").failures
         if failed:

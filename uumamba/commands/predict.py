@@ -226,9 +226,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
                                 output_dir=r.output_dir, split_4d=r.split_4d)
     options = {"split_4d": r.split_4d, "probabilities": r.probabilities,
                "entropy": r.uncertainty, "out_format": r.out_format,
-               "extra": {"model": str(r.model_dir), "folds": predictor.fold_names,
-                         "tta": predictor.tta, "device": str(predictor.device),
-                         "precision": predictor.precision}}
+               "extra": {"model": str(r.model_dir)}}  # folds, tta, device, precision: predict_case
     if r.out_format == "dcm":  # the SEG's algorithm identification
         from uumamba.model_folder import ModelFolder
 
@@ -248,7 +246,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
                                on_timings=lambda name, t: console.print(
                                    printable(f"{name}: {format_timings(t)}")))
         console.print(printable(f"wrote {written[0].name} and {len(written) - 1} side file(s) "
-                                f"to {r.output_dir}"))
+                                f"to {r.output_dir} (windows in {predictor.precision})"))
         return written
     if r.resume and ctx.is_main and _all_ranks_here(ctx):
         from uumamba.utils import remove_stale_temporaries
@@ -373,9 +371,11 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
         if n_masks != n_cases - n_skipped else ""
     if n_skipped:
         console.print(printable(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}; "
-                                f"skipped {n_skipped} already written (--resume)"))
+                                f"skipped {n_skipped} already written (--resume); windows in "
+                                f"{predictor.precision}"))
     else:
-        console.print(printable(f"wrote {n_masks} prediction(s){frames} to {r.output_dir}"))
+        console.print(printable(f"wrote {n_masks} prediction(s){frames} to {r.output_dir} "
+                                f"(windows in {predictor.precision})"))
     from uumamba.clinical_report import write_batch_clinical
 
     clinical = write_batch_clinical(result.volumes_ml, result.inputs, predictor.labels,

@@ -79,6 +79,9 @@ def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_
 
     ``volumes``, when given, receives output case name -> label name -> mL of each mask;
     ``on_timings`` is called with each output case's seconds per stage once it is written.
+    Every ``CASE_volumes.json`` records the predictor's ``folds``, ``tta``, ``device`` and
+    ``precision`` (what the windows computed in); ``extra`` adds to them or overrides them
+    (``uumamba predict``: the model folder, and for a DICOM SEG its version and digests).
 
     Raises:
         UserError / DataError: from :meth:`Predictor.predict_file` and the writer.
@@ -87,6 +90,8 @@ def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_
                                     entropy=entropy)
     items = ([(case, result)] if isinstance(result, Prediction)
              else [(f"{case}_frame{t:02d}", r) for t, r in enumerate(result)])
+    extra = {"folds": list(predictor.fold_names), "tta": predictor.tta,
+             "device": str(predictor.device), "precision": predictor.precision, **(extra or {})}
     written: list[Path] = []
     for name, pred in items:
         written.extend(write_prediction(pred, name, Path(files[0]), Path(output_dir),
