@@ -184,3 +184,5 @@ def test_the_network_grid_spacing_of_a_rotated_float32_header_is_the_spacing_wri
     straight = np.diag([np.float32(0.7), 1.5625, 8.0, 1.0])  # axis-aligned float32: unchanged
     assert list(canonical_spacing(straight)) == [float(np.float32(0.7)), 1.5625, 8.0]
     assert canonical_spacing(np.diag([0.7, 0.7, 5.0, 1.0]))[0] == float(np.float32(0.7))
+    extreme = canonical_spacing(np.diag([1e39, 1e-46, 1.5, 1.0]))  # beyond float32: kept
+    assert list(extreme) == [1e39, 1e-46, 1.5]

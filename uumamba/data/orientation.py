@@ -86,9 +86,14 @@ def canonical_spacing(affine: np.ndarray) -> np.ndarray:
     written values exactly in 97 % of 4 500 random rotations of nine scanner spacings
     (0.68-10 mm; 99 % per axis, tests/test_oblique.py); the rest stay one float32 unit off. Spacings already in float32 (every axis-aligned NIfTI) are
     unchanged; a float64 one (NRRD, MetaImage, DICOM) moves by at most 6e-8 of itself, so the
-    same scan as NIfTI or NRRD also gets the same grid.
+    same scan as NIfTI or NRRD also gets the same grid. A spacing that float32 cannot hold
+    (beyond 3.4e38 or below 1.4e-45 mm: no scanner's, refused where inputs are checked) is
+    kept as it is rather than made infinite or zero.
     """
-    return voxel_spacing(affine).astype(np.float32).astype(np.float64)
+    spacing = voxel_spacing(affine)
+    with np.errstate(over="ignore", under="ignore"):
+        rounded = spacing.astype(np.float32).astype(np.float64)
+    return np.where(np.isfinite(rounded) & (rounded > 0), rounded, spacing)
 
 
 def slice_axis(spacing, shape=None) -> int:
