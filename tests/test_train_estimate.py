@@ -15,6 +15,7 @@ from uumamba.config import load_config
 from uumamba.data.synthetic import write_synthetic_dataset
 from uumamba.engine.callbacks import Callback
 from uumamba.engine.estimate import (
+    ANNEALED_ENOUGH,
     RateProbe,
     cheaper_options,
     estimate_schedule,
@@ -53,6 +54,17 @@ def test_schedule_the_issue_case() -> None:
                               iterations_per_epoch=250)
     text = schedule_warning(est, options)
     assert text.startswith("warning: the planned schedule needs 17 days")
+    # annealed over the time limit (train.schedule_by_time): a warning only while the limit
+    # allows fewer than ANNEALED_ENOUGH iterations, and without "fewer epochs"
+    by_time = cheaper_options(est, device_type="cpu", plan_target="gpu", spatial_dims=3,
+                              optim_name="sam", patch_size=[112, 80, 40],
+                              iterations_per_epoch=250, by_time=True)
+    assert not any("train.epochs" in o for o in by_time) and len(by_time) == len(options) - 1
+    assert schedule_warning(est, by_time, by_time=True).startswith("warning: the planned")
+    enough = estimate_schedule(2.0, 5, 25_000, 7, time_limit_minutes=15, elapsed_seconds=60.0)
+    assert enough.too_long and enough.iterations_in_limit >= ANNEALED_ENOUGH
+    assert schedule_warning(enough, by_time, by_time=True) is None
+    assert schedule_warning(enough, options) is not None
     for option in ("plan.target=cpu", "optim.name=adamw", "model.spatial_dims=2",
                    "plan.patch_size=[56,80,40]", "train.epochs=1"):
         assert option in text, option

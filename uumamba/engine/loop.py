@@ -367,8 +367,9 @@ class _FoldRun:
                                   plan_target=plans.target, spatial_dims=plans.spatial_dims,
                                   optim_name=self.cfg.optim.name,
                                   patch_size=list(plans.patch_size),
-                                  iterations_per_epoch=tc.iterations_per_epoch)
-        warning = schedule_warning(est, options)
+                                  iterations_per_epoch=tc.iterations_per_epoch,
+                                  by_time=tc.schedule_by_time)
+        warning = schedule_warning(est, options, by_time=tc.schedule_by_time)
         if warning is not None:
             log.warning(warning)
         if self.ctx.is_main:
