@@ -154,6 +154,19 @@ def test_the_training_log_names_the_precision(monkeypatch):
         "float32 (train.amp=fp16, which a CPU does not use)"
 
 
+def test_the_training_log_says_when_validation_runs_in_another_precision(monkeypatch):
+    from uumamba.engine.components import describe_validation_precision
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # a CPU with bf16 units
+    assert describe_validation_precision(InferenceConfig(), None, CPU) == (
+        "validation windows in bfloat16 (inference.amp=auto; also the model's default for "
+        "prediction)")
+    assert describe_validation_precision(InferenceConfig(), torch.bfloat16, CPU) is None
+    assert describe_validation_precision(InferenceConfig(amp="off"), None, CPU) is None
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert describe_validation_precision(InferenceConfig(), None, CPU) is None
+
+
 def _restore(precision, caplog):
     """Restore a float32 run (a linear model) from a checkpoint that says ``precision``;
     returns the loop state and the warnings logged."""

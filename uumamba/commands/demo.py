@@ -20,7 +20,7 @@ def demo_from_cli(output: Path | None, minutes: float, device: str, n_cases: int
 
     from uumamba.demo import run_demo
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one line per message when piped
     console.rule("uumamba demo")
     result = run_demo(output=output, minutes=minutes, device=device, n_cases=n_cases)
     print_summary(result, title="Held-out synthetic cases")
@@ -36,8 +36,8 @@ def demo_from_cli(output: Path | None, minutes: float, device: str, n_cases: int
     if output is not None:
         root = Path(result["root"])
         console.print(f"kept: data {root / 'data'}, model {root / 'model'}, predictions and "
-                      f"summary.json {root / 'predictions'}")
+                      f"summary.json {root / 'predictions'}", markup=False, highlight=False)
         console.print(f"next: uumamba predict --model {root / 'model'} --input "
-                      f"{result['test_images']} --output OUT")
+                      f"{result['test_images']} --output OUT", markup=False, highlight=False)
     console.print(f"demo finished in {result['seconds']:.0f} s")
     return result

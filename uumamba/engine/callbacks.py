@@ -188,7 +188,8 @@ class RichProgress(Callback):
                f"{record['time']:.1f} s{val}")
         if record.get("nonfinite_steps"):
             msg += f"  ({record['nonfinite_steps']} non-finite steps skipped)"
-        (self._progress.console if self._progress else self.console).print(msg)
+        # one line per epoch also when piped to a log file (no wrap at 80 columns)
+        (self._progress.console if self._progress else self.console).print(msg, soft_wrap=True)
 
     def on_train_end(self, ctx: RunContext, finished: bool, reason: str) -> None:
         if self._progress is not None:

@@ -16,6 +16,7 @@ from uumamba.config import CPU_BF16_ENV, Config, cpu_bf16_override
 from uumamba.data.plan import Plans
 from uumamba.device import cpu_bf16_unit, native_bf16, precision_name
 from uumamba.errors import ConfigError
+from uumamba.inference.sliding import window_precision
 from uumamba.losses import build_loss
 from uumamba.nn import build_network, network_scan_backend
 from uumamba.optim import PolyLRScheduler, build_optimizer
@@ -167,7 +168,23 @@ def build_components(cfg: Config, plans: Plans, device: torch.device,
                           f"{exc}") from None
     autocast_dtype, scaler = select_precision(cfg.train.amp, device)
     log.info(f"precision: {describe_precision(cfg.train.amp, autocast_dtype, scaler, device)}")
+    validation = describe_validation_precision(cfg.inference, autocast_dtype, device)
+    if validation is not None:
+        log.info(validation)
     return Components(model, loss_fn, optimizer, scheduler, scaler, autocast_dtype)
+
+
+def describe_validation_precision(inference_cfg: Any, autocast_dtype: torch.dtype | None,
+                                  device: torch.device) -> str | None:
+    """The training log's line for validation when its windows compute in another precision
+    than training (``inference.amp`` is its own key: a run with ``train.amp=off`` validates,
+    and later predicts, in bf16 under ``inference.amp=auto`` on bf16 hardware); None when
+    they agree."""
+    windows = window_precision(inference_cfg, device)
+    if windows == precision_name(autocast_dtype):
+        return None
+    return (f"validation windows in {windows} (inference.amp={inference_cfg.amp}; also the "
+            "model's default for prediction)")
 
 
 def describe_precision(amp: str, autocast_dtype: torch.dtype | None, scaler: Any,
