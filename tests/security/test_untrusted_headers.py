@@ -256,3 +256,34 @@ def test_the_default_resampled_cap_follows_the_machines_memory(monkeypatch):
     assert untrusted.memory_bounded_voxels() == 2 * 512 * 512 * 1000
     monkeypatch.setattr(untrusted.Path, "read_text", lambda self: str(8 * 1024**3))  # container
     assert untrusted.memory_bounded_voxels() == 8 * 1024**3 // 2 // 64
+
+
+def _raw_nrrd(path, geometry: str, sizes: str = "8 8 4", dimension: int = 3):
+    n = 1
+    for v in sizes.split():
+        n *= int(v)
+    path.write_bytes(f"NRRD0004\ntype: float\ndimension: {dimension}\nsizes: {sizes}\n"
+                     f"{geometry}\nencoding: raw\nendian: little\n\n".encode() + b"\0" * 4 * n)
+    return path
+
+
+@pytest.mark.parametrize("geometry, match", [
+    # the squares of 1e200 overflowed: a traceback in the CLI, a 500 in the service
+    ("space: left-posterior-superior\nspace directions: (1e200,0,0) (0,1.5625,0) (0,0,10)",
+     r"voxel spacing 1e\+200 mm along axis 0 is implausible"),
+    ("space: left-posterior-superior\nspace directions: none (0,1.5625,0) (0,0,10)",
+     r"NRRD 'space directions' gives a spacing for 2 of the image's 3 spatial axes"),
+    ("spacings: nan 1.5625 10", r"NRRD 'spacings' gives a spacing for 2 of the image's 3"),
+    ("spacings: 1.5 inf 10", r"NRRD 'spacings' gives a spacing for 2 of the image's 3"),
+])
+def test_nrrd_spacings_that_are_unknown_or_out_of_range_are_refused(tmp_path, geometry, match):
+    """An axis marked none / nan in a 3D image read as 1 mm (volumes off by that factor)."""
+    _refused(_raw_nrrd(tmp_path / "v.nrrd", geometry), match)
+
+
+def test_a_cine_nrrds_time_axis_may_have_no_spacing(tmp_path):
+    path = _raw_nrrd(tmp_path / "c.nrrd", "space: left-posterior-superior\nspace directions: "
+                     "(1.5,0,0) (0,1.5,0) (0,0,10) none\nkinds: domain domain domain time",
+                     sizes="8 8 4 3", dimension=4)
+    info = check_image_header(path, name=UPLOAD, allow_4d=True)
+    assert info.shape == (8, 8, 4, 3) and info.spacing[:3] == (1.5, 1.5, 10.0)

@@ -515,31 +515,50 @@ def _check_origin(values: list[str], label: str, field: str) -> None:
 
 
 def _nrrd_spacing(fields: dict[str, str], ndim: int, label: str) -> tuple[float, ...]:
+    """Per-axis spacing from ``space directions`` (vector lengths) or ``spacings``.
+
+    ``none`` / ``nan`` mark an axis without a spacing; NRRD uses them for non-spatial axes (a
+    vector's components, a cine's time) and they read as 1.0, but an image needs a known
+    spacing on at least ``min(dimension, 3)`` axes: a 3D volume with an unknown one would be
+    segmented and measured as if it were 1 mm (its volumes in mL off by that factor).
+
+    Raises:
+        DataError: values that are not numbers, a count that does not match ``dimension``,
+            or fewer known spacings than spatial axes.
+    """
     if "space directions" in fields:
         vectors = re.findall(r"\(([^)]*)\)|none", fields["space directions"])
-        out = []
+        out: list[float] = []
+        known = 0
         for vec in vectors:
             if not vec:
                 out.append(1.0)
                 continue
             try:
-                out.append(math.sqrt(sum(float(v) ** 2 for v in vec.split(","))))
-            except ValueError:
+                # hypot: no overflow of the squares (1e200 is a length, refused by the range rule)
+                out.append(math.hypot(*(float(v) for v in vec.split(","))))
+            except (ValueError, OverflowError):
                 raise DataError(f"{label}: NRRD 'space directions' are not numbers") from None
-        if len(out) != ndim:
-            raise DataError(f"{label}: NRRD 'space directions' has {len(out)} entries for "
-                            f"dimension {ndim}")
-        return tuple(out)
-    if "spacings" in fields:
+            known += 1
+        field = "space directions"
+    elif "spacings" in fields:
         values = fields["spacings"].split()
         try:
-            out = [1.0 if v.lower() == "nan" else float(v) for v in values]
+            parsed = [float(v) for v in values]
         except ValueError:
             raise DataError(f"{label}: NRRD 'spacings' are not numbers") from None
-        if len(out) != ndim:
-            raise DataError(f"{label}: NRRD 'spacings' has {len(out)} values for dimension {ndim}")
-        return tuple(abs(v) for v in out)
-    return (1.0,) * ndim
+        known = sum(1 for v in parsed if math.isfinite(v))
+        out = [abs(v) if math.isfinite(v) else 1.0 for v in parsed]
+        field = "spacings"
+    else:
+        return (1.0,) * ndim
+    if len(out) != ndim:
+        raise DataError(f"{label}: NRRD '{field}' has {len(out)} entries for dimension {ndim}")
+    if known < min(ndim, 3):
+        raise DataError(f"{label}: NRRD '{field}' gives a spacing for {known} of the image's "
+                        f"{min(ndim, 3)} spatial axes ('none' / 'nan' are for non-spatial "
+                        "axes only): the voxel size is unknown")
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- MetaImage
