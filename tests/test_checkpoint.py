@@ -20,7 +20,7 @@ from uumamba.engine.checkpoint import (
     save_checkpoint,
 )
 from uumamba.errors import DataError
-from uumamba.utils import remove_stale_temporaries
+from uumamba.utils import NAME_MAX, atomic_path, remove_stale_temporaries
 
 
 def _state(weight: float = 1.0) -> dict:
@@ -143,3 +143,19 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in removed) == sorted(names[:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_a_long_legal_output_name_is_written_through_a_short_temporary_name(tmp_path):
+    """A 247-byte output name: its temporary name (with '.', '.tmp-PID') would pass 255 bytes
+    and the write failed with 'File name too long'."""
+    path = tmp_path / ("L" * 240 + ".nii.gz")
+    seen = []
+    with atomic_path(path) as tmp:
+        seen.append(tmp.name)
+        assert len(tmp.name.encode()) <= NAME_MAX and tmp.name.endswith(".nii.gz")
+        tmp.write_bytes(b"x")
+    assert path.read_bytes() == b"x" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    # a killed writer's long-name temporary is still recognised as stale
+    stale = tmp_path / seen[0].replace(f".tmp-{os.getpid()}", ".tmp-999999999")
+    stale.write_bytes(b"")
+    assert remove_stale_temporaries(tmp_path) == [stale]

@@ -4,6 +4,7 @@ files, output-folder checks, strict JSON values, plain tensors out of MONAI Meta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -16,11 +17,24 @@ from uumamba.errors import UserError
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(\.[^/]*)?$")
 
 
+#: Longest file name (bytes) of the file systems written to (ext4, XFS, APFS, NTFS: 255).
+NAME_MAX = 255
+
+
 def _temporary_name(path: Path, pid: int) -> Path:
-    """``DIR/.STEM.tmp-<pid>SUFFIXES`` beside ``path`` (the name :func:`atomic_path` writes)."""
+    """``DIR/.STEM.tmp-<pid>SUFFIXES`` beside ``path`` (the name :func:`atomic_path` writes).
+
+    When that is longer than :data:`NAME_MAX` bytes (a legal 247-byte output name gave
+    ``File name too long``), ``DIR/.DIGEST.tmp-<pid>SUFFIXES`` instead: a digest of the name
+    and its last two short suffixes (``.nii.gz``, the format writers infer from them)."""
     suffix = "".join(path.suffixes)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return path.with_name(f".{stem}.tmp-{pid}{suffix}")
+    name = f".{stem}.tmp-{pid}{suffix}"
+    if len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+        return path.with_name(name)
+    digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    short = "".join(s for s in path.suffixes[-2:] if len(s) <= 16)
+    return path.with_name(f".{digest}.tmp-{pid}{short}")
 
 
 def _fsync_file(path: Path) -> None:
