@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from uumamba.errors import DataError, UserError
+from uumamba.errors import DataError, GridError, UserError
 from uumamba.evaluation.metrics import voxel_volume_ml
 
 from .models import ClinicalSummary, OutputFormat, VolumeSummary
@@ -102,6 +102,8 @@ def check_volume(path: Path, target_spacing=None, limits=None) -> tuple[int, ...
     try:
         array, _geometry = read_image(path)
         array = np.asarray(array)
+    except GridError as exc:  # one of our geometry rules: its sentence, without the path
+        raise DataError(f"uploaded volume: {exc.rule}") from None
     except Exception as exc:  # any reader failure on user bytes is the user's file, not a bug
         raise DataError(f"uploaded volume is unreadable or truncated ({_reader_cause(exc, path)})"
                         ) from None

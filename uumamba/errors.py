@@ -18,6 +18,16 @@ class DataError(UserError):
     """A dataset or image file is unreadable or inconsistent (names the file in the message)."""
 
 
+class GridError(DataError):
+    """A volume refused by one of uumamba's own geometry rules (origin, axes, spacing), not by a
+    reader: ``rule`` is that rule's sentence alone (no path, no reader text), which the
+    service shows for an upload; the message is ``"<file>: <rule>"``."""
+
+    def __init__(self, file: object, rule: str) -> None:
+        super().__init__(f"{file}: {rule}")
+        self.rule = rule
+
+
 class ConfigError(UserError):
     """A configuration key is unknown or has a value of the wrong type or range."""
 

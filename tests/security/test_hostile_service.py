@@ -144,6 +144,24 @@ def test_reader_messages_are_scrubbed(client, tmp_path):
     assert "ITK" not in r.text and ".cxx" not in r.text
 
 
+
+def test_an_upload_refused_by_a_geometry_rule_says_which(client, tmp_path):
+    """A MetaImage whose direction is 2 I: the reader's own rule (not SimpleITK's text) is
+    shown, without the server path; it was 'unreadable or truncated (the NRRD / MetaImage
+    reader failed)', where the CLI named the rule."""
+    import numpy as np
+
+    path = tmp_path / "scaled.mha"
+    header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              "TransformMatrix = 2 0 0 0 2 0 0 0 2\nOffset = 0 0 0\nElementSpacing = 1.5 1.5 8\n"
+              "DimSize = 32 32 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    path.write_bytes(header.encode() + np.ones((4, 32, 32), np.float32).tobytes())
+    r = client.post("/v1/segment", files=_upload(path))
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == ("uploaded volume: direction cosines of voxel axis 0 have "
+                                  "length 2, not 1 (the voxel size belongs in the spacing)"), r.text
+    _assert_no_leak(r.text, client.app)
+
 # ------------------------------------------------------------------ memory under a burst
 
 def _rss_mb(pid: str = "self") -> float:

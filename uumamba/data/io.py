@@ -32,7 +32,7 @@ import numpy as np
 
 from uumamba.data.geometry import Geometry, as_floats, grid_problem
 from uumamba.data.layouts import split_suffix
-from uumamba.errors import DataError
+from uumamba.errors import DataError, GridError
 from uumamba.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -117,10 +117,11 @@ def _nifti_spacing_check(path: Path, img) -> None:
 
 def _checked(path: Path, geometry: Geometry) -> Geometry:
     """``geometry`` when its origin and axes describe a real grid (:func:`uumamba.data.
-    geometry.grid_problem`), else a DataError naming the file and the rule."""
+    geometry.grid_problem`), else a :class:`~uumamba.errors.GridError` naming the file and
+    the rule."""
     problem = grid_problem(geometry.origin, geometry.direction)
     if problem:
-        raise DataError(f"{path}: {problem}")
+        raise GridError(path, problem)
     return geometry
 
 
@@ -132,13 +133,13 @@ def _sitk_spacing_check(path: Path, spacing: tuple[float, ...]) -> None:
     checked first.
 
     Raises:
-        DataError: names the file, the axis and the header's spacing.
+        GridError: names the file, the axis and the header's spacing.
     """
     for axis, value in enumerate(spacing):
         if not (np.isfinite(value) and value > 0):
             shown = ", ".join(_mm(v) for v in spacing)
-            raise DataError(f"{path}: spacing along axis {axis} is {_mm(value)} mm (header "
-                            f"spacing ({shown})); voxel sizes must be positive")
+            raise GridError(path, f"spacing along axis {axis} is {_mm(value)} mm (header "
+                                  f"spacing ({shown})); voxel sizes must be positive")
 
 
 def _mm(value: float) -> str:
