@@ -287,3 +287,23 @@ def test_a_cine_nrrds_time_axis_may_have_no_spacing(tmp_path):
                      sizes="8 8 4 3", dimension=4)
     info = check_image_header(path, name=UPLOAD, allow_4d=True)
     assert info.shape == (8, 8, 4, 3) and info.spacing[:3] == (1.5, 1.5, 10.0)
+
+
+def test_the_spacing_limits_hold_to_float32_rounding_of_a_rotated_header(tmp_path):
+    """A 0.05 mm grid under a double-oblique float32 affine reads 0.0499999 mm: it was refused
+    (named as '0.05 mm ... allowed 0.05-50 mm') while its straight copy was accepted."""
+    import nibabel as nib
+    import numpy as np
+
+    from uumamba.data.orientation import voxel_spacing, world_rotation
+
+    rotation = (world_rotation(0, 23.0) @ world_rotation(1, 37.0) @ world_rotation(2, 61.0))[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * 0.05
+    path = tmp_path / "iso.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), str(path))
+    assert min(voxel_spacing(nib.load(str(path)).affine)) < 0.05  # what the header holds
+    check_image_header(path, name=UPLOAD)
+    affine[:3, :3] = rotation * 0.0499
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), str(path))
+    _refused(path, r"voxel spacing 0\.0499\d* mm along axis \d is implausible \(allowed 0\.05-50")
