@@ -211,3 +211,17 @@ def test_metaimage_direction_of_other_than_unit_length_is_refused(tmp_path, matr
     with pytest.raises(DataError, match=r"scaled\.mha: direction cosines of voxel axis 0 have "
                                         r"length (2|0), not 1"):
         read_geometry(path)
+
+
+def test_an_nrrd_itk_refuses_is_one_line_naming_its_reason(tmp_path):
+    """ITK's refusal was ten lines (its source file, an object address, teem's trace)."""
+    path = tmp_path / "both.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 2\nspace: left-posterior-"
+                     b"superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nspacings: 1 1 1\n"
+                     b"encoding: raw\nendian: little\n\n" + b"\0" * 128)
+    with pytest.raises(DataError) as info:
+        read_geometry(path)
+    message = str(info.value)
+    assert "\n" not in message and "0x" not in message and ".cxx" not in message, message
+    assert message == (f"{path}: cannot read image header: NRRD: axis[0] has a direction "
+                       "vector, and so can't have min, max, spacing, or units set")

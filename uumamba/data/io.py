@@ -23,6 +23,7 @@ to the reference's geometry before they replace ``out_path``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,7 +158,7 @@ def _sitk_reader(path: Path) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except Exception as exc:  # ITK raises RuntimeError for a broken header
-        raise DataError(f"{path}: cannot read image header: {exc}") from None
+        raise DataError(f"{path}: cannot read image header: {_reader_reason(exc)}") from None
     _sitk_spacing_check(path, reader.GetSpacing())
     return reader
 
@@ -298,7 +299,26 @@ def read_dicom_folder(path: str | Path, decode: bool = True, limits: DicomLimits
 
 def _unreadable(path: Path, exc: Exception) -> DataError:
     return DataError(f"{path}: cannot read image (corrupt or truncated?): "
-                     f"{type(exc).__name__}: {exc}")
+                     f"{type(exc).__name__}: {_reader_reason(exc)}")
+
+
+_ITK_OBJECT = re.compile(r"\w+\(0x[0-9a-fA-F]+\):\s*")
+
+
+def _reader_reason(exc: Exception, limit: int = 300) -> str:
+    """One line of a reader's error: ITK's is ten (its source file, an object address, then
+    teem's ``[nrrd]`` trace whose last line is the reason); that last ``[nrrd]`` line, else the
+    last ``ERROR:`` line without the object, else the first line, cut to ``limit``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    nrrd = [line for line in lines if line.startswith("[nrrd]")]
+    errors = [line for line in lines if "ERROR:" in line]
+    if nrrd:
+        text = "NRRD: " + nrrd[-1].split(":", 1)[-1].strip()
+    elif errors:
+        text = _ITK_OBJECT.sub("", errors[-1].split("ERROR:", 1)[1]).strip()
+    else:
+        text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _resolve_output(reference_path: Path, out_path: Path, format: str | None) -> tuple[Path, str]:
