@@ -188,7 +188,8 @@ def read_geometry(path: str | Path) -> Geometry:
     except Exception as exc:  # nibabel raises many types for a broken header
         raise DataError(f"{path}: cannot read image header: {exc}") from None
     _nifti_spacing_check(path, img)
-    return _checked(path, Geometry.from_affine_ras(img.affine, img.shape))
+    return _checked(path, Geometry.from_affine_ras(img.affine, img.shape,
+                                                   img.header.get_zooms()))
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
@@ -235,7 +236,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     except Exception as exc:  # nibabel raises many types for a broken header
         raise _unreadable(path, exc) from None
     _nifti_spacing_check(path, img)
-    geometry = _checked(path, Geometry.from_affine_ras(img.affine, img.shape))  # before decoding
+    geometry = _checked(path, Geometry.from_affine_ras(img.affine, img.shape,  # before decoding
+                                                       img.header.get_zooms()))
     try:
         array = np.asarray(np.asanyarray(img.dataobj))  # reads and decompresses everything
     except Exception as exc:  # EOFError / zlib.error for truncated files
