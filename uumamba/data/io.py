@@ -94,7 +94,8 @@ def _nifti_spacing_check(path: Path, img) -> None:
     The affine nibabel uses (sform or qform) is checked too: a zero column means spacing 0.
 
     Raises:
-        DataError: names the file, the axis and the stored value.
+        GridError: names the file, the axis and the stored value.
+        DataError: the header cannot be read again.
     """
     n_spatial = min(len(img.shape), 3)
     try:
@@ -106,14 +107,16 @@ def _nifti_spacing_check(path: Path, img) -> None:
     for axis in range(n_spatial):
         value = pixdim[axis + 1]
         if not (np.isfinite(value) and value > 0):
-            raise DataError(f"{path}: spacing along axis {axis} is {_mm(value)} mm "
-                            f"(pixdim[{axis + 1}] = {_mm(value)}); voxel sizes must be positive")
+            raise GridError(path, f"spacing along axis {axis} is {_mm(value)} mm "
+                                  f"(pixdim[{axis + 1}] = {_mm(value)}); voxel sizes must be "
+                                  "positive")
     columns = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
     for axis in range(n_spatial):
         if not (np.isfinite(columns[axis]) and columns[axis] > 0):
             form = "sform" if int(raw["sform_code"]) > 0 else "qform"
-            raise DataError(f"{path}: spacing along axis {axis} is {_mm(columns[axis])} mm "
-                            f"(column {axis} of the {form} affine); voxel sizes must be positive")
+            raise GridError(path, f"spacing along axis {axis} is {_mm(columns[axis])} mm "
+                                  f"(column {axis} of the {form} affine); voxel sizes must be "
+                                  "positive")
 
 
 def _checked(path: Path, geometry: Geometry) -> Geometry:
