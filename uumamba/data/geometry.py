@@ -16,9 +16,11 @@ import numpy as np
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-#: How close (relative) a header's stored spacing must be to the affine's column norm to be
-#: taken (:meth:`Geometry.from_affine_ras`): 8 float32 units.
-STORED_SPACING_RTOL = 8 * 2.0 ** -23
+#: How far (relative) a spacing read from a float32 header may lie from the value written:
+#: 8 float32 units. :meth:`Geometry.from_affine_ras` takes a stored spacing within it of the
+#: affine's column norm; the header check's spacing limits hold to it
+#: (:mod:`uumamba.data.untrusted`).
+FLOAT32_RTOL = 8 * 2.0 ** -23
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class Geometry:
         """Geometry from a 4x4 RAS affine (nibabel convention) and an array shape.
 
         ``stored_spacing`` (a NIfTI header's ``pixdim[1:4]``): the spacing written, taken for
-        an axis whose column norm is within :data:`STORED_SPACING_RTOL` of it. A rotated
+        an axis whose column norm is within :data:`FLOAT32_RTOL` of it. A rotated
         float32 affine's norms miss the written spacing by about a float32 unit, and a grid
         that far apart resamples differently (a rotated copy's bf16 mask differed in 301 of
         553 k voxels); further apart, the affine's norm is kept. The direction is always the
@@ -73,7 +75,7 @@ class Geometry:
         spacing = norms
         if stored_spacing is not None and len(stored_spacing) >= 3:
             stored = np.abs(np.asarray(list(stored_spacing)[:3], dtype=np.float64))
-            close = np.isfinite(stored) & (np.abs(stored - norms) <= STORED_SPACING_RTOL * norms)
+            close = np.isfinite(stored) & (np.abs(stored - norms) <= FLOAT32_RTOL * norms)
             spacing = np.where(close, stored, norms)
         return cls(tuple(int(s) for s in shape), as_floats(spacing), as_floats(lps[:3, 3]),
                    tuple(as_floats(row) for row in direction))

@@ -82,15 +82,17 @@ def canonical_spacing(affine: np.ndarray) -> np.ndarray:
     where an axis-aligned one reads it exactly; resampling then interpolates the rotated copy
     on a grid 1e-7 apart from the straight one's (with the affine's roundoff, below: 8 of
     9.2 M mask voxels of six ACDC volumes rotated three ways differed in float32, 146 in bf16;
-    none now). Rounded, all three spacings read the
-    written values exactly in 97 % of 4 500 random rotations of nine scanner spacings
-    (0.68-10 mm; 99 % per axis, tests/test_oblique.py); the rest stay one float32 unit off,
-    except for NIfTI, whose reader takes the spacing its header stores (``pixdim``) when the
-    norm is within float32 rounding of it (:meth:`uumamba.data.geometry.Geometry.from_affine_ras`). Spacings already in float32 (every axis-aligned NIfTI) are
-    unchanged; a float64 one (NRRD, MetaImage, DICOM) moves by at most 6e-8 of itself, so the
-    same scan as NIfTI or NRRD also gets the same grid. A spacing that float32 cannot hold
-    (beyond 3.4e38 or below 1.4e-45 mm: no scanner's, refused where inputs are checked) is
-    kept as it is rather than made infinite or zero.
+    none now). Rounded, all three spacings read the written values exactly in 97 % of 4 500
+    random rotations of nine scanner spacings (0.68-10 mm; 99 % per axis,
+    tests/test_oblique.py); the rest stay one float32 unit off, except for NIfTI, whose
+    reader takes the spacing its header stores (``pixdim``) when the norm is within float32
+    rounding of it (:meth:`uumamba.data.geometry.Geometry.from_affine_ras`).
+
+    Spacings already in float32 (every axis-aligned NIfTI) are unchanged; a float64 one
+    (NRRD, MetaImage, DICOM) moves by at most 6e-8 of itself, so the same scan as NIfTI or
+    NRRD also gets the same grid. A spacing that float32 cannot hold (beyond 3.4e38 or below
+    1.4e-45 mm: no scanner's, refused where inputs are checked) is kept as it is rather than
+    made infinite or zero.
     """
     spacing = voxel_spacing(affine)
     with np.errstate(over="ignore", under="ignore"):

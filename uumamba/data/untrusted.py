@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from uumamba.data.geometry import grid_problem
+from uumamba.data.geometry import FLOAT32_RTOL, grid_problem
 from uumamba.errors import DataError
 
 #: Bytes of a text header (NRRD, MetaImage) read at most; a longer header is refused.
@@ -80,10 +80,6 @@ def memory_bounded_voxels(fraction: float = 0.5) -> int:
 
 class VolumeTooLarge(DataError):
     """The header declares more voxels or bytes (or a larger resampled grid) than allowed."""
-
-
-#: Relative slack of the spacing limits: a few float32 units (a header's affine is float32).
-SPACING_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -224,7 +220,8 @@ def _check_info(info: HeaderInfo, label: str, limits: HeaderLimits,
     spacing = info.spacing[:3]
     # the limits hold to float32's rounding: a rotated float32 affine's column norm of a
     # 0.05 mm grid reads 0.0499999 (it was refused, the straight copy accepted)
-    low, high = limits.min_spacing_mm * (1 - SPACING_RTOL), limits.max_spacing_mm * (1 + SPACING_RTOL)
+    low = limits.min_spacing_mm * (1 - FLOAT32_RTOL)
+    high = limits.max_spacing_mm * (1 + FLOAT32_RTOL)
     for axis, s in enumerate(spacing):
         if not math.isfinite(s) or not low <= s <= high:
             raise DataError(f"{label}: voxel spacing {s:.7g} mm along axis {axis} is implausible "
