@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import uumamba.nn.mamba as mamba_module
 from uumamba.nn import Mamba, SpatialMamba
 
 BACKENDS = ("torch", "cpu")
@@ -177,17 +178,28 @@ def test_spatial_mamba_is_norm_then_mamba_over_voxels(spatial):
     tokens = x.flatten(2).transpose(1, 2)  # (B, L, C), row-major voxel order
     expected = layer.mamba(layer.norm(tokens)).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(y, expected)  # no residual connection, as U-Mamba
+    # laid out as a plain (B, C, *S) map, not a channels-last view of the tokens: the
+    # decoder's oneDNN convolutions would otherwise run their mixed-layout paths
+    assert y.is_contiguous()
+    assert layer(x.to(torch.bfloat16)).is_contiguous()
 
 
-def test_spatial_mamba_runs_in_float32_under_autocast():
+def test_spatial_mamba_runs_in_float32_under_autocast(monkeypatch):
     torch.manual_seed(7)
     layer = SpatialMamba(8, d_state=4, scan_backend="torch")
     seen = []
-    layer.mamba.in_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    scan = mamba_module.selective_scan
+
+    def recording_scan(u, delta, *args, **kwargs):  # in_proj's, x_proj's, dt_proj's outputs
+        seen.extend([u.dtype, delta.dtype])
+        return scan(u, delta, *args, **kwargs)
+
+    monkeypatch.setattr(mamba_module, "selective_scan", recording_scan)
+    layer.mamba.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))  # out_proj
     x = torch.randn(1, 8, 4, 4, 4).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert seen == [torch.float32]
+    assert seen == [torch.float32] * 3
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     # identical to the float32 computation on the same (bf16-representable) values
     expected = layer(x.float()).to(torch.bfloat16)

@@ -184,7 +184,8 @@ class Mamba(nn.Module):
         return F.silu(self.conv1d(x)[..., :length])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, L, d_model)`` -> ``(B, L, d_model)``.
+        """Map ``(B, L, d_model)`` -> ``(B, L, d_model)`` (a transposed view of
+        :meth:`mix`'s output).
 
         Raises:
             ValueError: the input is not 3-D or its last dimension is not ``d_model``;
@@ -198,26 +199,48 @@ class Mamba(nn.Module):
                 f"Mamba: expected input of shape (batch, length, {self.d_model}), "
                 f"got {tuple(hidden_states.shape)}"
             )
-        device = hidden_states.device
+        return self.mix(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The block channels first: ``(B, d_model, L)`` -> ``(B, d_model, L)``, contiguous.
+
+        Every projection is a weight times a (B, channels, L) map (``W @ x``, as mamba-ssm's
+        reference path computes ``in_proj``), so the scan's (B, d_inner, L) and (B, d_state,
+        L) inputs come out in its layout with no transposed copies (a 16 x 256 x 64 block on
+        2 CPU cores: ``in_proj`` and its split 4.8 -> 3.5 ms, results identical).
+
+        Raises:
+            As :meth:`forward`, for an input that is not ``(B, d_model, L)``.
+        """
+        if x.ndim != 3 or x.shape[1] != self.d_model:
+            raise ValueError(
+                f"Mamba: expected channels-first input of shape (batch, {self.d_model}, "
+                f"length), got {tuple(x.shape)}"
+            )
+        device = x.device
         if cuda_may_run(self.scan_backend, device):
-            self.check_cuda_limits(hidden_states.dtype, device)
+            self.check_cuda_limits(x.dtype, device)
         backend = resolve_scan_backend(self.scan_backend, device)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        xz = _project(self.in_proj, x)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = self._conv_silu(x.contiguous(), backend)  # (B, d_inner, L)
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2*d_state)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()  # (B, d_inner, L)
-        b = b.transpose(1, 2).contiguous()  # (B, d_state, L)
-        c = c.transpose(1, 2).contiguous()
-
+        x_dbl = _project(self.x_proj, x)  # (B, dt_rank + 2*d_state, L)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(self.dt_proj.weight, dt)  # (B, d_inner, L); bias in the scan
         y = selective_scan(
             x, delta, -torch.exp(self.A_log.float()), b, c,
-            D=self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(),
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True, backend=backend,
         )
-        return self.out_proj(y.transpose(1, 2))
+        return _project(self.out_proj, y)
+
+
+def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` applied along dim 1 of ``x`` (B, in_features, L) -> (B, out_features, L),
+    contiguous: ``W @ x (+ b)``."""
+    out = torch.matmul(linear.weight, x)
+    return out if linear.bias is None else out + linear.bias[:, None]
 
 
 def network_scan_backend(networks: Sequence[nn.Module], device: torch.device | str
