@@ -307,3 +307,34 @@ def test_the_spacing_limits_hold_to_float32_rounding_of_a_rotated_header(tmp_pat
     affine[:3, :3] = rotation * 0.0499
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), str(path))
     _refused(path, r"voxel spacing 0\.0499\d* mm along axis \d is implausible \(allowed 0\.05-50")
+
+
+def test_a_nifti_whose_qfac_is_zero_reads_as_qfac_one(tmp_path):
+    """pixdim[0] (qfac) = 0, as some converters write it: the NIfTI-1 reference library and
+    nibabel (which reads our NIfTI files) take it as 1. It was refused as 'orientation
+    (qform / sform) is invalid' before any reader saw it."""
+    import nibabel as nib
+    import numpy as np
+
+    from uumamba.data.io import read_geometry, read_image
+    from uumamba.data.orientation import world_rotation
+
+    affine = world_rotation(0, 20.0) @ world_rotation(2, 35.0)
+    affine[:3, :3] = affine[:3, :3] @ np.diag([1.5, 1.25, 8.0])
+    affine[:3, 3] = (-40.0, 12.5, 30.0)
+    img = nib.Nifti1Image(np.random.default_rng(3).random((10, 9, 4), dtype=np.float32), None)
+    img.set_qform(affine, code=1)  # the qform alone carries the rotation
+    img.set_sform(None, code=0)
+    straight, patched = tmp_path / "qfac1.nii", tmp_path / "qfac0.nii"
+    nib.save(img, str(straight))
+    raw = bytearray(straight.read_bytes())
+    assert raw[76:80] == np.float32(1.0).tobytes()  # pixdim[0] as nibabel wrote it
+    raw[76:80] = np.float32(0.0).tobytes()
+    patched.write_bytes(bytes(raw))
+
+    info = check_image_header(patched, name=UPLOAD)
+    assert info.spacing == pytest.approx((1.5, 1.25, 8.0))
+    assert read_geometry(patched) == read_geometry(straight)
+    data, geometry = read_image(patched)
+    assert geometry == read_geometry(straight) and data.shape == (10, 9, 4)
+    np.testing.assert_allclose(geometry.affine_ras(), affine, atol=1e-5)

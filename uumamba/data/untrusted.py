@@ -295,6 +295,11 @@ def _nifti_info(header, label: str) -> HeaderInfo:
     except Exception:
         raise DataError(f"{label}: NIfTI datatype code {int(header['datatype'])} is not "
                         "supported") from None
+    if float(header["pixdim"][0]) not in (-1.0, 1.0):
+        # qfac (pixdim[0]) other than -1 counts as 1, as nibabel reads the file when it loads
+        # it (its header check sets it to 1, and so does the NIfTI-1 reference library for 0)
+        header = header.copy()
+        header["pixdim"][0] = 1.0
     try:
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
         norms = np.linalg.norm(affine[:3, :3], axis=0)
