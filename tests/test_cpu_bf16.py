@@ -228,6 +228,26 @@ def test_a_bad_variable_fails_before_any_command_runs(tmp_path, monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_a_bad_variable_does_not_block_help(tmp_path):
+    """``--help`` does no work, so it is shown whatever UUMAMBA_CPU_BF16 holds; the command
+    itself still fails on it (a real process: the check reads the command line)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, UUMAMBA_CPU_BF16="yes")
+    for args in (["--help"], ["predict", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "uumamba.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "uumamba.cli", "check-data", "--data",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: UUMAMBA_CPU_BF16='yes': expected 0 (float32 on the CPU) or 1 (bf16 autocast on "
+        "the CPU), or unset (bf16 where the CPU has AMX or AVX512-BF16)"]
+
+
 def test_a_crafted_checkpoint_precision_is_not_echoed(caplog):
     _, text = _restore("bf\n16\x1b[31m" + "x" * 10_000, caplog)
     assert "trained in an unknown precision and continues in float32" in text

@@ -33,12 +33,15 @@ app = typer.Typer(
 @app.callback()
 def _setup() -> None:
     """Runs before every command: library messages (``uumamba`` logger) go to stdout; a bad
-    ``UUMAMBA_CPU_BF16`` fails here, before any work (it is read again where bf16 is chosen)."""
+    ``UUMAMBA_CPU_BF16`` fails here, before any work (it is read again where bf16 is chosen),
+    except when the command line asks for help, which does no work."""
     from uumamba.config import cpu_bf16_override
     from uumamba.errors import ConfigError
     from uumamba.logs import print_messages
 
     print_messages()
+    if "--help" in sys.argv[1:]:
+        return
     try:
         cpu_bf16_override()
     except ConfigError as exc:
