@@ -124,6 +124,10 @@ class VolumeSummary(BaseModel):
     volumes_ml: dict[str, float] = Field(description="Foreground label name -> volume in mL.",
                                          examples=[{"RV": 151.6, "MYO": 143.8, "LV": 178.2}])
     tta: bool = Field(description="Whether mirroring TTA was used.", examples=[False])
+    precision: str | None = Field(
+        default=None, description="What the sliding windows computed in: bfloat16, float16 or "
+        "float32 (as /readyz reports it; CASE_volumes.json of `uumamba predict` records the same).",
+        examples=["bfloat16"])
     warnings: list[str] = Field(
         default_factory=list,
         description="Why the model cannot have been trained for this input (blank, constant or "

@@ -149,7 +149,7 @@ def _strip_path(message: str, path: Path) -> str:
     return "".join(c for c in first if c.isprintable())[:200]
 
 
-def volume_summary(prediction, tta: bool) -> VolumeSummary:
+def volume_summary(prediction, tta: bool, precision: str | None = None) -> VolumeSummary:
     """The JSON answer's per-class voxel counts and volumes, taken from the prediction.
 
     Args:
@@ -157,6 +157,8 @@ def volume_summary(prediction, tta: bool) -> VolumeSummary:
             ``volumes_ml`` (mL = voxels * prod(spacing mm) / 1000, every foreground label,
             absent ones 0) were computed by the predictor from the mask it returned.
         tta: whether mirroring test-time augmentation was used.
+        precision: what the windows computed in (the predictor's ``precision``), None when
+            the predictor does not say.
     """
     spacing = [float(s) for s in prediction.geometry.spacing]
     return VolumeSummary(
@@ -166,6 +168,7 @@ def volume_summary(prediction, tta: bool) -> VolumeSummary:
         voxel_counts=dict(prediction.voxel_counts),
         volumes_ml=dict(prediction.volumes_ml),
         tta=tta,
+        precision=precision,
         warnings=list(getattr(prediction, "warnings", [])),
     )
 
@@ -256,11 +259,12 @@ def segment_file(predictor: Any, upload: Path, out_dir: Path, fmt: OutputFormat,
         label_roles(labels)  # refuse before any inference
     report("predicting", 0.1)
     prediction = predict(predictor, upload, tta, cancel)
-    summary = volume_summary(prediction, tta_default if tta is None else tta)
+    precision = getattr(predictor, "precision", None)
+    summary = volume_summary(prediction, tta_default if tta is None else tta, precision)
     if es_upload is not None:
         report("predicting", 0.5)
         es_summary = volume_summary(predict(predictor, es_upload, tta, cancel),
-                                    tta_default if tta is None else tta)
+                                    tta_default if tta is None else tta, precision)
         summary = summary.model_copy(update={
             "es": es_summary, "clinical": clinical_summary(summary, es_summary, labels)})
     report("writing", 0.9)

@@ -266,6 +266,8 @@ def test_segment_json_volumes_match_mask(client, volumes):
         # volumes are reported to 0.01 mL
         assert body["volumes_ml"][name] == round(body["voxel_counts"][name] * voxel_ml, 2)
     assert body["tta"] is False
+    # what the windows computed in, as /readyz says (float32: the suite pins UUMAMBA_CPU_BF16=0)
+    assert body["precision"] == client.get("/readyz").json()["precision"] == "float32"
 
 
 def test_segment_seg_nrrd_for_slicer(client, volumes, tmp_path):
