@@ -362,3 +362,6 @@ def test_crafted_file_names_cannot_forge_lines_or_drive_the_terminal(tmp_path, m
     assert "\x1b" not in err and "\x07" not in err
     assert not any(line.startswith("INJECTED") for line in err.splitlines()), err
     assert "\\x1b]0;TITLE\\x07\\x0aINJECTED" in err and "[bold red]x[not bold]" in err
+    # the newline in the name does not cut the reason off the skipped line
+    skipped = [line for line in err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].endswith("voxel sizes must be positive"), err
