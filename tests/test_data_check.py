@@ -161,3 +161,31 @@ def test_real_acdc_is_clean(acdc_dir: Path) -> None:
     report = check_dataset(discover(acdc_dir), cfg.dataset, cfg.model.spatial_dims)
     assert report.n_cases == 40
     assert not report.fatal, report.format()
+
+
+def test_a_file_name_with_a_line_break_stays_on_its_problems_line(tmp_path: Path) -> None:
+    """The report is several lines, one per problem: a name holding a line break, escapes or
+    rich markup is written escaped in it (text report, the error the CLI prints, the table)."""
+    from uumamba.errors import ReportError, cli_text
+
+    rng = np.random.default_rng(4)
+    _good_pair(tmp_path, "good", rng)
+    name = "bad\nERROR forged: [bold red]x \x1b[31m"
+    image, _ = _good_pair(tmp_path, name, rng)
+    image.write_bytes(image.read_bytes()[:100])  # truncated
+    report = check_dataset(discover(tmp_path), DatasetConfig(labels={0: "bg", 1: "LV", 2: "MYO"}),
+                           spatial_dims=3)
+    assert len(report.errors) == 1
+    text = report.format()
+    assert not any(line.startswith("ERROR forged") for line in text.splitlines())
+    assert "bad\\x0aERROR forged: [bold red]x \\x1b[31m.nii.gz" in text
+    with pytest.raises(ReportError) as info:
+        report.raise_if_fatal()
+    printed = cli_text(info.value)
+    assert printed.splitlines()[0] == "dataset integrity check failed:"  # a report keeps its lines
+    assert len(printed.splitlines()) == 1 + len(report.problems) + 1
+    result = CliRunner().invoke(app, ["check-data", str(tmp_path), "--config",
+                                      str(_config_file(tmp_path))], env={"COLUMNS": "400"})
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "[bold red]x" in result.output  # no markup
+    assert not any(line.lstrip("│ ").startswith("ERROR forged") for line in result.output.splitlines())

@@ -347,6 +347,33 @@ def test_predict_set_changes_the_models_inference_settings(tmp_path, monkeypatch
                                  "Input should be less than 1 (got 2)"]
 
 
+def test_a_single_input_named_with_a_line_break_is_one_line_with_its_reason(tmp_path,
+                                                                          monkeypatch, capsys):
+    """One file given as --input (not a folder): its error went out through the CLI's
+    multi-line path and a line break in the name started a line of its own ('error: forged')."""
+    name = "bad\nerror: forged line\n.nii"
+    path = _set_pixdim(_save(tmp_path / name, np.ones((44, 42, 3), np.float32)), 3, 0.0)
+    code, err, _ = _predict_cli(monkeypatch, capsys, path, tmp_path / "out")
+    assert code == 1
+    assert err.splitlines() == [err.rstrip("\n")], err
+    assert "bad\\x0aerror: forged line\\x0a.nii" in err and "voxel sizes must be positive" in err
+
+
+def test_a_truncated_file_named_with_a_line_break_keeps_the_readers_reason(tmp_path,
+                                                                          monkeypatch, capsys):
+    """The reader's message quotes the path: escaped before its first line is taken, so the
+    reason names the whole file instead of the part before the break."""
+    folder = tmp_path / "in"
+    _save(folder / "good.nii", np.ones((44, 42, 3), np.float32))
+    path = _save(folder / "trunc\nU.nii", np.ones((44, 42, 3), np.float32))
+    path.write_bytes(path.read_bytes()[:2000])
+    code, err, out = _predict_cli(monkeypatch, capsys, folder, tmp_path / "out")
+    skipped = [line for line in (err + out).splitlines() if line.startswith("skipped ")]
+    assert code == 1 and len(skipped) == 1, err + out
+    assert skipped[0].count("trunc\\x0aU.nii") == 2  # the case and the reader's own path
+    assert "is the file corrupt or truncated?" in skipped[0]
+
+
 def test_crafted_file_names_cannot_forge_lines_or_drive_the_terminal(tmp_path, monkeypatch,
                                                                      capsys):
     """A file named with a newline, an OSC title sequence and rich markup prints escaped, in

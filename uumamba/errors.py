@@ -32,6 +32,19 @@ class ConfigError(UserError):
     """A configuration key is unknown or has a value of the wrong type or range."""
 
 
+class ReportError(DataError):
+    """A :class:`DataError` whose message is a report of several lines, one per problem, each
+    line's file names and text already escaped (:func:`printable`): the CLI keeps its line
+    breaks. Every other :class:`UserError` prints as one line, so a line break inside a file
+    name it quotes is written as ``\\x0a`` and cannot start a line of its own."""
+
+
+def cli_text(exc: BaseException) -> str:
+    """``exc``'s message as the CLI prints it after ``error:`` (:func:`printable`; line
+    breaks kept only for a :class:`ReportError`)."""
+    return printable(exc, newlines=isinstance(exc, ReportError))
+
+
 def shown(value: object, limit: int = 20) -> str:
     """``repr`` of ``str(value)`` cut to ``limit`` characters, with ``...`` when cut: a
     crafted value (a 100 kB flag, control characters) named in one short line."""

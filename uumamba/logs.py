@@ -31,7 +31,9 @@ class _StdoutHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            print(printable(self.format(record), newlines=True), file=sys.stdout, flush=True)
+            # one line per record: a line break inside a file name a message quotes is
+            # escaped (\x0a) and cannot start a line of its own
+            print(printable(self.format(record)), file=sys.stdout, flush=True)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from uumamba.errors import UserError, printable
+from uumamba.errors import UserError, cli_text, printable
 
 app = typer.Typer(
     name="uumamba",
@@ -49,7 +49,7 @@ def _setup() -> None:
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {printable(message, newlines=True)}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     raise typer.Exit(code=1)
 
 
@@ -313,7 +313,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        typer.echo(f"error: {printable(exc, newlines=True)}", err=True)
+        typer.echo(f"error: {cli_text(exc)}", err=True)
         sys.exit(1)
 
 

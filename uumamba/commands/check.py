@@ -7,11 +7,12 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from uumamba.config import Config
 from uumamba.data.check import CheckReport, Problem, check_dataset
 from uumamba.data.layouts import discover
-from uumamba.errors import DataError
+from uumamba.errors import DataError, printable
 
 
 def print_report(report: CheckReport, console: Console | None = None) -> None:
@@ -24,7 +25,9 @@ def print_report(report: CheckReport, console: Console | None = None) -> None:
         table.add_column("problem", overflow="fold")
         for p in report.problems:
             style = "bold red" if p.severity == "error" else "yellow"
-            table.add_row(f"[{style}]{p.severity}[/{style}]", p.file, p.message)
+            # file names and messages as plain text: no markup, control characters escaped
+            table.add_row(f"[{style}]{p.severity}[/{style}]", Text(printable(p.file)),
+                          Text(printable(p.message)))
         console.print(table)
     style = "bold red" if report.fatal else "green"
     console.print(f"[{style}]{report.summary()}[/{style}]")

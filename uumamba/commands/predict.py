@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uumamba.errors import UserError, printable, shown
+from uumamba.errors import UserError, cli_text, printable, shown
 from uumamba.inference.inputs import check_output_dir, input_cases
 from uumamba.inference.writer import OUTPUT_FORMATS
 
@@ -305,11 +305,11 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
         try:
             written = _summarise(r, console, predictor, result, len(cases), refused, shown)
         except UserError as exc:
-            error = str(exc)
+            error = cli_text(exc)
     error = ddp.broadcast_object(error, ctx)
     if error is not None:
         if ctx.is_main:
-            print(f"error: {printable(error, newlines=True)}", file=sys.stderr, flush=True)
+            print(f"error: {error}", file=sys.stderr, flush=True)
         ddp.barrier(ctx)  # torchrun stops the other ranks once one exits: print first
         raise SystemExit(1)
     return written

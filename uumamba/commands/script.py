@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from uumamba.errors import UserError, printable
+from uumamba.errors import UserError, cli_text
 
 
 def run_script(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def run_script(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] 
     try:
         result = main(argv)
     except UserError as exc:
-        print(f"error: {printable(exc, newlines=True)}", file=sys.stderr)
+        print(f"error: {cli_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,7 +33,7 @@ from uumamba.config import DatasetConfig
 from uumamba.data.io import Geometry, is_nifti, read_image
 from uumamba.data.layouts import Case, DatasetIndex
 from uumamba.data.untrusted import check_image_header
-from uumamba.errors import DataError
+from uumamba.errors import DataError, ReportError, printable
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,13 @@ class CheckReport:
 
     def format(self) -> str:
         """Plain-text report: one ``SEVERITY file: message`` line per problem, then the summary."""
-        lines = [f"{p.severity.upper():7s} {p.file}: {p.message}" for p in self.problems]
+        lines = [printable(f"{p.severity.upper():7s} {p.file}: {p.message}") for p in self.problems]
         return "\n".join(lines + [self.summary()])
 
     def raise_if_fatal(self) -> None:
         """Raise :class:`DataError` with the formatted report when there is an error."""
         if self.fatal:
-            raise DataError("dataset integrity check failed:\n" + self.format())
+            raise ReportError("dataset integrity check failed:\n" + self.format())
 
 
 class _Collector:

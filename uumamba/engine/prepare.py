@@ -22,7 +22,7 @@ from uumamba.data import layouts
 from uumamba.data import transforms as data_transforms
 from uumamba.data.plan import Plans, apply_plan_decision, plan_dataset
 from uumamba.engine import distributed as ddp
-from uumamba.errors import DataError, UserError
+from uumamba.errors import DataError, ReportError, UserError, printable
 from uumamba.model_folder import ModelFolder
 from uumamba.model_folder.folder import PLANS, SPLITS
 
@@ -76,10 +76,10 @@ def _check(index: Any, cfg: Config) -> None:
         log.warning(f"warning: {p.file}: {p.message}")
     if report.fatal:
         errors = report.errors
-        shown = "\n".join(f"  {p.file}: {p.message}" for p in errors[:50])
+        shown = "\n".join(printable(f"  {p.file}: {p.message}") for p in errors[:50])
         more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
-        raise DataError(f"{index.root}: {len(errors)} problem(s) stop training "
-                        f"(`uumamba check-data {index.root}` prints the full report):\n"
+        raise ReportError(f"{printable(index.root)}: {len(errors)} problem(s) stop training "
+                        f"(`uumamba check-data {printable(index.root)}` prints the full report):\n"
                         f"{shown}{more}")
 
 

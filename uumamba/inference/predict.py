@@ -69,7 +69,7 @@ from uumamba.data.plan import Plans
 from uumamba.data.transforms import inference_transforms
 from uumamba.data.untrusted import check_local_inputs
 from uumamba.device import resolve_device
-from uumamba.errors import DataError, UserError
+from uumamba.errors import DataError, UserError, printable
 from uumamba.evaluation.metrics import label_volumes
 from uumamba.inference.plausibility import assess_input
 from uumamba.inference.postprocess import apply_postprocessing
@@ -382,7 +382,7 @@ class Predictor:
             with stages("preprocess"):
                 data = self.transforms(data, start=1)
         except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-            raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc)}); "
+            raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc, paths)}); "
                             "is the file corrupt or truncated?") from None
         with stages("preprocess"):
             warnings = self._check_input(paths[0], data.pop("image_statistics", []), geometry)
@@ -669,9 +669,14 @@ def _input_shape(data: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(n) for n in data["image"].shape[1:])
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception of a chain (MONAI's transform wrappers hide the reader's)."""
+def _root_cause(exc: BaseException, paths: Sequence[Path] = ()) -> str:
+    """The innermost exception of a chain (MONAI's transform wrappers hide the reader's), its
+    first line; a line break inside one of ``paths``, where the message quotes it, is escaped
+    first."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = str(exc).strip()
+    for path in paths:
+        text = text.replace(str(path), printable(str(path)))
+    text = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
