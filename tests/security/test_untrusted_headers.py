@@ -338,3 +338,14 @@ def test_a_nifti_whose_qfac_is_zero_reads_as_qfac_one(tmp_path):
     data, geometry = read_image(patched)
     assert geometry == read_geometry(straight) and data.shape == (10, 9, 4)
     np.testing.assert_allclose(geometry.affine_ras(), affine, atol=1e-5)
+
+    # a negative qfac other than -1: nibabel reads 1, ITK -1 (the qform's slice axis flips),
+    # so a mask written with qfac 1 would not overlay the image in ITK: refused, naming it
+    for value, shown in ((-0.5, "-0.5"), (-np.inf, "-inf")):
+        raw[76:80] = np.float32(value).tobytes()
+        patched.write_bytes(bytes(raw))
+        message = _refused(patched, r"qfac \(pixdim\[0\]\) is " + shown + ", neither 1 nor -1")
+        assert "store 1 or -1" in message
+    raw[76:80] = np.float32(-1.0).tobytes()  # -1 is a left-handed qform, read the same by all
+    patched.write_bytes(bytes(raw))
+    assert check_image_header(patched, name=UPLOAD).spacing == pytest.approx((1.5, 1.25, 8.0))

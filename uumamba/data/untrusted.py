@@ -295,9 +295,16 @@ def _nifti_info(header, label: str) -> HeaderInfo:
     except Exception:
         raise DataError(f"{label}: NIfTI datatype code {int(header['datatype'])} is not "
                         "supported") from None
-    if float(header["pixdim"][0]) not in (-1.0, 1.0):
-        # qfac (pixdim[0]) other than -1 counts as 1, as nibabel reads the file when it loads
-        # it (its header check sets it to 1, and so does the NIfTI-1 reference library for 0)
+    qfac = float(header["pixdim"][0])
+    if qfac not in (-1.0, 1.0):
+        # nibabel, which reads our NIfTI files, takes any other qfac (pixdim[0]) as 1; the
+        # NIfTI-1 reference library (nifti1_io.c) and ITK take a negative one as -1. They
+        # agree on 0, positive values and NaN; a negative one flips the qform's slice axis
+        # in one of them, and a mask written with qfac 1 would not overlay its image there.
+        if qfac < 0 and int(header["qform_code"]) > 0 and int(header["sform_code"]) <= 0:
+            raise DataError(f"{label}: NIfTI qfac (pixdim[0]) is {qfac:g}, neither 1 nor -1, "
+                            "and readers disagree on it (nibabel reads 1, ITK and the NIfTI-1 "
+                            "reference library -1); store 1 or -1")
         header = header.copy()
         header["pixdim"][0] = 1.0
     try:
