@@ -13,9 +13,11 @@ traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,20 +34,30 @@ app = typer.Typer(
 
 @app.callback()
 def _setup() -> None:
-    """Runs before every command: library messages (``uumamba`` logger) go to stdout; a bad
-    ``UUMAMBA_CPU_BF16`` fails here, before any work (it is read again where bf16 is chosen),
-    except when the command line asks for help, which does no work."""
-    from uumamba.config import cpu_bf16_override
-    from uumamba.errors import ConfigError
+    """Runs before every command: library messages (``uumamba`` logger) go to stdout."""
     from uumamba.logs import print_messages
 
     print_messages()
-    if "--help" in sys.argv[1:]:
-        return
-    try:
-        cpu_bf16_override()
-    except ConfigError as exc:
-        _fail(str(exc))
+
+
+def _checks_environment(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` that first refuses a bad ``UUMAMBA_CPU_BF16`` (one line, exit 1), before
+    any work: it is read again only where bf16 is chosen, e.g. after a training's first epoch.
+    It runs once the command line is parsed, so ``--help``, which exits while parsing, is
+    shown whatever the variable holds, and ``--output --help`` is an output folder."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from uumamba.config import cpu_bf16_override
+        from uumamba.errors import ConfigError
+
+        try:
+            cpu_bf16_override()
+        except ConfigError as exc:
+            _fail(str(exc))
+        return command(*args, **kwargs)
+
+    return checked
 
 
 def _fail(message: str) -> None:
@@ -306,6 +318,10 @@ def pacs(
 
     pacs_from_cli(url=url, study=study, series=series, model_dir=model, output_dir=output,
                   user=user, password=password, timeout=timeout, frame=frame, device=device)
+
+
+for _info in app.registered_commands:  # every command, as registered above
+    _info.callback = _checks_environment(_info.callback)
 
 
 def main() -> None:
