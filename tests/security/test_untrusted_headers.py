@@ -349,3 +349,18 @@ def test_a_nifti_whose_qfac_is_zero_reads_as_qfac_one(tmp_path):
     raw[76:80] = np.float32(-1.0).tobytes()  # -1 is a left-handed qform, read the same by all
     patched.write_bytes(bytes(raw))
     assert check_image_header(patched, name=UPLOAD).spacing == pytest.approx((1.5, 1.25, 8.0))
+
+
+def test_complex_and_rgb_niftis_are_refused_naming_the_datatype(tmp_path):
+    """A complex NIfTI was segmented from its real part alone (MONAI's ComplexWarning on
+    stderr, the imaginary part dropped); an RGB one is three values per voxel."""
+    import nibabel as nib
+    import numpy as np
+
+    values = np.random.default_rng(5).random((12, 10, 4))
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image((values + 1j * values).astype(np.complex64), np.eye(4)), str(path))
+    _refused(path, r"NIfTI datatype complex \(code 32\) is not supported: voxels must be real")
+    rgb = np.zeros((12, 10, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    _refused(path, r"NIfTI datatype RGB / RGBA \(code 128\) is not supported")

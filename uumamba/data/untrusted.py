@@ -295,6 +295,10 @@ def _nifti_info(header, label: str) -> HeaderInfo:
     except Exception:
         raise DataError(f"{label}: NIfTI datatype code {int(header['datatype'])} is not "
                         "supported") from None
+    if dtype.kind not in "biuf":  # complex (the imaginary part would be dropped), RGB(A)
+        kind = "complex" if dtype.kind == "c" else "RGB / RGBA" if dtype.names else str(dtype)
+        raise DataError(f"{label}: NIfTI datatype {kind} (code {int(header['datatype'])}) is "
+                        "not supported: voxels must be real intensities, one value each")
     qfac = float(header["pixdim"][0])
     if qfac not in (-1.0, 1.0):
         # nibabel, which reads our NIfTI files, takes any other qfac (pixdim[0]) as 1; the
