@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, Request
 
+from uumamba.errors import shown
+
 from .jobs import Job
 from .state import ServiceError, ServiceState
 from .worker import QueueFull, Slot
@@ -112,5 +114,6 @@ def get_job(job_id: str, state: ServiceState = Depends(get_state)) -> Job:
 
 
 def job_not_found(job_id: str) -> ServiceError:
-    """The 404 answer for a job id that is unknown, deleted or expired."""
-    return ServiceError(404, f"job {job_id!r} not found (unknown, deleted or expired)")
+    """The 404 answer for a job id that is unknown, deleted or expired (a crafted id is
+    quoted cut to 64 characters)."""
+    return ServiceError(404, f"job {shown(job_id, 64)} not found (unknown, deleted or expired)")

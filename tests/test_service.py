@@ -528,6 +528,10 @@ def test_job_json_result_and_expiry(model_dir, predictor, volumes):
         time.sleep(0.8)
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404
         assert _work_files(c) == []
+        # a crafted id is not echoed whole (it was: 5 kB back for a 5 kB id)
+        r = c.get("/v1/jobs/" + "x" * 5000)
+        assert r.status_code == 404 and len(r.json()["detail"]) < 150
+        assert r.json()["detail"].startswith("job 'xxxx") and "..." in r.json()["detail"]
 
 
 def test_job_bad_input_rejected_at_submission(client, tmp_path):
