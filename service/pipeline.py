@@ -70,7 +70,8 @@ class SegmentationOutput:
     summary: VolumeSummary
 
 
-def check_volume(path: Path, target_spacing=None, limits=None) -> tuple[int, ...]:
+def check_volume(path: Path, target_spacing=None, limits=None, name: str = "uploaded volume"
+                 ) -> tuple[int, ...]:
     """Check an uploaded image's header, then read it and refuse what cannot be segmented.
 
     The header is inspected first (:func:`uumamba.data.untrusted.check_image_header`:
@@ -81,6 +82,8 @@ def check_volume(path: Path, target_spacing=None, limits=None) -> tuple[int, ...
         path: the uploaded file (server-side name; never named in messages).
         target_spacing: the model's target spacing (x, y, z mm) for the resampled-size cap.
         limits: :class:`uumamba.data.untrusted.HeaderLimits` (default caps when ``None``).
+        name: what the messages call the upload (the second phase of a two-phase upload is
+            named as such).
 
     Returns:
         The (x, y, z) shape.
@@ -90,37 +93,38 @@ def check_volume(path: Path, target_spacing=None, limits=None) -> tuple[int, ...
             resampling (the service answers 413).
         DataError: a refused header (detached data file, not 3D, implausible spacing, gzip
             bomb or truncated stream), unreadable or truncated file, an empty axis, or
-            non-finite (NaN / inf) intensities, with the count. Messages say "uploaded
-            volume" and hold no server path and no reader text quoting file content.
+            non-finite (NaN / inf) intensities, with the count. Messages start with ``name``
+            and hold no server path and no reader text quoting file content.
     """
     from uumamba.data.io import read_image
     from uumamba.data.untrusted import check_image_header
 
     path = dicom_volume(path)  # a .zip of one DICOM series: its NIfTI copy
-    check_image_header(path, target_spacing=target_spacing, limits=limits,
-                       name="uploaded volume")
+    check_image_header(path, target_spacing=target_spacing, limits=limits, name=name)
     try:
         array, _geometry = read_image(path)
         array = np.asarray(array)
     except GridError as exc:  # one of our geometry rules: its sentence, without the path
-        raise DataError(f"uploaded volume: {exc.rule}") from None
+        raise DataError(f"{name}: {exc.rule}") from None
     except Exception as exc:  # any reader failure on user bytes is the user's file, not a bug
-        raise DataError(f"uploaded volume is unreadable or truncated ({_reader_cause(exc, path)})"
+        raise DataError(f"{name} is unreadable or truncated ({_reader_cause(exc, path)})"
                         ) from None
     shape = tuple(int(s) for s in array.shape)
     if array.ndim == 4:
-        raise DataError(f"volume is 4D (shape {list(shape)}); upload one 3D frame")
+        raise DataError(f"{name}: volume is 4D (shape {list(shape)}); upload one 3D frame")
     if array.ndim != 3:
-        raise DataError(f"volume has {array.ndim} dimensions (shape {list(shape)}); a 3D volume is required")
+        raise DataError(f"{name}: volume has {array.ndim} dimensions (shape {list(shape)}); "
+                        "a 3D volume is required")
     if min(shape) == 0:
-        raise DataError(f"volume has an empty axis (shape {list(shape)})")
+        raise DataError(f"{name}: volume has an empty axis (shape {list(shape)})")
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
         n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if n_bad == array.size:
-            raise DataError(f"volume is NaN-filled: all {n_bad} voxels are NaN or infinite")
+            raise DataError(f"{name}: volume is NaN-filled: all {n_bad} voxels are NaN or "
+                            "infinite")
         if n_bad:
-            raise DataError(f"volume has {n_bad} NaN or infinite voxels of {array.size}; "
-                            "replace them before segmenting")
+            raise DataError(f"{name}: volume has {n_bad} NaN or infinite voxels of "
+                            f"{array.size}; replace them before segmenting")
     return shape
 
 

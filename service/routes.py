@@ -308,11 +308,13 @@ async def _receive_checked(request: Request, state: ServiceState, workdir: Path,
     plans = getattr(state.predictor, "plans", None)
     target = getattr(plans, "resampling_spacing", None) or \
         getattr(state.info, "resampling_spacing_mm", None)
-    for received in (upload, upload.es):
+    for received, name in ((upload, "uploaded volume"),
+                           (upload.es, "uploaded second phase ('file_es')")):
         if received is None:
             continue
         async with state.decode_gate:  # released on every path, cancellation included
-            await run_in_threadpool(check_volume, received.path, target, settings.header_limits())
+            await run_in_threadpool(check_volume, received.path, target, settings.header_limits(),
+                                    name)
     return upload
 
 

@@ -98,6 +98,16 @@ def test_second_phase_needs_json_and_obeys_upload_rules(client, phases, tmp_path
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 6, 64, 64), np.float32)), str(four_d))
     r = client.post("/v1/segment?format=json", files=_files(ed, four_d))
     assert r.status_code == 422
+    # the refusal says which of the two files it is about
+    assert r.json()["detail"].startswith("uploaded second phase ('file_es')"), r.json()
+    nan = tmp_path / "nan.nii.gz"
+    array = np.ones((6, 64, 64), np.float32)
+    array[0, 0, 0] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan))
+    r = client.post("/v1/segment?format=json", files=_files(ed, nan))
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "uploaded second phase ('file_es'): volume has 1 NaN or infinite voxels of 24576; "
+        "replace them before segmenting")
 
 
 def test_both_files_share_the_upload_limit(model_dir, predictor, phases):
