@@ -359,3 +359,15 @@ def test_cli_bad_pairs_csv_is_one_line_exit_1(tmp_path):
         f"error: {bad}: row 2: case_ED '../x' is not a case name (1-200 characters of "
         "A-Z a-z 0-9 . _ -, no paths)"]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_indices_carry_no_float_noise():
+    """SV = EDV - ESV of volumes given to 0.01 mL came out e.g. 58.84000000000002 in
+    clinical.json and the service's answer (the CSV rounded it)."""
+    roles = label_roles({0: "background", 1: "RV", 2: "MYO", 3: "LV"})
+    out = indices_from_volumes({"RV": 100.12, "MYO": 90.3, "LV": 120.07},
+                               {"RV": 41.28, "MYO": 91.0, "LV": 50.01}, roles)
+    assert out["RV_SV_ml"] == 58.84 and out["LV_SV_ml"] == 70.06
+    assert out["LV_EF_pct"] == round(100 * 70.06 / 120.07, 4) == 58.3493
+    assert out["MYO_mass_g"] == 94.815  # 90.3 mL x 1.05 g/mL
+    assert json.dumps(out["RV_SV_ml"]) == "58.84"

@@ -75,6 +75,9 @@ INDEXED_FIELDS: tuple[str, ...] = (
 )
 _INDEXED_FROM = {f: f.replace("i_ml_m2", "_ml").replace("massi_g_m2", "mass_g")
                  for f in INDEXED_FIELDS}
+#: Decimals of every index (mL, %, g and their BSA-indexed values): far below what a mask
+#: resolves (a voxel is ~0.02 mL), and e.g. an SV of 58.84 rather than 58.84000000000002.
+INDEX_DECIMALS = 4
 
 #: Normalised label names for each role (lower case, letters and digits only).
 ROLE_NAMES: dict[str, frozenset[str]] = {
@@ -272,7 +275,8 @@ def indices_from_volumes(ed: Mapping[str, float], es: Mapping[str, float], roles
         info: height / weight for the BSA-indexed values (and the group, copied).
 
     Returns:
-        ``{<each of INDEX_FIELDS and INDEXED_FIELDS>: float | None, "bsa_m2", "bsa_formula",
+        ``{<each of INDEX_FIELDS and INDEXED_FIELDS>: float | None (rounded to
+        INDEX_DECIMALS decimals), "bsa_m2", "bsa_formula",
         "height_cm", "weight_kg", "group", "undefined": {field: reason}, "warnings": [...]}``.
     """
     out: dict[str, Any] = {}
@@ -327,6 +331,9 @@ def indices_from_volumes(ed: Mapping[str, float], es: Mapping[str, float], roles
             undefined[f] = undefined[_INDEXED_FROM[f]]
         else:
             out[f] = base / bsa
+    for f in (*INDEX_FIELDS, *INDEXED_FIELDS):  # the subtraction's float noise removed
+        if isinstance(out[f], float):
+            out[f] = round(out[f], INDEX_DECIMALS)
     out.update({"bsa_m2": bsa, "bsa_formula": BSA_FORMULA if bsa is not None else None,
                 "height_cm": height, "weight_kg": weight, "group": info.group if info else None,
                 "undefined": undefined, "warnings": warnings})
