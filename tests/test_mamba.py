@@ -159,6 +159,16 @@ def test_gradients_match_between_backends():
         torch.testing.assert_close(grads["cpu"][name], g, rtol=1e-4, atol=1e-5 * g.abs().max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_or_sequence_gives_an_empty_output(backend):
+    """B = 0 raised a reshape error on the torch backend and passed on the cpu one; L = 0
+    raised conv1d's error on both."""
+    layer = Mamba(8, d_state=4, scan_backend=backend)
+    for shape in ((0, 5, 8), (2, 0, 8)):
+        assert layer(torch.randn(*shape)).shape == shape
+        assert layer.mix(torch.randn(*shape).transpose(1, 2)).shape == (shape[0], 8, shape[1])
+
+
 def test_bad_arguments_raise_named_errors():
     with pytest.raises(ValueError, match="d_state"):
         Mamba(16, d_state=0)

@@ -202,7 +202,8 @@ class Mamba(nn.Module):
         return self.mix(hidden_states.transpose(1, 2)).transpose(1, 2)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """The block channels first: ``(B, d_model, L)`` -> ``(B, d_model, L)``, contiguous.
+        """The block channels first: ``(B, d_model, L)`` -> ``(B, d_model, L)``, contiguous;
+        an empty batch or sequence (B or L = 0) gives an empty output.
 
         Every projection is a weight times a (B, channels, L) map (``W @ x``, as mamba-ssm's
         reference path computes ``in_proj``), so the scan's (B, d_inner, L) and (B, d_state,
@@ -221,6 +222,8 @@ class Mamba(nn.Module):
         if cuda_may_run(self.scan_backend, device):
             self.check_cuda_limits(x.dtype, device)
         backend = resolve_scan_backend(self.scan_backend, device)
+        if x.shape[0] == 0 or x.shape[2] == 0:  # nothing to scan: the same on every backend
+            return x.new_zeros(x.shape)
         xz = _project(self.in_proj, x)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = self._conv_silu(x.contiguous(), backend)  # (B, d_inner, L)
