@@ -179,6 +179,17 @@ def test_a_file_name_with_a_line_break_stays_on_its_problems_line(tmp_path: Path
     text = report.format()
     assert not any(line.startswith("ERROR forged") for line in text.splitlines())
     assert "bad\\x0aERROR forged: [bold red]x \\x1b[31m.nii.gz" in text
+    # a reader's reason that quotes the path: escaped before its first line is taken, so
+    # the reason names the whole file (it stopped at the break)
+    trunc = _save(tmp_path / "images" / "trunc\nU.nii", rng.random(SHAPE, dtype=np.float32))
+    trunc.write_bytes(trunc.read_bytes()[:400])
+    _save(tmp_path / "labels" / "trunc\nU.nii", np.zeros(SHAPE, np.uint8))
+    again = check_dataset(discover(tmp_path), DatasetConfig(labels={0: "bg", 1: "LV", 2: "MYO"}),
+                          spatial_dims=3).format()
+    line = next(line for line in again.splitlines() if "trunc\\x0aU" in line)
+    assert line.count("trunc\\x0aU.nii") == 2, line
+    (tmp_path / "images" / "trunc\nU.nii").unlink()
+    (tmp_path / "labels" / "trunc\nU.nii").unlink()
     with pytest.raises(ReportError) as info:
         report.raise_if_fatal()
     printed = cli_text(info.value)

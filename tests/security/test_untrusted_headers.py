@@ -341,7 +341,7 @@ def test_a_nifti_whose_qfac_is_zero_reads_as_qfac_one(tmp_path):
 
     # a negative qfac other than -1: nibabel reads 1, ITK -1 (the qform's slice axis flips),
     # so a mask written with qfac 1 would not overlay the image in ITK: refused, naming it
-    for value, shown in ((-0.5, "-0.5"), (-np.inf, "-inf")):
+    for value, shown in ((-0.5, "-0.5"), (-np.inf, "-inf"), (-1.0000001, "-1.00000012")):
         raw[76:80] = np.float32(value).tobytes()
         patched.write_bytes(bytes(raw))
         message = _refused(patched, r"qfac \(pixdim\[0\]\) is " + shown + ", neither 1 nor -1")

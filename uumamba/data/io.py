@@ -33,7 +33,7 @@ import numpy as np
 
 from uumamba.data.geometry import Geometry, as_floats, grid_problem
 from uumamba.data.layouts import split_suffix
-from uumamba.errors import DataError, GridError
+from uumamba.errors import DataError, GridError, printable
 from uumamba.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -161,7 +161,8 @@ def _sitk_reader(path: Path) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except Exception as exc:  # ITK raises RuntimeError for a broken header
-        raise DataError(f"{path}: cannot read image header: {_reader_reason(exc)}") from None
+        raise DataError(f"{path}: cannot read image header: {_reader_reason(exc, path=path)}"
+                        ) from None
     _sitk_spacing_check(path, reader.GetSpacing())
     return reader
 
@@ -304,17 +305,19 @@ def read_dicom_folder(path: str | Path, decode: bool = True, limits: DicomLimits
 
 def _unreadable(path: Path, exc: Exception) -> DataError:
     return DataError(f"{path}: cannot read image (corrupt or truncated?): "
-                     f"{type(exc).__name__}: {_reader_reason(exc)}")
+                     f"{type(exc).__name__}: {_reader_reason(exc, path=path)}")
 
 
 _ITK_OBJECT = re.compile(r"\w+\(0x[0-9a-fA-F]+\):\s*")
 
 
-def _reader_reason(exc: Exception, limit: int = 300) -> str:
+def _reader_reason(exc: Exception, limit: int = 300, path: Path | None = None) -> str:
     """One line of a reader's error: ITK's is ten (its source file, an object address, then
     teem's ``[nrrd]`` trace whose last line is the reason); that last ``[nrrd]`` line, else the
-    last ``ERROR:`` line without the object, else the first line, cut to ``limit``."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last ``ERROR:`` line without the object, else the first line, cut to ``limit``. A line
+    break inside ``path``, where the message quotes it, is escaped first."""
+    text = str(exc) if path is None else str(exc).replace(str(path), printable(str(path)))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     nrrd = [line for line in lines if line.startswith("[nrrd]")]
     errors = [line for line in lines if "ERROR:" in line]
     if nrrd:

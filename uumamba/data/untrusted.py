@@ -306,7 +306,7 @@ def _nifti_info(header, label: str) -> HeaderInfo:
         # agree on 0, positive values and NaN; a negative one flips the qform's slice axis
         # in one of them, and a mask written with qfac 1 would not overlay its image there.
         if qfac < 0 and int(header["qform_code"]) > 0 and int(header["sform_code"]) <= 0:
-            raise DataError(f"{label}: NIfTI qfac (pixdim[0]) is {qfac:g}, neither 1 nor -1, "
+            raise DataError(f"{label}: NIfTI qfac (pixdim[0]) is {qfac:.9g}, neither 1 nor -1, "
                             "and readers disagree on it (nibabel reads 1, ITK and the NIfTI-1 "
                             "reference library -1); store 1 or -1")
         header = header.copy()
