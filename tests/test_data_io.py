@@ -90,6 +90,22 @@ def test_write_mask_nifti_keeps_qform_and_sform(reference: Path, tmp_path: Path)
     assert np.asanyarray(nib.load(str(out)).dataobj).max() == 3  # no scaling applied
 
 
+def test_a_nifti2_reference_gives_a_nifti2_mask_with_its_float64_affine(tmp_path: Path
+                                                                         ) -> None:
+    """A NIfTI-2 input's mask was written as NIfTI-1: its float64 sform rounded to float32
+    (here 1.9e-6 mm off an origin of 123.4567890123 mm) and nibabel's 'sizeof_hdr should be 348'
+    on the console."""
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    affine[:3, 3] = (123.4567890123, -87.6543210987, 45.0000001234)
+    ref = tmp_path / "ref2.nii.gz"
+    nib.save(nib.Nifti2Image(np.zeros((6, 5, 4), np.float32), affine), str(ref))
+    out = write_mask(np.ones((6, 5, 4), np.uint8), ref, tmp_path / "m.nii.gz")
+    mask = nib.load(str(out))
+    assert isinstance(mask, nib.Nifti2Image) and int(mask.header["sizeof_hdr"]) == 540
+    assert np.array_equal(mask.affine, nib.load(str(ref)).affine)
+    assert np.array_equal(mask.affine, affine)
+
+
 def test_cross_format_and_float_maps(reference: Path, tmp_path: Path) -> None:
     mask = (np.arange(11 * 9 * 5).reshape(11, 9, 5) % 3).astype(np.uint8)
     nrrd = write_mask(mask, reference, tmp_path / "m.nrrd")

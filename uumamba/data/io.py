@@ -378,7 +378,10 @@ def _write_nifti(data: np.ndarray, reference_path: Path, ref_geom: Geometry, tmp
         header.set_slope_inter(None, None)  # no scaling: values are written as they are
         header["cal_min"], header["cal_max"] = 0, 0
         header.set_intent("none")
-        img = nib.Nifti1Image(data, None, header=header)  # affine None keeps qform and sform
+        # the input's own NIfTI version: a NIfTI-2 header put in a NIfTI-1 image is converted,
+        # its float64 qform / sform rounded to float32 (and nibabel logs the sizeof_hdr fix)
+        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = klass(data, None, header=header)  # affine None keeps qform and sform
     else:
         img = nifti_on_grid(data, ref_geom)
     nib.save(img, str(tmp))
