@@ -169,6 +169,17 @@ def test_an_empty_batch_or_sequence_gives_an_empty_output(backend):
         assert layer.mix(torch.randn(*shape).transpose(1, 2)).shape == (shape[0], 8, shape[1])
 
 
+def test_an_input_of_another_dtype_than_the_layer_is_a_named_type_error():
+    layer = Mamba(8, d_state=4, scan_backend="torch")
+    for dtype in (torch.float64, torch.bfloat16, torch.int64):
+        with pytest.raises(TypeError, match=rf"Mamba: input dtype {dtype} differs from the "
+                                            r"layer's parameters \(torch.float32\)"):
+            layer(torch.ones(1, 5, 8, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
+        assert layer(torch.randn(1, 5, 8).to(torch.bfloat16)).shape == (1, 5, 8)
+    assert layer.double()(torch.randn(1, 5, 8, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_bad_arguments_raise_named_errors():
     with pytest.raises(ValueError, match="d_state"):
         Mamba(16, d_state=0)

@@ -191,7 +191,8 @@ class Mamba(nn.Module):
             ValueError: the input is not 3-D or its last dimension is not ``d_model``;
                 ``d_state`` / ``d_conv`` outside the CUDA kernels' limits where the scan is or
                 may be those kernels (see the class docstring).
-            TypeError: a float64 input there.
+            TypeError: a float64 input there; an input dtype other than the parameters' with
+                autocast off.
             RuntimeError: ``scan_backend="cuda"`` cannot run on the input's device (why).
         """
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
@@ -211,13 +212,19 @@ class Mamba(nn.Module):
         2 CPU cores: ``in_proj`` and its split 4.8 -> 3.5 ms, results identical).
 
         Raises:
-            As :meth:`forward`, for an input that is not ``(B, d_model, L)``.
+            As :meth:`forward`, for an input that is not ``(B, d_model, L)``; TypeError: the
+            input's dtype is not the parameters' and autocast is off (torch's own error, "expected
+            m1 and m2 to have the same dtype", named neither).
         """
         if x.ndim != 3 or x.shape[1] != self.d_model:
             raise ValueError(
                 f"Mamba: expected channels-first input of shape (batch, {self.d_model}, "
                 f"length), got {tuple(x.shape)}"
             )
+        weight = self.in_proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"Mamba: input dtype {x.dtype} differs from the layer's parameters "
+                            f"({weight.dtype}); cast one to the other, or run under autocast")
         device = x.device
         if cuda_may_run(self.scan_backend, device):
             self.check_cuda_limits(x.dtype, device)
