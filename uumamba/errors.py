@@ -45,6 +45,15 @@ def cli_text(exc: BaseException) -> str:
     return printable(exc, newlines=isinstance(exc, ReportError))
 
 
+def escape_quoted(text: str, *quoted: object) -> str:
+    """``text`` with each occurrence of every ``quoted`` string (a file's path or name that a
+    reader's message quotes) written as :func:`printable` writes it: a line break inside a
+    name then no longer cuts the message when its first line is taken."""
+    for item in quoted:
+        text = text.replace(str(item), printable(item))
+    return text
+
+
 def shown(value: object, limit: int = 20) -> str:
     """``repr`` of ``str(value)`` cut to ``limit`` characters, with ``...`` when cut: a
     crafted value (a 100 kB flag, control characters) named in one short line."""

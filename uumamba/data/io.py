@@ -33,7 +33,7 @@ import numpy as np
 
 from uumamba.data.geometry import Geometry, as_floats, grid_problem
 from uumamba.data.layouts import split_suffix
-from uumamba.errors import DataError, GridError, printable
+from uumamba.errors import DataError, GridError, escape_quoted
 from uumamba.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -316,7 +316,7 @@ def _reader_reason(exc: Exception, limit: int = 300, path: Path | None = None) -
     teem's ``[nrrd]`` trace whose last line is the reason); that last ``[nrrd]`` line, else the
     last ``ERROR:`` line without the object, else the first line, cut to ``limit``. A line
     break inside ``path``, where the message quotes it, is escaped first."""
-    text = str(exc) if path is None else str(exc).replace(str(path), printable(str(path)))
+    text = str(exc) if path is None else escape_quoted(str(exc), path)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     nrrd = [line for line in lines if line.startswith("[nrrd]")]
     errors = [line for line in lines if "ERROR:" in line]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uumamba.errors import DataError, UserError, printable
+from uumamba.errors import DataError, UserError, escape_quoted, printable
 from uumamba.inference.predict import Prediction, Predictor
 from uumamba.inference.writer import mask_suffix, write_prediction
 
@@ -106,9 +106,8 @@ def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_
 def _one_line(exc: BaseException, file: Path) -> str:
     """The first line of ``exc``'s message, naming ``file``; a line break inside the file's own
     path or name is escaped first, so that it does not cut the reason off."""
-    text = str(exc).strip()
+    text = escape_quoted(str(exc).strip(), file, file.name)
     name = printable(file.name)
-    text = text.replace(str(file), printable(str(file))).replace(file.name, name)
     message = text.splitlines()[0] if text else type(exc).__name__
     # messages from the readers already name the file: do not repeat it
     return message if name in message else f"{name}: {message}"

@@ -69,7 +69,7 @@ from uumamba.data.plan import Plans
 from uumamba.data.transforms import inference_transforms
 from uumamba.data.untrusted import check_local_inputs
 from uumamba.device import resolve_device
-from uumamba.errors import DataError, UserError, printable
+from uumamba.errors import DataError, UserError, escape_quoted
 from uumamba.evaluation.metrics import label_volumes
 from uumamba.inference.plausibility import assess_input
 from uumamba.inference.postprocess import apply_postprocessing
@@ -675,8 +675,6 @@ def _root_cause(exc: BaseException, paths: Sequence[Path] = ()) -> str:
     first."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip()
-    for path in paths:
-        text = text.replace(str(path), printable(str(path)))
+    text = escape_quoted(str(exc).strip(), *paths)
     text = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
