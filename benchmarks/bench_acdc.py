@@ -33,6 +33,15 @@ DynUNet, per volume) with its paired-bootstrap interval and the Wilcoxon signed-
 (:mod:`uumamba.evaluation.statistics`). Printed, and written to ``OUTPUT/bench_acdc.json`` and
 ``OUTPUT/bench_acdc.md``.
 
+``--reference RUN.json`` (a recipe's ablation): the DynUNet is not trained; this run's
+UU-Mamba (e.g. with ``--set model.expand=1``) is compared, volume by volume, with the UU-Mamba
+of an earlier run of this script (its ``bench_acdc.json``, or a copy such as
+``benchmarks/results/acdc_cv_2026-12-02.json``) on the same folds; each fold's validation cases
+must be that run's (the same ``splits.json``), or it is refused. The difference is then this
+run minus the reference, per volume; where the reference has a DynUNet, this run's UU-Mamba is
+also compared with it (``table_dynunet``). The two runs are not side by side in time: compare their
+machine lines and iterations before reading a difference as the recipe's.
+
 When ``train.schedule_by_time`` is set (configs/acdc_cpu.yaml), the DynUNet's poly schedule
 is annealed over the same wall-time budget and its loop runs until the budget is spent (not
 until ``epochs x iterations_per_epoch``), as ours does.
@@ -42,6 +51,8 @@ Usage::
     python benchmarks/bench_acdc.py --data ../shared/data/ACDC --minutes 20 --folds 0,1,2,3,4 \
         --output runs/bench_acdc_cv
     python benchmarks/bench_acdc.py --minutes 0.5 --output /tmp/bench   # smoke run, fold 0
+    python benchmarks/bench_acdc.py --folds 0,1,2,3,4 --set model.expand=1 \
+        --reference benchmarks/results/acdc_cv_2026-12-02.json --output runs/acdc_expand1
 """
 
 from __future__ import annotations
@@ -160,8 +171,9 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
 
 
 def run_fold_pair(cfg, args, fold: int) -> dict:
-    """Train both models on one fold, predict and score its validation volumes; the fold's
-    record (per-case Dice per class raw / postprocessed, iterations, seconds)."""
+    """Train both models (only UU-Mamba with ``--reference``) on one fold, predict and score
+    its validation volumes; the fold's record (per-case Dice per class raw / postprocessed,
+    iterations, seconds; one entry per model trained)."""
     from uumamba.data import layouts
     from uumamba.data.plan import Plans
     from uumamba.data.splits import load_splits
@@ -175,22 +187,27 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
     t = time.monotonic()
     ours_iterations = run_fold(cfg, args.data, ours_dir, fold=str(fold), device="cpu").iteration
     ours_train_s = time.monotonic() - t
-    print(f"--- fold {fold}: DynUNet (nnU-Net-like), {args.minutes:g} min", flush=True)
-    t = time.monotonic()
-    dynunet, dyn_iterations = train_dynunet(cfg, args.data, ours_dir, args.minutes, device, fold)
-    dyn_train_s = time.monotonic() - t
+    iterations, train_seconds = {"uumamba": ours_iterations}, {"uumamba": ours_train_s}
+    if args.reference is None:
+        print(f"--- fold {fold}: DynUNet (nnU-Net-like), {args.minutes:g} min", flush=True)
+        t = time.monotonic()
+        dynunet, iterations["dynunet"] = train_dynunet(cfg, args.data, ours_dir, args.minutes,
+                                                       device, fold)
+        train_seconds["dynunet"] = time.monotonic() - t
 
     index = layouts.discover(args.data, layout=cfg.dataset.layout)
     val_ids = load_splits(ours_dir / "splits.json")[fold]["val"]
     val_cases = [c for c in index.cases if c.id in set(val_ids)]
     ours = Predictor.from_model_dir(ours_dir, folds=str(fold), device="cpu")
     labels = ours.labels
-    theirs = Predictor([dynunet], Plans.load(ours_dir / "plans.json"), cfg.inference,
-                       device="cpu", tta=cfg.inference.tta, labels=labels)
     tol = cfg.inference.nsd_tolerance_mm
     pred_dir = args.output / "predictions" / f"fold_{fold}"
-    scored = {"uumamba": predict_and_score(ours, val_cases, pred_dir / "uumamba", labels, tol),
-              "dynunet": predict_and_score(theirs, val_cases, pred_dir / "dynunet", labels, tol)}
+    scored = {"uumamba": predict_and_score(ours, val_cases, pred_dir / "uumamba", labels, tol)}
+    if args.reference is None:
+        theirs = Predictor([dynunet], Plans.load(ours_dir / "plans.json"), cfg.inference,
+                           device="cpu", tta=cfg.inference.tta, labels=labels)
+        scored["dynunet"] = predict_and_score(theirs, val_cases, pred_dir / "dynunet", labels,
+                                              tol)
 
     def per_case(summary: dict) -> dict:
         return {c["case"]: {labels[int(v)]: (None if math.isnan(m["Dice"]) else m["Dice"])
@@ -206,8 +223,7 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
         "fold": fold, "val_cases": sorted(val_ids), "machine": describe_machine(),
         "train_precision": precision_name(select_precision(cfg.train.amp, device)[0]),
         "inference_precision": window_precision(cfg.inference, device),
-        "iterations": {"uumamba": ours_iterations, "dynunet": dyn_iterations},
-        "train_seconds": {"uumamba": ours_train_s, "dynunet": dyn_train_s},
+        "iterations": iterations, "train_seconds": train_seconds,
         "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
         "dice": {k: {"raw": per_case(v["raw"]), "postprocessed": per_case(v["postprocessed"])}
                  for k, v in scored.items()},
@@ -216,9 +232,10 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
     }
 
 
-def pooled_table(records: list[dict], classes: list[str]) -> dict:
+def pooled_table(records: list[dict], classes: list[str], other: str = "dynunet") -> dict:
     """Means with 95 % bootstrap intervals over all folds' volumes, and the paired
-    differences (ours minus DynUNet), per class and for the foreground mean."""
+    differences (``uumamba`` minus ``other``: ``dynunet``, or ``reference`` after
+    :func:`with_reference`), per class and for the foreground mean."""
     from dataclasses import asdict
 
     import numpy as np
@@ -244,17 +261,49 @@ def pooled_table(records: list[dict], classes: list[str]) -> dict:
     table: dict = {}
     for kind in ("raw", "postprocessed"):
         for name in [*classes, "foreground"]:
-            ours, dyn = values("uumamba", kind, name), values("dynunet", kind, name)
+            ours, dyn = values("uumamba", kind, name), values(other, kind, name)
             keep = [i for i, (a, b) in enumerate(zip(ours, dyn, strict=True))
                     if math.isfinite(a) and math.isfinite(b)]
             a, b = [ours[i] for i in keep], [dyn[i] for i in keep]
             w = wilcoxon_signed_rank(a, b)
             table.setdefault(kind, {})[name] = {
-                "uumamba": asdict(bootstrap_mean(a)), "dynunet": asdict(bootstrap_mean(b)),
+                "uumamba": asdict(bootstrap_mean(a)), other: asdict(bootstrap_mean(b)),
                 "difference": asdict(paired_bootstrap_difference(a, b)),
                 "wilcoxon_p": w.p_value, "n": len(keep),
             }
     return table
+
+
+def with_reference(records: list[dict], reference: dict, source: str) -> list[dict]:
+    """This run's fold records with an earlier run's UU-Mamba as a second model,
+    ``reference`` (its per-case Dice, iterations and seconds, and its machine line), fold by
+    fold; and that run's DynUNet as ``dynunet`` where it has one.
+
+    Raises:
+        UserError: ``reference`` lacks one of ``records``' folds, or a fold's validation cases
+            differ (another ``splits.json``): the volumes would not pair.
+    """
+    from uumamba.errors import UserError
+
+    theirs = {}
+    for r in reference.get("folds", []) if isinstance(reference, dict) else []:
+        if isinstance(r, dict) and "uumamba" in r.get("dice", {}):
+            theirs[r.get("fold")] = r
+    merged = []
+    for r in records:
+        ref = theirs.get(r["fold"])
+        if ref is None:
+            raise UserError(f"--reference {source}: no UU-Mamba record of fold {r['fold']}")
+        if sorted(ref.get("val_cases", [])) != sorted(r["val_cases"]):
+            raise UserError(f"--reference {source}: fold {r['fold']}'s validation cases differ "
+                            "from this run's (another splits.json); the volumes do not pair")
+        r = {**r, "reference_machine": ref.get("machine", "not recorded")}
+        for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
+            r[key] = {**r[key], "reference": ref[key]["uumamba"]}
+            if "dynunet" in ref.get("dice", {}):  # the earlier run's DynUNet, as it was there
+                r[key]["dynunet"] = ref[key]["dynunet"]
+        merged.append(r)
+    return merged
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -263,32 +312,54 @@ def write_markdown(result: dict, path: Path) -> None:
         f = "{:+.3f}" if signed else "{:.3f}"
         return f"{f.format(d['estimate'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
 
+    other = result.get("other", "dynunet")
+    name_of = {"dynunet": "DynUNet", "reference": f"reference ({result.get('reference')})"}
     folds = ", ".join(str(r["fold"]) for r in result["folds"])
     n = result["table"]["raw"]["foreground"]["n"]
-    lines = [f"# UU-Mamba vs DynUNet on ACDC: folds {folds}, {result['minutes']:g} min per model "
-             f"and fold, {result['threads']} threads", "",
+    lines = [f"# UU-Mamba vs {name_of[other]} on ACDC: folds {folds}, {result['minutes']:g} "
+             f"min per model and fold, {result['threads']} threads", "",
              f"Mean Dice over {n} validation volumes (each predicted by the models of the fold "
              "that did not train on it), 95 % percentile bootstrap interval over volumes; "
-             "difference = UU-Mamba minus DynUNet per volume (paired bootstrap, Wilcoxon "
-             "signed-rank p).", ""]
+             f"difference = UU-Mamba minus {name_of[other]} per volume (paired bootstrap, "
+             "Wilcoxon signed-rank p).", ""]
+    if other == "reference":
+        lines += [f"UU-Mamba: this run, overrides {result.get('overrides') or 'none'}. The "
+                  "reference was trained in another run: compare the machine lines and "
+                  "iterations below.", ""]
+    head = "DynUNet" if other == "dynunet" else "reference"
     for kind in ("raw", "postprocessed"):
-        lines += [f"## {kind}", "", "| class | UU-Mamba | DynUNet | difference | Wilcoxon p |",
+        lines += [f"## {kind}", "", f"| class | UU-Mamba | {head} | difference | Wilcoxon p |",
                   "|---|---|---|---|---|"]
         for name, row in result["table"][kind].items():
             p = row["wilcoxon_p"]
-            lines.append(f"| {name} | {ci(row['uumamba'])} | {ci(row['dynunet'])} | "
+            lines.append(f"| {name} | {ci(row['uumamba'])} | {ci(row[other])} | "
                          f"{ci(row['difference'], True)} | {'n/a' if p is None else f'{p:.3g}'} |")
+        lines.append("")
+    if "table_dynunet" in result:
+        lines += ["## Against the reference run's DynUNet", "",
+                  "This run's UU-Mamba minus the DynUNet trained in the reference run (not "
+                  "side by side in time), per volume:", "",
+                  "| class | UU-Mamba raw | DynUNet raw | difference raw | difference post |",
+                  "|---|---|---|---|---|"]
+        raw, post = result["table_dynunet"]["raw"], result["table_dynunet"]["postprocessed"]
+        for name, row in raw.items():
+            lines.append(f"| {name} | {ci(row['uumamba'])} | {ci(row['dynunet'])} | "
+                         f"{ci(row['difference'], True)} | "
+                         f"{ci(post[name]['difference'], True)} |")
         lines.append("")
     lines += ["## Per fold", "", "| fold | model | precision | iterations | train s | "
               "predict s per volume |", "|---|---|---|---|---|---|"]
     for r in result["folds"]:
-        for model in ("uumamba", "dynunet"):
+        for model in ("uumamba", other):
             sec = r["predict_seconds"][model]
             lines.append(f"| {r['fold']} | {model} | {r.get('train_precision', 'float32')} | "
                          f"{r['iterations'][model]} | {r['train_seconds'][model]:.0f} | "
                          f"{sum(sec) / len(sec):.2f} |")
     machines = sorted({r["machine"] for r in result["folds"] if "machine" in r})
     lines += ["", *(f"Machine: {m}" for m in machines)]
+    references = sorted({r["reference_machine"] for r in result["folds"]
+                         if "reference_machine" in r})
+    lines += [f"Reference's machine: {m}" for m in references]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -303,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated folds, e.g. 0,1,2,3,4 (cross-validation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override KEY=VALUE (both models)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an earlier run's bench_acdc.json: compare with its UU-Mamba "
+                             "instead of training the DynUNet")
     args = parser.parse_args(argv)
     from uumamba.errors import UserError, shown
 
@@ -312,6 +386,13 @@ def main(argv: list[str] | None = None) -> dict:
     from uumamba.config import load_config
     from uumamba.utils import atomic_path
 
+    reference = None
+    if args.reference is not None:  # read before any training
+        try:
+            reference = json.loads(args.reference.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--reference {args.reference}: not a bench_acdc result "
+                            f"({type(exc).__name__})") from None
     cfg = load_config(args.config, args.overrides + [f"train.time_limit_minutes={args.minutes}"])
     try:
         folds = sorted({int(f) for f in args.folds.split(",")})
@@ -339,6 +420,10 @@ def main(argv: list[str] | None = None) -> dict:
             if not isinstance(record, dict) or not {"dice", "iterations"} <= record.keys():
                 raise UserError(f"{path}: not a fold record (expected a JSON object with "
                                 "'dice' and 'iterations'); remove it to rerun the fold")
+            if (args.reference is None) != ("dynunet" in record["dice"]):
+                raise UserError(f"{path}: fold {fold} was run "
+                                f"{'with' if args.reference is None else 'without'} --reference"
+                                "; folds of one table share the mode: use another --output")
             # records older than the fields trained and predicted in float32 (no CPU autocast)
             for key, now in (("train_precision", precision),
                              ("inference_precision", inference_precision)):
@@ -359,11 +444,18 @@ def main(argv: list[str] | None = None) -> dict:
         records.append(record)
 
     classes = [name for value, name in sorted(cfg.dataset.labels.items()) if value != 0]
+    other = "dynunet"
+    if reference is not None:
+        other, records = "reference", with_reference(records, reference, str(args.reference))
     result = {
         "data": str(args.data), "minutes": args.minutes, "threads": args.threads,
         "config": str(args.config), "overrides": args.overrides, "folds": records,
-        "table": pooled_table(records, classes),
+        "other": other, "table": pooled_table(records, classes, other),
     }
+    if reference is not None:
+        result["reference"] = str(args.reference)
+        if all("dynunet" in r["dice"] for r in records):
+            result["table_dynunet"] = pooled_table(records, classes, "dynunet")
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "bench_acdc.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, args.output / "bench_acdc.md")

@@ -52,3 +52,40 @@ def test_pooled_table_pools_volumes_of_all_folds(tmp_path):
     bench.write_markdown(result, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
     assert "folds 0, 1" in text and "| foreground |" in text and "| 1 | dynunet | float32 | 12 | 61 | 1.50 |" in text
+
+
+def test_reference_run_pairs_volumes_with_an_earlier_runs_uumamba(tmp_path):
+    """--reference: this run's UU-Mamba against an earlier run's, volume by volume; a fold
+    whose validation cases differ (another splits.json) is refused."""
+    from uumamba.errors import UserError
+
+    bench = _bench()
+    earlier = {"folds": [_record(0, {"a": {"RV": 0.7, "LV": 0.9}, "b": {"RV": 0.5, "LV": 0.8}},
+                                 {"a": {"RV": 0.1, "LV": 0.1}, "b": {"RV": 0.1, "LV": 0.1}})]}
+    earlier["folds"][0]["machine"] = "earlier machine"
+    now = _record(0, {"a": {"RV": 0.8, "LV": 0.9}, "b": {"RV": 0.6, "LV": 0.9}}, {})
+    for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
+        now[key].pop("dynunet")
+    merged = bench.with_reference([now], earlier, "earlier.json")
+    assert merged[0]["iterations"] == {"uumamba": 10, "reference": 10, "dynunet": 12}
+    assert "reference" not in now["dice"]  # the run's own record is left as it was
+    table = bench.pooled_table(merged, ["RV", "LV"], "reference")
+    assert table["raw"]["RV"]["difference"]["estimate"] == pytest.approx(0.1)
+    assert table["raw"]["LV"]["difference"]["estimate"] == pytest.approx(0.05)
+    assert table["raw"]["RV"]["reference"]["estimate"] == pytest.approx(0.6)
+    against_dynunet = bench.pooled_table(merged, ["RV", "LV"], "dynunet")  # the earlier run's
+    assert against_dynunet["raw"]["RV"]["difference"]["estimate"] == pytest.approx(0.6)
+    result = {"folds": merged, "table": table, "minutes": 20.0, "threads": 2,
+              "other": "reference", "reference": "earlier.json", "overrides": ["model.expand=1"],
+              "table_dynunet": against_dynunet}
+    bench.write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "UU-Mamba vs reference (earlier.json)" in text and "model.expand=1" in text
+    assert "| 0 | reference | float32 | 10 | 60 | 1.50 |" in text
+    assert "Reference's machine: earlier machine" in text
+    assert "| RV | 0.700 [0.600, 0.800] | 0.100 [0.100, 0.100] | +0.600 [+0.500, +0.700] |" in text
+    other_split = {**now, "val_cases": ["a", "c"]}
+    with pytest.raises(UserError, match="validation cases differ"):
+        bench.with_reference([other_split], earlier, "earlier.json")
+    with pytest.raises(UserError, match="no UU-Mamba record of fold 1"):
+        bench.with_reference([{**now, "fold": 1}], earlier, "earlier.json")
