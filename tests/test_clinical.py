@@ -224,6 +224,32 @@ def test_pairing_rules():
     assert any("scan_x" in n and "pairs CSV" in n for n in notes)
 
 
+def test_pairing_split_4d_series_by_info_cfg_or_lv_volume_curve():
+    """--split-4d frames count from 0 and Info.cfg's from 1; a series is one record, never
+    paired by its frames' names (a split patient004.nii.gz gives patient004_frameNN)."""
+    curve = [80.0, 120.0, 95.0, 40.0, 60.0]
+    cines = {"patient001_4d": [f"patient001_4d_frame{t:02d}" for t in range(5)],
+             "patient004": [f"patient004_frame{t:02d}" for t in range(5)],
+             "cine": [f"cine_frame{t:02d}" for t in range(5)],
+             "short": ["short_frame00"], "part": ["part_frame00", "part_frame01"]}
+    lv = {c: v for frames in cines.values() for c, v in zip(frames, curve, strict=False)}
+    del lv["part_frame01"]  # that frame failed
+    lv.update({"patient002_frame01": 100.0, "patient002_frame12": 40.0})
+    info = {"patient001": PatientInfo(ed_frame=1, es_frame=4),
+            "patient004": PatientInfo(ed_frame=2, es_frame=9)}
+    pairs, notes = pair_phases(lv, lv.__getitem__, info_for=info.get, cines=cines)
+    assert [(p.patient, p.ed, p.es, p.pairing) for p in pairs] == [
+        ("cine", "cine_frame01", "cine_frame03", "LV volume curve"),
+        ("patient001_4d", "patient001_4d_frame00", "patient001_4d_frame03", "Info.cfg"),
+        ("patient002", "patient002_frame01", "patient002_frame12", "larger LV volume")]
+    assert pairs[1].info is info["patient001"]
+    assert any(n.startswith("patient004: Info.cfg names ED frame 2 and ES frame 9, the 4D "
+                            "series has frames 1 .. 5") for n in notes)
+    assert any(n.startswith("short: a 4D series of one frame") for n in notes)
+    assert any(n.startswith("part: not every frame of the 4D series") for n in notes)
+    assert not any("patientXXX_frameNN" in n for n in notes)  # no frame left to pair by name
+
+
 def test_agreement_hand_computed():
     s = agreement([1.0, 2.0, 3.0, 4.0, None], [1.0, 2.0, 3.0, 5.0, 7.0])
     assert s["n"] == 4 and s["n_undefined"] == 1

@@ -155,3 +155,44 @@ def test_predict_writes_clinical_outputs_and_report(model_dir, phases, tmp_path)
     bad.write_text("case_ED,case_ES,patient\n/etc/passwd,b,P\n")
     with pytest.raises(DataError, match="not a case name"):
         predict_from_cli(model_dir, inp, tmp_path / "out2", device="cpu", pairs=bad)
+
+
+def test_predict_split_4d_series_gives_its_clinical_record(model_dir, phases, tmp_path):
+    """A cine split with --split-4d is one patient: ED and ES from Info.cfg, whose frames
+    count from 1 (``ED: 1`` is ``CASE_frame00``), else from the LV volume curve."""
+    import json
+    import shutil
+
+    import nibabel as nib
+
+    from uumamba.commands.predict import predict_from_cli
+
+    ed, es = phases
+    third = _volume(tmp_path / "third.nii.gz", 5)
+    frames = [nib.load(str(p)) for p in (es, ed, third)]
+    cine = nib.Nifti1Image(np.stack([np.asarray(f.dataobj) for f in frames], axis=-1),
+                           frames[0].affine)
+    inp = tmp_path / "in" / "patient004"
+    inp.mkdir(parents=True)
+    nib.save(cine, str(inp / "patient004_4d.nii.gz"))
+    (inp / "Info.cfg").write_text("ED: 2\nES: 1\nGroup: NOR\nHeight: 180\nWeight: 80\n")
+    out = tmp_path / "out"
+    predict_from_cli(model_dir, inp, out, device="cpu", split_4d=True)
+    lv = [json.loads((out / f"patient004_4d_frame{t:02d}_volumes.json").read_text())
+          ["labels"]["LV"]["volume_ml"] for t in range(3)]
+    (record,) = json.loads((out / "clinical.json").read_text())["patients"]
+    assert (record["patient"], record["pairing"], record["group"]) == (
+        "patient004_4d", "Info.cfg", "NOR")
+    assert (record["ed_case"], record["es_case"]) == ("patient004_4d_frame01",
+                                                       "patient004_4d_frame00")
+    assert record["LV_EDV_ml"] == pytest.approx(lv[1]) and record["LV_ESV_ml"] == pytest.approx(lv[0])
+    assert record["bsa_m2"] == pytest.approx(2.0)
+
+    (inp / "Info.cfg").unlink()
+    shutil.rmtree(out)
+    predict_from_cli(model_dir, inp, out, device="cpu", split_4d=True)
+    (record,) = json.loads((out / "clinical.json").read_text())["patients"]
+    assert record["pairing"] == "LV volume curve"
+    assert record["LV_EDV_ml"] == pytest.approx(max(lv))
+    assert record["LV_ESV_ml"] == pytest.approx(min(lv))
+    assert record["ed_case"] == f"patient004_4d_frame{int(np.argmax(lv)):02d}"

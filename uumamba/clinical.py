@@ -371,8 +371,9 @@ class PhasePair:
     Attributes:
         patient: patient id (ACDC ``patientXXX``, or the pairs CSV's ``patient``).
         ed / es: case ids of the two phases.
-        pairing: how: ``"Info.cfg"``, ``"pairs CSV"``, or ``"larger LV volume"`` (no
-            Info.cfg: ED = the frame with the largest LV volume, ES = the smallest).
+        pairing: how: ``"Info.cfg"``, ``"pairs CSV"``, ``"larger LV volume"`` (no
+            Info.cfg: ED = the frame with the largest LV volume, ES = the smallest), or
+            ``"LV volume curve"`` (the same over the frames of a split 4D series).
         info: the patient's Info.cfg, when read.
     """
 
@@ -459,9 +460,16 @@ def acdc_frames(case_ids: Iterable[str]) -> dict[str, dict[int, str]]:
     return out
 
 
+def cine_patient(case: str) -> str:
+    """The patient id of a 4D (cine) input's case: ``case`` without ACDC's ``_4d`` suffix
+    (``patient001_4d`` -> ``patient001``, whose Info.cfg numbers its frames)."""
+    return case[:-3] if case.endswith("_4d") and len(case) > 3 else case
+
+
 def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
                 pairs: Sequence[PhasePair] | None = None,
                 info_for: Callable[[str], PatientInfo | None] | None = None,
+                cines: Mapping[str, Sequence[str]] | None = None,
                 ) -> tuple[list[PhasePair], list[str]]:
     """Pair the ED and ES cases of each patient among ``case_ids``.
 
@@ -469,7 +477,16 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
         case_ids: the cases available (e.g. predicted masks).
         lv_volume_ml: case id -> LV volume in mL, used only without ``pairs`` and Info.cfg.
         pairs: rows of a pairs CSV (:func:`read_pairs_csv`); when given they alone decide.
-        info_for: patient id -> its Info.cfg (or None); ACDC names only.
+        info_for: patient id -> its Info.cfg (or None); ACDC names, and the patients of
+            ``cines``.
+        cines: 4D inputs split into frames (``predict --split-4d``): input case -> its frames'
+            case ids in time order (``CASE_frame00``, ...). Each is one record, named
+            ``CASE`` (so a patient's 3D frames in the same folder keep their own), whose
+            Info.cfg is :func:`cine_patient`'s. Its ED and ES are Info.cfg's frame numbers, which count
+            from 1 as ACDC's do (``ED: 1`` is the first time point, ``CASE_frame00``), else
+            the frames of the largest and the smallest LV volume (``"LV volume curve"``).
+            Their frames are never paired by name: a split ``patient001.nii.gz`` gives
+            ``patient001_frame00`` ..., whose numbers count from 0.
 
     Returns:
         (pairs found, sorted by patient; notes on the patients / cases that could not be
@@ -486,12 +503,13 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
             else:
                 found.append(p)
         return sorted(found, key=lambda p: p.patient), notes
+    found, notes = _pair_cines(available, lv_volume_ml, cines or {}, info_for)
+    available -= {c for frames in (cines or {}).values() for c in frames}
     frames = acdc_frames(available)
     unpaired = sorted(available - {c for f in frames.values() for c in f.values()})
     if unpaired:
         notes.append(f"{len(unpaired)} case(s) not named patientXXX_frameNN (e.g. "
                      f"{unpaired[0]}): give a pairs CSV (case_ED, case_ES, patient) to pair them")
-    found = []
     for patient, by_frame in sorted(frames.items()):
         info = info_for(patient) if info_for is not None else None
         if info is not None and info.ed_frame is not None and info.es_frame is not None:
@@ -508,6 +526,36 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
             continue
         ranked = sorted(by_frame.values(), key=lambda c: (-lv_volume_ml(c), c))
         found.append(PhasePair(patient, ranked[0], ranked[-1], "larger LV volume", info))
+    return sorted(found, key=lambda p: p.patient), notes
+
+
+def _pair_cines(available: set[str], lv_volume_ml: Callable[[str], float],
+                cines: Mapping[str, Sequence[str]],
+                info_for: Callable[[str], PatientInfo | None] | None,
+                ) -> tuple[list[PhasePair], list[str]]:
+    """:func:`pair_phases` for the split 4D inputs ``cines``: (pairs, notes)."""
+    found: list[PhasePair] = []
+    notes: list[str] = []
+    for case, frames in sorted(cines.items()):
+        patient = case
+        if not all(f in available for f in frames):
+            notes.append(f"{patient}: not every frame of the 4D series was predicted; "
+                         "indices need the whole series")
+            continue
+        if len(frames) < 2:
+            notes.append(f"{patient}: a 4D series of one frame; indices need ED and ES")
+            continue
+        info = info_for(cine_patient(case)) if info_for is not None else None
+        if info is not None and info.ed_frame is not None and info.es_frame is not None:
+            if not (1 <= info.ed_frame <= len(frames) and 1 <= info.es_frame <= len(frames)):
+                notes.append(f"{patient}: Info.cfg names ED frame {info.ed_frame} and ES frame "
+                             f"{info.es_frame}, the 4D series has frames 1 .. {len(frames)}")
+                continue
+            found.append(PhasePair(patient, frames[info.ed_frame - 1], frames[info.es_frame - 1],
+                                   "Info.cfg", info))
+            continue
+        ranked = sorted(frames, key=lambda c: (-lv_volume_ml(c), c))
+        found.append(PhasePair(patient, ranked[0], ranked[-1], "LV volume curve", info))
     return found, notes
 
 
@@ -516,6 +564,8 @@ PAIRING_TEXT = {
     "pairs CSV": "ED and ES cases from the pairs CSV",
     "larger LV volume": "no Info.cfg: ED = the frame with the largest LV volume, ES = the "
                         "frame with the smallest",
+    "LV volume curve": "a 4D series split with --split-4d, no Info.cfg: ED = its frame with "
+                       "the largest LV volume, ES = its frame with the smallest",
     "upload": "as uploaded: 'file' = ED, 'file_es' = ES",
 }
 
@@ -587,6 +637,7 @@ def find_info_cfg(patient: str, folders: Iterable[Path]) -> PatientInfo | None:
 def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Mapping[int, str],
                          pairs: Sequence[PhasePair] | None = None,
                          info_folders: Callable[[str], Sequence[Path]] | None = None,
+                         cines: Mapping[str, Sequence[str]] | None = None,
                          ) -> tuple[list[dict[str, Any]], list[str]]:
     """Pair the cases of ``volumes`` (case -> label name -> mL) and compute each patient's
     record (:func:`patient_record`).
@@ -596,6 +647,7 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
         pairs: rows of a pairs CSV, else ACDC names (:func:`pair_phases`).
         info_folders: patient id -> folders to look for its Info.cfg in
             (:func:`find_info_cfg`).
+        cines: split 4D inputs, input case -> its frames' cases (:func:`pair_phases`).
 
     Returns:
         (records sorted by patient, notes on what could not be paired).
@@ -606,5 +658,5 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
     roles = label_roles(labels)
     info_for = None if info_folders is None else (lambda p: find_info_cfg(p, info_folders(p)))
     found, notes = pair_phases(volumes, lambda c: float(volumes[c].get(roles.lv, 0.0)), pairs,
-                               info_for)
+                               info_for, cines)
     return [patient_record(p, volumes[p.ed], volumes[p.es], roles) for p in found], notes

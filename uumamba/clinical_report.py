@@ -282,7 +282,8 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
                          labels: Mapping[int, str], model_dir: str | Path,
                          folds: Sequence[str] | None, input_path: Path, output_dir: Path,
                          pairs: Sequence[PhasePair] | None = None, report: bool = False,
-                         out_format: str | None = None, required: bool = False
+                         out_format: str | None = None, required: bool = False,
+                         cines: Mapping[str, Sequence[str]] | None = None,
                          ) -> BatchClinical:
     """The clinical outputs of a folder of predictions: ``clinical.json`` / ``clinical.csv``
     when at least one patient has both phases, and with ``report`` one report per patient.
@@ -299,6 +300,9 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
             read back for a report.
         required: ``--pairs`` / ``--report`` asked for it: a label set without LV or no
             patient with both phases raises instead of giving a note.
+        cines: the 4D inputs split into frames (``--split-4d``): input case -> its frames'
+            cases in time order; each series is one record, ED and ES from its Info.cfg or
+            its LV volume curve (:func:`uumamba.clinical.pair_phases`).
 
     Raises:
         DataError / UserError: ``required`` and nothing to compute; a bad Info.cfg; a
@@ -322,7 +326,7 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
                         seen.append(d)
         return [*seen, Path(input_path)]
 
-    out.records, out.notes = records_from_volumes(volumes, labels, pairs, folders)
+    out.records, out.notes = records_from_volumes(volumes, labels, pairs, folders, cines)
     if not out.records:
         if required:
             raise UserError("no patient has both an ED and an ES prediction: no clinical "

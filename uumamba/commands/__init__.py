@@ -134,7 +134,7 @@ def predict(
     format: Annotated[str | None, typer.Option(help="nii.gz | nrrd | mha | seg.nrrd | dcm (DICOM SEG; DICOM input) (default: input's)")] = None,
     probabilities: Annotated[bool, typer.Option(help="also write softmax probabilities")] = False,
     uncertainty: Annotated[bool, typer.Option(help="also write per-voxel predictive entropy")] = False,
-    split_4d: Annotated[bool, typer.Option(help="split 4D inputs into frames")] = False,
+    split_4d: Annotated[bool, typer.Option(help="split 4D inputs into frames (CASE_frameNN); each series gets its clinical indices")] = False,
     frame: Annotated[int | None, typer.Option(help="temporal position (0-based) of 4D DICOM series to segment")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     pairs: Annotated[Path | None, typer.Option(help="CSV case_ED,case_ES,patient pairing the phases for clinical.csv (default: ACDC names + Info.cfg)")] = None,

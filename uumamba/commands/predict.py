@@ -128,7 +128,8 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
     share; rank 0 prints the bar, the summary and writes ``clinical.*``.
 
     Clinical indices (:func:`uumamba.clinical_report.write_batch_clinical`): when a folder holds both phases of a
-    patient (ACDC names + Info.cfg, or ``pairs``), ``clinical.json`` / ``clinical.csv`` are
+    patient (ACDC names + Info.cfg, or ``pairs``), or a 4D series is split (``split_4d``: ED
+    and ES from its Info.cfg or its LV volume curve), ``clinical.json`` / ``clinical.csv`` are
     written; ``report`` adds ``PATIENT_report.html`` / ``.png`` per patient.
 
     Returns:
@@ -378,10 +379,11 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
                                 f"(windows in {predictor.precision})"))
     from uumamba.clinical_report import write_batch_clinical
 
+    cines = {case: names for case, names in result.outputs.items() if names != [case]}
     clinical = write_batch_clinical(result.volumes_ml, result.inputs, predictor.labels,
                                     r.model_dir, predictor.fold_names, r.input_path,
                                     r.output_dir, r.pair_rows, r.report, r.out_format,
-                                    required=r.pairs is not None or r.report)
+                                    required=r.pairs is not None or r.report, cines=cines)
     if clinical.records or r.pairs is not None or r.report:  # no notes on other scans
         for note in clinical.notes:
             console.print(printable(f"clinical: {note}"))
