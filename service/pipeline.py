@@ -204,10 +204,19 @@ def clinical_summary(ed: VolumeSummary, es: VolumeSummary, labels: dict[int, str
     Raises:
         DataError: the model's labels have no LV cavity.
     """
-    from uumamba.clinical import INDEX_FIELDS, PAIRING_TEXT, indices_from_volumes, label_roles
+    from uumamba.clinical import (
+        INDEX_FIELDS,
+        PAIRING_TEXT,
+        indices_from_volumes,
+        label_roles,
+        phase_warnings,
+    )
 
     out = indices_from_volumes(ed.volumes_ml, es.volumes_ml, label_roles(labels))
-    warnings = list(out["warnings"])
+    # a phase's input warnings (blank, another modality ...) belong beside the indices too
+    warnings = [*phase_warnings("'file'", "'file_es'",
+                                {"'file'": ed.warnings, "'file_es'": es.warnings}),
+                *out["warnings"]]
     # Two phases of one cine series share the grid; different grids mean two series (or two
     # patients), whose indices would mean nothing.
     if list(ed.shape) != list(es.shape) or any(

@@ -250,6 +250,62 @@ def test_pairing_split_4d_series_by_info_cfg_or_lv_volume_curve():
     assert not any("patientXXX_frameNN" in n for n in notes)  # no frame left to pair by name
 
 
+def test_lv_volume_curve_leaves_out_blank_frames_and_half_info_cfg_is_said():
+    """A blank frame (or one without any LV) is no point of the curve: it would be taken for
+    ES. An Info.cfg with ED but no ES, or whose NbFrame is not the series', is said in the
+    record's warnings; the phases' input warnings go into the record."""
+    from uumamba.clinical import patient_record
+
+    frames = [f"cine_frame{t:02d}" for t in range(4)]
+    lv = dict(zip(frames, [120.0, 90.0, 10.0, 50.0], strict=True))  # frame02: a blank image
+    blank = ["the image is blank or constant (intensities 0 to 0): there is no anatomy"]
+    (pair,), _ = pair_phases(lv, lv.__getitem__, cines={"cine": frames},
+                             no_anatomy=["cine_frame02"])
+    assert (pair.ed, pair.es) == ("cine_frame00", "cine_frame03")
+    assert pair.warnings == ("1 frame(s) blank or without any LV left out of the LV volume "
+                             "curve (cine_frame02)",)
+    lv["cine_frame03"] = 0.0  # no LV segmented: left out as well; one frame left is no curve
+    pairs, notes = pair_phases(lv, lv.__getitem__, cines={"cine": frames},
+                               no_anatomy=["cine_frame02", "cine_frame01"])
+    assert pairs == [] and notes[0].startswith("cine: 1 of the 4D series' 4 frames")
+    lv["cine_frame03"] = 50.0
+    half = {"cine": PatientInfo(ed_frame=2, n_frames=30)}
+    (pair,), _ = pair_phases(lv, lv.__getitem__, info_for=half.get, cines={"cine": frames})
+    assert pair.pairing == "LV volume curve" and (pair.ed, pair.es) == ("cine_frame00",
+                                                                        "cine_frame02")
+    assert pair.warnings[:2] == (
+        "Info.cfg says NbFrame 30, the 4D series has 4 frames: is it this series' Info.cfg?",
+        "Info.cfg gives ED but no ES: both taken from the LV volume curve instead")
+    roles = label_roles({0: "background", 3: "LV"})
+    record = patient_record(pair, {"LV": 120.0}, {"LV": 10.0}, roles,
+                            {"cine_frame02": blank})
+    assert record["warnings"][2] == f"ES cine_frame02: {blank[0]}"
+    assert record["LV_EF_pct"] == pytest.approx(100 * 110 / 120)  # computed, and flagged
+
+
+def test_clinical_csv_text_cannot_run_as_a_formula(tmp_path):
+    import csv
+
+    record = {"patient": '=HYPERLINK("http://x")_4d', "ed_case": "-a", "es_case": "b",
+              "LV_EF_pct": -12.5, "warnings": ["@SUM(A1)"]}
+    _json, path = write_clinical([record], tmp_path)
+    (row,) = list(csv.DictReader(path.open()))
+    assert row["patient"] == '\'=HYPERLINK("http://x")_4d' and row["ed_case"] == "'-a"
+    assert row["es_case"] == "b" and row["LV_EF_pct"] == "-12.5" and row["notes"] == "'@SUM(A1)"
+
+
+def test_info_cfg_and_dicom_sniffing_never_block_on_a_fifo(tmp_path):
+    import os
+
+    from uumamba.data.dicom_series import is_part10
+
+    fifo = tmp_path / "Info.cfg"
+    os.mkfifo(fifo)  # opening it for a blocking read would wait for a writer forever
+    assert is_part10(fifo) is False
+    with pytest.raises(DataError, match="Info.cfg .*not a regular file"):
+        read_info_cfg(fifo)
+
+
 def test_agreement_hand_computed():
     s = agreement([1.0, 2.0, 3.0, 4.0, None], [1.0, 2.0, 3.0, 5.0, 7.0])
     assert s["n"] == 4 and s["n_undefined"] == 1

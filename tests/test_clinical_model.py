@@ -196,3 +196,48 @@ def test_predict_split_4d_series_gives_its_clinical_record(model_dir, phases, tm
     assert record["LV_EDV_ml"] == pytest.approx(max(lv))
     assert record["LV_ESV_ml"] == pytest.approx(min(lv))
     assert record["ed_case"] == f"patient004_4d_frame{int(np.argmax(lv)):02d}"
+
+
+def test_one_4d_file_with_a_blank_frame_gets_its_record_and_report(model_dir, phases, tmp_path):
+    """A single cine file (not a folder) gets its clinical record and report; its Info.cfg
+    beside it counts in a folder named otherwise when the folder holds no other patient's
+    images; the blank ES frame is said in the record, and left out of an LV volume curve."""
+    import json
+
+    import nibabel as nib
+
+    from uumamba.commands.predict import predict_from_cli
+
+    ed, es = phases
+    frames = [np.asarray(nib.load(str(p)).dataobj) for p in (es, ed)]
+    cine = nib.Nifti1Image(np.stack([*frames, np.zeros_like(frames[0])], axis=-1),
+                           nib.load(str(ed)).affine)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nib.save(cine, str(folder / "patient004_4d.nii.gz"))
+    (folder / "Info.cfg").write_text("ED: 2\nES: 3\nNbFrame: 3\n")
+    out = tmp_path / "out"
+    predict_from_cli(model_dir, folder / "patient004_4d.nii.gz", out, device="cpu",
+                     split_4d=True, report=True)
+    (record,) = json.loads((out / "clinical.json").read_text())["patients"]
+    assert (record["pairing"], record["ed_case"], record["es_case"]) == (
+        "Info.cfg", "patient004_4d_frame01", "patient004_4d_frame02")
+    assert record["warnings"][0].startswith("ES patient004_4d_frame02: the image is blank")
+    assert (out / "patient004_4d_report.html").is_file()
+
+    (folder / "Info.cfg").unlink()
+    out = tmp_path / "out2"
+    predict_from_cli(model_dir, folder, out, device="cpu", split_4d=True)
+    (record,) = json.loads((out / "clinical.json").read_text())["patients"]
+    assert record["pairing"] == "LV volume curve"
+    assert "patient004_4d_frame02" not in (record["ed_case"], record["es_case"])
+    assert record["warnings"][0].startswith("1 frame(s) blank or without any LV left out")
+
+
+def test_a_blank_second_phase_is_said_beside_the_indices(client, phases, tmp_path):
+    ed, _es = phases
+    blank = tmp_path / "blank.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 64, 64), np.float32)), str(blank))
+    r = client.post("/v1/segment?format=json", files=_files(ed, blank))
+    assert r.status_code == 200, r.text
+    assert r.json()["clinical"]["warnings"][0].startswith("ES 'file_es': the image is blank")

@@ -56,7 +56,7 @@ import numpy as np
 
 from uumamba.errors import DataError
 from uumamba.evaluation.metrics import label_volumes
-from uumamba.utils import atomic_path, json_safe
+from uumamba.utils import atomic_path, json_safe, read_regular
 
 #: Myocardial tissue density in g/mL (ACDC challenge; SCMR recommendations).
 MYOCARDIAL_DENSITY_G_PER_ML = 1.05
@@ -152,6 +152,7 @@ class PatientInfo:
         ed_frame / es_frame: frame numbers of ED and ES (``patientXXX_frameNN``).
         group: ACDC diagnosis group (NOR, DCM, HCM, MINF, RV).
         source: the file it was read from.
+        n_frames: ``NbFrame``, the number of time points of the patient's cine series.
     """
 
     height_cm: float | None = None
@@ -160,6 +161,7 @@ class PatientInfo:
     es_frame: int | None = None
     group: str | None = None
     source: str | None = None
+    n_frames: int | None = None
 
 
 def _read_small_text(path: Path, max_bytes: int, what: str) -> str:
@@ -170,8 +172,7 @@ def _read_small_text(path: Path, max_bytes: int, what: str) -> str:
         DataError: unreadable, larger than ``max_bytes``, or not UTF-8; names the file.
     """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+        raw = read_regular(path, max_bytes + 1)  # a FIFO or a device is refused, not read
     except OSError as exc:
         raise DataError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     if len(raw) > max_bytes:
@@ -236,7 +237,7 @@ def read_info_cfg(path: str | Path) -> PatientInfo:
         raise DataError(f"{path}: Group {group[:32]!r} is not at most 16 letters or digits")
     return PatientInfo(height_cm=fields.get("Height"), weight_kg=fields.get("Weight"),
                        ed_frame=fields.get("ED"), es_frame=fields.get("ES"), group=group,
-                       source=str(path))
+                       source=str(path), n_frames=fields.get("NbFrame"))
 
 
 def body_surface_area(height_cm: float, weight_kg: float) -> float:
@@ -375,6 +376,8 @@ class PhasePair:
             Info.cfg: ED = the frame with the largest LV volume, ES = the smallest), or
             ``"LV volume curve"`` (the same over the frames of a split 4D series).
         info: the patient's Info.cfg, when read.
+        warnings: what the pairing saw that the record must carry (e.g. frames left out of
+            an LV volume curve, an Info.cfg whose NbFrame is not the series').
     """
 
     patient: str
@@ -382,6 +385,7 @@ class PhasePair:
     es: str
     pairing: str
     info: PatientInfo | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def read_pairs_csv(path: str | Path) -> list[PhasePair]:
@@ -460,6 +464,12 @@ def acdc_frames(case_ids: Iterable[str]) -> dict[str, dict[int, str]]:
     return out
 
 
+def acdc_patient(case: str) -> str | None:
+    """The patient id of an ACDC case id ``patientXXX_frameNN`` (``patientXXX``), else None."""
+    m = _ACDC_CASE.match(case)
+    return m.group(1) if m else None
+
+
 def cine_patient(case: str) -> str:
     """The patient id of a 4D (cine) input's case: ``case`` without ACDC's ``_4d`` suffix
     (``patient001_4d`` -> ``patient001``, whose Info.cfg numbers its frames)."""
@@ -470,6 +480,7 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
                 pairs: Sequence[PhasePair] | None = None,
                 info_for: Callable[[str], PatientInfo | None] | None = None,
                 cines: Mapping[str, Sequence[str]] | None = None,
+                no_anatomy: Iterable[str] = (),
                 ) -> tuple[list[PhasePair], list[str]]:
     """Pair the ED and ES cases of each patient among ``case_ids``.
 
@@ -487,6 +498,8 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
             the frames of the largest and the smallest LV volume (``"LV volume curve"``).
             Their frames are never paired by name: a split ``patient001.nii.gz`` gives
             ``patient001_frame00`` ..., whose numbers count from 0.
+        no_anatomy: cases whose input is blank or constant; with the frames in which no LV
+            was segmented, they are left out of an LV volume curve.
 
     Returns:
         (pairs found, sorted by patient; notes on the patients / cases that could not be
@@ -503,7 +516,7 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
             else:
                 found.append(p)
         return sorted(found, key=lambda p: p.patient), notes
-    found, notes = _pair_cines(available, lv_volume_ml, cines or {}, info_for)
+    found, notes = _pair_cines(available, lv_volume_ml, cines or {}, info_for, set(no_anatomy))
     available -= {c for frames in (cines or {}).values() for c in frames}
     frames = acdc_frames(available)
     unpaired = sorted(available - {c for f in frames.values() for c in f.values()})
@@ -524,14 +537,20 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
             notes.append(f"{patient}: only one phase ({next(iter(by_frame.values()))}); "
                          "indices need ED and ES")
             continue
+        half = []
+        if info is not None and (info.ed_frame is None) != (info.es_frame is None):
+            given, missing = ("ED", "ES") if info.ed_frame is not None else ("ES", "ED")
+            half.append(f"Info.cfg gives {given} but no {missing}: both taken from the larger "
+                        "and the smaller LV volume instead")
         ranked = sorted(by_frame.values(), key=lambda c: (-lv_volume_ml(c), c))
-        found.append(PhasePair(patient, ranked[0], ranked[-1], "larger LV volume", info))
+        found.append(PhasePair(patient, ranked[0], ranked[-1], "larger LV volume", info,
+                               tuple(half)))
     return sorted(found, key=lambda p: p.patient), notes
 
 
 def _pair_cines(available: set[str], lv_volume_ml: Callable[[str], float],
                 cines: Mapping[str, Sequence[str]],
-                info_for: Callable[[str], PatientInfo | None] | None,
+                info_for: Callable[[str], PatientInfo | None] | None, no_anatomy: set[str],
                 ) -> tuple[list[PhasePair], list[str]]:
     """:func:`pair_phases` for the split 4D inputs ``cines``: (pairs, notes)."""
     found: list[PhasePair] = []
@@ -546,39 +565,76 @@ def _pair_cines(available: set[str], lv_volume_ml: Callable[[str], float],
             notes.append(f"{patient}: a 4D series of one frame; indices need ED and ES")
             continue
         info = info_for(cine_patient(case)) if info_for is not None else None
-        if info is not None and info.ed_frame is not None and info.es_frame is not None:
+        warnings: list[str] = []
+        if info is not None and info.n_frames is not None and info.n_frames != len(frames):
+            warnings.append(f"Info.cfg says NbFrame {info.n_frames}, the 4D series has "
+                            f"{len(frames)} frames: is it this series' Info.cfg?")
+        if info is not None and (info.ed_frame is None) != (info.es_frame is None):
+            given, missing = ("ED", "ES") if info.ed_frame is not None else ("ES", "ED")
+            warnings.append(f"Info.cfg gives {given} but no {missing}: both taken from the LV "
+                            "volume curve instead")
+        elif info is not None and info.ed_frame is not None and info.es_frame is not None:
             if not (1 <= info.ed_frame <= len(frames) and 1 <= info.es_frame <= len(frames)):
                 notes.append(f"{patient}: Info.cfg names ED frame {info.ed_frame} and ES frame "
                              f"{info.es_frame}, the 4D series has frames 1 .. {len(frames)}")
                 continue
             found.append(PhasePair(patient, frames[info.ed_frame - 1], frames[info.es_frame - 1],
-                                   "Info.cfg", info))
+                                   "Info.cfg", info, tuple(warnings)))
             continue
-        ranked = sorted(frames, key=lambda c: (-lv_volume_ml(c), c))
-        found.append(PhasePair(patient, ranked[0], ranked[-1], "LV volume curve", info))
+        # a blank frame, or one without any LV (cut off, failed), is no point of the curve:
+        # it would be taken for the smallest LV volume, i.e. ES
+        curve = [f for f in frames if f not in no_anatomy and lv_volume_ml(f) > 0.0]
+        if len(curve) < 2:
+            notes.append(f"{patient}: {len(curve)} of the 4D series' {len(frames)} frames show "
+                         "an image with an LV segmented in it; the LV volume curve needs two "
+                         "(give ED and ES in an Info.cfg)")
+            continue
+        if len(curve) < len(frames):
+            left_out = [f for f in frames if f not in curve]
+            warnings.append(f"{len(left_out)} frame(s) blank or without any LV left out of the "
+                            f"LV volume curve ({', '.join(left_out[:3])}"
+                            f"{' ...' if len(left_out) > 3 else ''})")
+        ranked = sorted(curve, key=lambda c: (-lv_volume_ml(c), c))
+        found.append(PhasePair(patient, ranked[0], ranked[-1], "LV volume curve", info,
+                               tuple(warnings)))
     return found, notes
 
 
 PAIRING_TEXT = {
     "Info.cfg": "ED and ES frames from the patient's Info.cfg",
     "pairs CSV": "ED and ES cases from the pairs CSV",
-    "larger LV volume": "no Info.cfg: ED = the frame with the largest LV volume, ES = the "
-                        "frame with the smallest",
-    "LV volume curve": "a 4D series split with --split-4d, no Info.cfg: ED = its frame with "
-                       "the largest LV volume, ES = its frame with the smallest",
+    "larger LV volume": "no ED and ES in an Info.cfg: ED = the frame with the largest LV "
+                        "volume, ES = the frame with the smallest",
+    "LV volume curve": "a 4D series split with --split-4d, no ED and ES in an Info.cfg: ED = "
+                       "its frame with the largest LV volume, ES = its frame with the smallest "
+                       "(blank frames and frames without any LV left out)",
     "upload": "as uploaded: 'file' = ED, 'file_es' = ES",
 }
 
 
+def phase_warnings(ed_case: str, es_case: str,
+                   input_warnings: Mapping[str, Sequence[str]]) -> list[str]:
+    """The input warnings of the two phases (:attr:`Prediction.warnings`: blank, constant,
+    another modality ...), each as ``"ED CASE: warning"`` / ``"ES CASE: warning"``: an index
+    computed from such a phase must say so where the index is read."""
+    return [f"{side} {case}: {w}" for side, case in (("ED", ed_case), ("ES", es_case))
+            for w in input_warnings.get(case, ())]
+
+
 def patient_record(pair: PhasePair, ed: Mapping[str, float], es: Mapping[str, float],
-                   roles: LabelRoles) -> dict[str, Any]:
+                   roles: LabelRoles,
+                   input_warnings: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """One patient's record for ``clinical.json`` / ``clinical.csv``: the pair, how it was
     paired (``pairing`` and ``pairing_rule``), the per-label volumes of both phases (mL) and
-    :func:`indices_from_volumes`."""
+    :func:`indices_from_volumes`, whose ``warnings`` come after the pairing's
+    (:attr:`PhasePair.warnings`) and the phases' input warnings (``input_warnings``, case ->
+    warnings; :func:`phase_warnings`)."""
+    indices = indices_from_volumes(ed, es, roles, pair.info)
+    indices["warnings"] = [*pair.warnings, *phase_warnings(pair.ed, pair.es, input_warnings or {}),
+                           *indices["warnings"]]
     return {"patient": pair.patient, "ed_case": pair.ed, "es_case": pair.es,
             "pairing": pair.pairing, "pairing_rule": PAIRING_TEXT.get(pair.pairing, pair.pairing),
-            "volumes_ed_ml": dict(ed), "volumes_es_ml": dict(es),
-            **indices_from_volumes(ed, es, roles, pair.info)}
+            "volumes_ed_ml": dict(ed), "volumes_es_ml": dict(es), **indices}
 
 
 CSV_FIELDS: tuple[str, ...] = ("patient", "ed_case", "es_case", "pairing", "group", "height_cm",
@@ -614,23 +670,38 @@ def write_clinical(records: Sequence[Mapping[str, Any]], output_dir: str | Path,
             for f in CSV_FIELDS[:-1]:
                 v = r.get(f)
                 row.append("" if v is None or (isinstance(v, float) and not math.isfinite(v))
-                           else (round(v, 4) if isinstance(v, float) else v))
-            writer.writerow([*row, "; ".join(notes)])
+                           else (round(v, 4) if isinstance(v, float) else _csv_text(v)))
+            writer.writerow([*row, _csv_text("; ".join(notes))])
     return json_path, csv_path
 
 
-def find_info_cfg(patient: str, folders: Iterable[Path]) -> PatientInfo | None:
-    """The Info.cfg of an ACDC patient in the first of ``folders`` that has one, looking in
-    ``folder/Info.cfg`` when the folder is the patient's own, else ``folder/patient/Info.cfg``.
+def _csv_text(value: Any) -> Any:
+    """A text cell as a spreadsheet shows it, never runs it: text starting with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return (a case named ``=HYPERLINK(...)_4d``) gets a
+    leading ``'`` (OWASP's advice on CSV injection); numbers and other text unchanged."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def find_info_cfg(patient: str, folders: Iterable[Path], beside: Iterable[Path] = ()
+                  ) -> PatientInfo | None:
+    """The Info.cfg of an ACDC patient: ``folder/Info.cfg`` of the first of ``beside`` (folders
+    that hold this patient's images and no other's, whatever their names) that has one, else
+    in the first of ``folders`` that has one, ``folder/Info.cfg`` when the folder is the
+    patient's own (named after it), else ``folder/patient/Info.cfg``.
 
     Raises:
         DataError: a file found breaks a rule of :func:`read_info_cfg`.
     """
+    candidates = [Path(folder) / "Info.cfg" for folder in beside]
     for folder in folders:
-        for candidate in ((folder / "Info.cfg") if Path(folder).name == patient else None,
-                          Path(folder) / patient / "Info.cfg"):
-            if candidate is not None and candidate.is_file():
-                return read_info_cfg(candidate)
+        if Path(folder).name == patient:
+            candidates.append(Path(folder) / "Info.cfg")
+        candidates.append(Path(folder) / patient / "Info.cfg")
+    for candidate in candidates:
+        if candidate.is_file():
+            return read_info_cfg(candidate)
     return None
 
 
@@ -638,15 +709,19 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
                          pairs: Sequence[PhasePair] | None = None,
                          info_folders: Callable[[str], Sequence[Path]] | None = None,
                          cines: Mapping[str, Sequence[str]] | None = None,
+                         input_warnings: Mapping[str, Sequence[str]] | None = None,
+                         info_beside: Callable[[str], Sequence[Path]] | None = None,
                          ) -> tuple[list[dict[str, Any]], list[str]]:
     """Pair the cases of ``volumes`` (case -> label name -> mL) and compute each patient's
-    record (:func:`patient_record`).
+    record (:func:`patient_record`; ``input_warnings``, case -> the warnings of its input,
+    go into the records of the phases they concern).
 
     Args:
         labels: value -> name (roles by :func:`label_roles`).
         pairs: rows of a pairs CSV, else ACDC names (:func:`pair_phases`).
         info_folders: patient id -> folders to look for its Info.cfg in
-            (:func:`find_info_cfg`).
+            (:func:`find_info_cfg`); ``info_beside``: patient id -> the folders of its images
+            that hold no other patient's, whose ``Info.cfg`` is that patient's.
         cines: split 4D inputs, input case -> its frames' cases (:func:`pair_phases`).
 
     Returns:
@@ -655,8 +730,14 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
     Raises:
         DataError: no LV label; a bad Info.cfg.
     """
+    from uumamba.inference.plausibility import BLANK_WARNING
+
     roles = label_roles(labels)
-    info_for = None if info_folders is None else (lambda p: find_info_cfg(p, info_folders(p)))
+    info_for = None if info_folders is None else (
+        lambda p: find_info_cfg(p, info_folders(p), info_beside(p) if info_beside else ()))
+    blank = [c for c, found in (input_warnings or {}).items()
+             if any(w.startswith(BLANK_WARNING) for w in found)]
     found, notes = pair_phases(volumes, lambda c: float(volumes[c].get(roles.lv, 0.0)), pairs,
-                               info_for, cines)
-    return [patient_record(p, volumes[p.ed], volumes[p.es], roles) for p in found], notes
+                               info_for, cines, blank)
+    return [patient_record(p, volumes[p.ed], volumes[p.es], roles, input_warnings)
+            for p in found], notes

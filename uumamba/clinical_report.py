@@ -31,6 +31,8 @@ from uumamba.clinical import (
     INDEXED_FIELDS,
     LabelRoles,
     PhasePair,
+    acdc_patient,
+    cine_patient,
     label_roles,
     records_from_volumes,
     write_clinical,
@@ -284,6 +286,7 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
                          pairs: Sequence[PhasePair] | None = None, report: bool = False,
                          out_format: str | None = None, required: bool = False,
                          cines: Mapping[str, Sequence[str]] | None = None,
+                         input_warnings: Mapping[str, Sequence[str]] | None = None,
                          ) -> BatchClinical:
     """The clinical outputs of a folder of predictions: ``clinical.json`` / ``clinical.csv``
     when at least one patient has both phases, and with ``report`` one report per patient.
@@ -302,7 +305,10 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
             patient with both phases raises instead of giving a note.
         cines: the 4D inputs split into frames (``--split-4d``): input case -> its frames'
             cases in time order; each series is one record, ED and ES from its Info.cfg or
-            its LV volume curve (:func:`uumamba.clinical.pair_phases`).
+            its LV volume curve (:func:`uumamba.clinical.pair_phases`); a report shows the
+            frame of the 4D input.
+        input_warnings: output case -> its input's warnings (``BatchResult.warnings``), put
+            into the records of the phases they concern.
 
     Raises:
         DataError / UserError: ``required`` and nothing to compute; a bad Info.cfg; a
@@ -317,16 +323,35 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
         out.notes.append(f"no clinical indices: {exc}")
         return out
 
+    cine_of = {f: case for case, frames in (cines or {}).items() for f in frames}
+
+    def patient_of(case: str) -> str:
+        """Whose image an output case is: a cine frame's series' patient, an ACDC frame's
+        ``patientXXX``, else the case itself."""
+        if case in cine_of:
+            return cine_patient(cine_of[case])
+        return acdc_patient(case) or case
+
+    def parents(src: Path) -> list[Path]:
+        return list(dict.fromkeys((Path(src).parent, Path(src).resolve().parent)))
+
     def folders(patient: str) -> list[Path]:
         seen: list[Path] = []
         for case, src in inputs.items():
             if case.startswith(patient + "_"):
-                for d in (Path(src).parent, Path(src).resolve().parent):
-                    if d not in seen:
-                        seen.append(d)
+                seen += [d for d in parents(src) if d not in seen]
         return [*seen, Path(input_path)]
 
-    out.records, out.notes = records_from_volumes(volumes, labels, pairs, folders, cines)
+    def beside(patient: str) -> list[Path]:
+        """The folders of ``patient``'s images that hold no other patient's."""
+        mine = [d for case, src in inputs.items() if patient_of(case) == patient
+                for d in parents(src)]
+        others = {d for case, src in inputs.items() if patient_of(case) != patient
+                  for d in parents(src)}
+        return [d for d in dict.fromkeys(mine) if d not in others]
+
+    out.records, out.notes = records_from_volumes(volumes, labels, pairs, folders, cines,
+                                                  input_warnings, beside)
     if not out.records:
         if required:
             raise UserError("no patient has both an ED and an ES prediction: no clinical "
@@ -338,6 +363,8 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
         from uumamba.data.io import read_image
         from uumamba.inference.writer import mask_suffix
 
+        # a split 4D input's frame: (its position in the series) -> that time point's image
+        frame_of = {f: t for frames in (cines or {}).values() for t, f in enumerate(frames)}
         for record in out.records:
             phases = []
             for case in (record["ed_case"], record["es_case"]):
@@ -346,6 +373,8 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
                     raise UserError("--report reads the masks back: use a --format other "
                                     "than seg.nrrd")
                 image, geometry = read_image(inputs[case])
+                if case in frame_of and image.ndim == 4:
+                    image = image[..., frame_of[case]]
                 mask, _ = read_image(Path(output_dir) / f"{case}{suffix}")
                 phases.append((image, mask, geometry.spacing))
             out.written += write_report(record, phases[0], phases[1], labels, output_dir, model)

@@ -1,13 +1,16 @@
 """Small shared helpers: atomic (optionally durable) file writes and their stale temporary
-files, output-folder checks, strict JSON values, plain tensors out of MONAI MetaTensors."""
+files, bounded reads of regular files only, output-folder checks, strict JSON values, plain
+tensors out of MONAI MetaTensors."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,32 @@ _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(\.[^/]*)?$")
 
 #: Longest file name (bytes) of the file systems written to (ext4, XFS, APFS, NTFS: 255).
 NAME_MAX = 255
+
+
+def read_regular(path: str | Path, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` bytes from the start of the regular file ``path`` (symbolic links
+    followed), never blocking: the file is opened non-blocking and checked with ``fstat`` on
+    the open descriptor, so a FIFO, a device or a directory (also one swapped in after a
+    check) is refused instead of hanging the reader or being read without end.
+
+    Raises:
+        OSError: ``path`` cannot be opened or read, or is not a regular file (``EINVAL``,
+            "not a regular file").
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks, left = [], max_bytes
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _temporary_name(path: Path, pid: int) -> Path:

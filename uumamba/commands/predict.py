@@ -149,8 +149,10 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
     if pairs is not None or report:
         from uumamba.clinical import read_pairs_csv
 
-        if input_path.is_file():
-            raise UserError("--pairs / --report need a folder of ED and ES images as --input")
+        if input_path.is_file() and not (report and pairs is None and split_4d
+                                         and _is_cine(input_path)):
+            raise UserError("--pairs / --report need a folder of ED and ES images as --input "
+                            "(--report: or one 4D cine with --split-4d)")
         pair_rows = read_pairs_csv(pairs) if pairs is not None else None  # fail before loading
     if dicom_work is not None:
         out_format = out_format or "nii.gz"  # not the temporary copies' uncompressed .nii
@@ -236,7 +238,10 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
                                 weights_sha256={d.fold: d.sha256 for d in digests})
     # one line per message in logs; file and case names are data, never markup
     console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, emoji=False)
-    if len(cases) == 1 and r.input_path.is_file() and not refused and not ctx.enabled:
+    # one file: its outputs at once; a 4D cine split into frames goes the folder's way, which
+    # pairs its frames into a clinical record
+    if len(cases) == 1 and r.input_path.is_file() and not refused and not ctx.enabled \
+            and not (r.split_4d and _is_cine(cases[0][1][0])):
         case, files = cases[0]
         if r.resume and written_volumes(case, files, r.output_dir, split_4d=r.split_4d,
                                         probabilities=r.probabilities, entropy=r.uncertainty,
@@ -316,6 +321,19 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
     return written
 
 
+def _is_cine(first_file: Path) -> bool:
+    """True when ``predict --split-4d`` splits a case whose first input is ``first_file`` into
+    frames (its header has four dimensions); False when the header cannot be read (the
+    prediction reports that)."""
+    from uumamba.errors import DataError
+    from uumamba.inference.batch import output_names
+
+    try:
+        return output_names("case", [first_file], split_4d=True) != ["case"]
+    except (DataError, OSError):
+        return False
+
+
 def _all_ranks_here(ctx: DistContext) -> bool:
     """True when every rank runs on this machine (so a writer's pid can be checked here)."""
     return not ctx.enabled or os.environ.get("LOCAL_WORLD_SIZE") == str(ctx.world_size)
@@ -383,8 +401,10 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
     clinical = write_batch_clinical(result.volumes_ml, result.inputs, predictor.labels,
                                     r.model_dir, predictor.fold_names, r.input_path,
                                     r.output_dir, r.pair_rows, r.report, r.out_format,
-                                    required=r.pairs is not None or r.report, cines=cines)
-    if clinical.records or r.pairs is not None or r.report:  # no notes on other scans
+                                    required=r.pairs is not None or r.report, cines=cines,
+                                    input_warnings=result.warnings)
+    # no notes on scans that are not cardiac phases (a split 4D cine is one)
+    if clinical.records or r.pairs is not None or r.report or cines:
         for note in clinical.notes:
             console.print(printable(f"clinical: {note}"))
     if clinical.records:

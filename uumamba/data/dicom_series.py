@@ -227,10 +227,12 @@ class SeriesGeometry:
 # ----------------------------------------------------------------------------- discovery
 
 def is_part10(path: Path) -> bool:
-    """True when ``path`` starts with the 128-byte preamble and ``DICM`` (PS3.10 §7.1)."""
+    """True when ``path`` is a regular file that starts with the 128-byte preamble and
+    ``DICM`` (PS3.10 §7.1); a FIFO or a device is never opened for a blocking read."""
+    from uumamba.utils import read_regular
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        head = read_regular(path, 132)
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"

@@ -60,7 +60,9 @@ class BatchResult:
     :mod:`uumamba.clinical` pairs ED with ES from); ``inputs``: output case name -> its first
     input file; ``outputs``: case id -> its output case names (``CASE``, or ``CASE_frameNN``
     per frame); ``skipped``: case ids found already written (``resume``), whose volumes are
-    read back from ``CASE_volumes.json`` into ``volumes_ml``."""
+    read back from ``CASE_volumes.json`` into ``volumes_ml``; ``warnings``: output case name
+    -> the warnings of its input (:attr:`Prediction.warnings`: blank, another modality ...),
+    for the clinical records of the phases they concern."""
 
     written: list[Path] = field(default_factory=list)
     failures: list[CaseFailure] = field(default_factory=list)
@@ -68,16 +70,19 @@ class BatchResult:
     inputs: dict[str, Path] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
 def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_dir: Path, *,
                  split_4d: bool = False, probabilities: bool = False, entropy: bool = False,
                  out_format: str | None = None, extra: dict[str, Any] | None = None,
                  volumes: dict[str, dict[str, float]] | None = None,
+                 warnings: dict[str, list[str]] | None = None,
                  on_timings: TimingsHook | None = None) -> list[Path]:
     """Segment one case (one file per channel) and write its outputs; return their paths.
 
-    ``volumes``, when given, receives output case name -> label name -> mL of each mask;
+    ``volumes``, when given, receives output case name -> label name -> mL of each mask,
+    ``warnings`` output case name -> its input's warnings (each frame's own for a split 4D);
     ``on_timings`` is called with each output case's seconds per stage once it is written.
     Every ``CASE_volumes.json`` records the predictor's ``folds``, ``tta``, ``device`` and
     ``precision`` (what the windows computed in); ``extra`` adds to them or overrides them
@@ -98,6 +103,8 @@ def predict_case(predictor: Predictor, case: str, files: Sequence[Path], output_
                                         predictor.labels, out_format, extra))
         if volumes is not None:
             volumes[name] = dict(pred.volumes_ml)
+        if warnings is not None:
+            warnings[name] = list(pred.warnings)
         if on_timings is not None:
             on_timings(name, dict(pred.timings))
     return written
@@ -140,6 +147,7 @@ def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, list[Path]]],
             result.volumes_ml.update(previous)
             result.inputs.update({name: Path(files[0]) for name in previous})
             result.outputs[case] = list(previous)
+            result.warnings.update(written_warnings(output_dir, list(previous)))
             if on_done is not None:
                 on_done(i, case, None)
             continue
@@ -148,9 +156,11 @@ def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, list[Path]]],
         failure = None
         try:
             volumes: dict[str, dict[str, float]] = {}
+            warnings: dict[str, list[str]] = {}
             result.written.extend(predict_case(predictor, case, files, output_dir,
-                                               volumes=volumes, **options))
+                                               volumes=volumes, warnings=warnings, **options))
             result.volumes_ml.update(volumes)
+            result.warnings.update(warnings)
             result.inputs.update({name: Path(files[0]) for name in volumes})
             result.outputs[case] = list(volumes)
         except (UserError, ValueError, RuntimeError, OSError) as exc:
@@ -232,6 +242,22 @@ def written_volumes(case: str, files: Sequence[Path], output_dir: Path, *,
     return volumes
 
 
+def written_warnings(output_dir: Path, names: Sequence[str]) -> dict[str, list[str]]:
+    """Output case name -> the input warnings an earlier run wrote into ``NAME_volumes.json``
+    (``resume``); a name whose file cannot be read, or holds no list of strings, gets none.
+    Never raises."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            info = json.loads((Path(output_dir) / f"{name}_volumes.json").read_text())
+            found = info.get("warnings", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, list):
+            out[name] = [w for w in found if isinstance(w, str)]
+    return out
+
+
 def merge_results(results: Sequence[BatchResult], cases: Sequence[tuple[str, list[Path]]]
                   ) -> BatchResult:
     """The shards' results (:func:`shard_cases`) as one, in the order of ``cases``: volumes,
@@ -249,6 +275,8 @@ def merge_results(results: Sequence[BatchResult], cases: Sequence[tuple[str, lis
             for name in r.outputs.get(case, []):
                 merged.volumes_ml[name] = r.volumes_ml[name]
                 merged.inputs[name] = Path(files[0])
+                if name in r.warnings:
+                    merged.warnings[name] = list(r.warnings[name])
             if case in r.outputs:
                 merged.outputs[case] = list(r.outputs[case])
     merged.failures = sorted((f for r in results for f in r.failures),

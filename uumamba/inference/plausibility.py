@@ -40,6 +40,9 @@ MIN_NEIGHBOUR_CORRELATION = 0.3
 SPACING_FACTOR = 4.0
 MIN_FOV_FRACTION = 0.25
 MAX_NEGATIVE_FRACTION_MRI = 0.05
+#: How the warning of an image without anatomy begins (:mod:`uumamba.clinical` leaves such
+#: frames out of an LV volume curve).
+BLANK_WARNING = "the image is blank or constant"
 
 
 def _spread_is_zero(stats: dict[str, float]) -> bool:
@@ -50,7 +53,7 @@ def _spread_is_zero(stats: dict[str, float]) -> bool:
 def _intensity_problems(stats: dict[str, float], channel: int, plans: Plans) -> list[str]:
     tag = f" (channel {channel})" if plans.num_input_channels > 1 else ""
     if _spread_is_zero(stats):
-        return [f"the image is blank or constant{tag} (intensities {stats['min']:g} to "
+        return [f"{BLANK_WARNING}{tag} (intensities {stats['min']:g} to "
                 f"{stats['max']:g}): there is no anatomy to segment"]
     problems = []
     corr = stats["neighbour_correlation"]

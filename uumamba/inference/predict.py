@@ -367,13 +367,18 @@ class Predictor:
                     write_image(arr[..., t], p, frame_path, dtype=np.float32, format="nii.gz")
                     frame_paths.append(frame_path)
                 geometry = read_geometry(frame_paths[0])
+                # messages name the input and the frame (as its outputs: CASE_frameNN), never
+                # the temporary copy
                 out.append(self._predict_volume(frame_paths, geometry, tta, probabilities, entropy,
-                                                cancel))
+                                                cancel, where=f"{paths[0]} frame {t:02d}"))
         return out
 
     def _predict_volume(self, paths: list[Path], geometry: Geometry, tta: bool | None,
-                        want_probabilities: bool, want_entropy: bool, cancel: Any = None
-                        ) -> Prediction:
+                        want_probabilities: bool, want_entropy: bool, cancel: Any = None,
+                        where: str | None = None) -> Prediction:
+        """One 3D volume (one file per channel); ``where`` names it in messages (default: the
+        first file)."""
+        where = str(paths[0]) if where is None else where
         use_tta = self.tta if tta is None else bool(tta)
         stages = _Stages()
         try:
@@ -382,14 +387,14 @@ class Predictor:
             with stages("preprocess"):
                 data = self.transforms(data, start=1)
         except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-            raise DataError(f"{paths[0]}: cannot read the image ({_root_cause(exc, paths)}); "
+            raise DataError(f"{where}: cannot read the image ({_root_cause(exc, paths)}); "
                             "is the file corrupt or truncated?") from None
         with stages("preprocess"):
-            warnings = self._check_input(paths[0], data.pop("image_statistics", []), geometry)
+            warnings = self._check_input(where, data.pop("image_statistics", []), geometry)
             image = data["image"]
             finite = bool(torch.isfinite(plain_tensor(image)).all())
         if not finite:
-            raise DataError(f"{paths[0]}: the image contains NaN or infinite voxel values; "
+            raise DataError(f"{where}: the image contains NaN or infinite voxel values; "
                             "fix or mask them before segmenting (see `uumamba check-data`)")
         with stages("network"):
             probs = self.ensemble_probabilities(image[None], tta=use_tta, cancel=cancel)
@@ -400,7 +405,7 @@ class Predictor:
                                                   or want_entropy)
             del probs
         if tuple(mask.shape) != expected:
-            raise RuntimeError(f"{paths[0]}: inverted prediction has shape {tuple(mask.shape)}, "
+            raise RuntimeError(f"{where}: inverted prediction has shape {tuple(mask.shape)}, "
                                f"the input {expected}")
         with stages("postprocess"):
             mask = apply_postprocessing(mask, self.postprocessing)
@@ -417,9 +422,10 @@ class Predictor:
             timings={k: round(v, 3) for k, v in stages.seconds.items()},
         )
 
-    def _check_input(self, path: Path, statistics: list[dict[str, Any]], geometry: Geometry
+    def _check_input(self, where: str, statistics: list[dict[str, Any]], geometry: Geometry
                      ) -> list[str]:
-        """Apply ``inference.input_check`` (:mod:`uumamba.inference.plausibility`).
+        """Apply ``inference.input_check`` (:mod:`uumamba.inference.plausibility`) to the
+        input ``where`` (its path, or ``PATH frame NN``).
 
         Returns:
             The reasons (logged as warnings) for ``warn``; [] for ``off`` or a plausible input.
@@ -431,10 +437,11 @@ class Predictor:
             return []
         reasons = assess_input(statistics, geometry, self.plans)
         if reasons and self.inference_cfg.input_check == "refuse":
-            raise DataError(f"{path}: refused (inference.input_check = refuse): "
+            raise DataError(f"{where}: refused (inference.input_check = refuse): "
                             + "; ".join(reasons))
         for reason in reasons:
-            log.warning(f"warning: {path.name}: {reason}; the mask is unlikely to be meaningful")
+            log.warning(f"warning: {Path(where).name}: {reason}; the mask is unlikely to be "
+                        "meaningful")
         return reasons
 
     def ensemble_probabilities(self, image: torch.Tensor, tta: bool | None = None,
