@@ -453,3 +453,20 @@ def test_indices_carry_no_float_noise():
     assert out["LV_EF_pct"] == round(100 * 70.06 / 120.07, 4) == 58.3493
     assert out["MYO_mass_g"] == 94.815  # 90.3 mL x 1.05 g/mL
     assert json.dumps(out["RV_SV_ml"]) == "58.84"
+
+
+def test_a_broken_info_cfg_stops_predict_before_any_inference(tmp_path):
+    """`uumamba predict` reads the Info.cfg of every ACDC case and cine before the model
+    runs (a broken one used to be found after every frame had been predicted)."""
+    from uumamba.commands.predict import _check_info_cfgs
+
+    folder = tmp_path / "patient001"
+    folder.mkdir()
+    cine = folder / "patient001_4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2, 3), np.float32), np.eye(4)), str(cine))
+    (folder / "Info.cfg").write_text("ED: -1\nES: 3\n")
+    labels = {0: "background", 1: "LV"}
+    with pytest.raises(DataError, match=r"Info.cfg: ED '-1' is not an integer"):
+        _check_info_cfgs([("patient001_4d", [cine])], tmp_path, True, labels)
+    _check_info_cfgs([("patient001_4d", [cine])], tmp_path, True, {0: "background", 1: "aorta"})
+    _check_info_cfgs([("other_4d", [cine])], tmp_path, True, labels)  # not patient001's

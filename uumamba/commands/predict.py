@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uumamba.errors import UserError, cli_text, printable, shown
+from uumamba.errors import DataError, UserError, cli_text, printable, shown
 from uumamba.inference.inputs import check_output_dir, input_cases
 from uumamba.inference.writer import OUTPUT_FORMATS
 
@@ -227,6 +227,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
         else:
             cases = input_cases(r.input_path, predictor.plans.num_input_channels,
                                 output_dir=r.output_dir, split_4d=r.split_4d)
+            _check_info_cfgs(cases, r.input_path, r.split_4d, predictor.labels)
     options = {"split_4d": r.split_4d, "probabilities": r.probabilities,
                "entropy": r.uncertainty, "out_format": r.out_format,
                "extra": {"model": str(r.model_dir)}}  # folds, tta, device, precision: predict_case
@@ -325,13 +326,36 @@ def _is_cine(first_file: Path) -> bool:
     """True when ``predict --split-4d`` splits a case whose first input is ``first_file`` into
     frames (its header has four dimensions); False when the header cannot be read (the
     prediction reports that)."""
-    from uumamba.errors import DataError
     from uumamba.inference.batch import output_names
 
     try:
         return output_names("case", [first_file], split_4d=True) != ["case"]
     except (DataError, OSError):
         return False
+
+
+def _check_info_cfgs(cases: list[tuple[str, list[Path]]], input_path: Path, split_4d: bool,
+                     labels: dict[int, str]) -> None:
+    """Read, before any inference, the Info.cfg each ACDC case or cine will be paired by (as
+    :func:`uumamba.clinical.find_info_cfg` finds it), so that a broken one stops the run
+    before the predictions rather than after them. Nothing is checked for a label set
+    without an LV (no clinical record is made then).
+
+    Raises:
+        DataError: an Info.cfg breaks a rule of :func:`uumamba.clinical.read_info_cfg`.
+    """
+    from uumamba.clinical import acdc_patient, cine_patient, find_info_cfg, label_roles
+
+    try:
+        label_roles(labels)
+    except DataError:
+        return
+    for case, files in cases:
+        patient = cine_patient(case) if split_4d and _is_cine(files[0]) else acdc_patient(case)
+        if patient is not None:
+            first = Path(files[0])
+            find_info_cfg(patient, list(dict.fromkeys((first.parent, first.resolve().parent,
+                                                       input_path))))
 
 
 def _all_ranks_here(ctx: DistContext) -> bool:
