@@ -247,9 +247,11 @@ def pooled_table(records: list[dict], classes: list[str], other: str = "dynunet"
     )
 
     def values(model: str, kind: str, name: str) -> list[float]:
+        """Per volume, in the order of UU-Mamba's cases of each fold (both models' values of
+        one volume at the same position: paired by case, never by sorted position)."""
         out = []
         for r in records:
-            for case in sorted(r["dice"][model][kind]):
+            for case in sorted(r["dice"]["uumamba"][kind]):
                 d = r["dice"][model][kind][case]
                 if name == "foreground":
                     present = [v for v in d.values() if v is not None]
@@ -274,6 +276,115 @@ def pooled_table(records: list[dict], classes: list[str], other: str = "dynunet"
     return table
 
 
+#: The largest --reference file read (a five-fold result is about 100 kB).
+REFERENCE_MAX_BYTES = 64 << 20
+
+
+def read_reference(path: Path) -> object:
+    """The JSON of ``--reference``, read as untrusted input: a regular file (never a FIFO or
+    a device), at most :data:`REFERENCE_MAX_BYTES`, strict JSON (no NaN), nesting bounded.
+
+    Raises:
+        UserError: unreadable, too large, or not JSON; the message names the file.
+    """
+    from uumamba.errors import UserError
+    from uumamba.utils import read_regular
+
+    try:
+        raw = read_regular(path, REFERENCE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"--reference {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > REFERENCE_MAX_BYTES:
+        raise UserError(f"--reference {path}: larger than {REFERENCE_MAX_BYTES >> 20} MiB; "
+                        "not a bench_acdc result")
+
+    def no_constant(name: str) -> float:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"--reference {path}: not a bench_acdc result "
+                        f"({type(exc).__name__})") from None
+
+
+def check_reference(reference: object, source: str, folds: list[int], classes: list[str],
+                    val_cases: dict[int, list[str]] | None = None) -> dict[int, dict]:
+    """Each of ``folds``' records of a ``--reference`` result, checked before anything is
+    trained: a JSON object with ``folds``, each fold an object with an integer ``fold``,
+    ``val_cases`` (names), ``dice`` with a ``uumamba`` entry (and maybe ``dynunet``) holding
+    ``raw`` and ``postprocessed`` per-case Dice — exactly the fold's ``val_cases``, each a
+    mapping of this run's ``classes`` to a number in [0, 1] or null — and ``iterations``,
+    ``train_seconds`` with a finite number >= 0 per model of ``dice`` (``predict_seconds``: a
+    list of them, one per volume).
+    With ``val_cases`` (fold -> this run's validation cases) they must be the same.
+
+    Returns:
+        fold -> its record.
+
+    Raises:
+        UserError: the first rule broken, naming the fold, the field and the rule.
+    """
+    from uumamba.errors import UserError, shown
+
+    def fail(where: str, rule: str) -> UserError:
+        return UserError(f"--reference {source}: {where} {rule}; not a bench_acdc result "
+                         "of this configuration")
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(reference, dict) or not isinstance(reference.get("folds"), list):
+        raise fail("the file", "is not a JSON object with a list of 'folds'")
+    theirs: dict[int, dict] = {}
+    for r in reference["folds"]:
+        if isinstance(r, dict) and isinstance(r.get("fold"), int) and not isinstance(r["fold"], bool):
+            theirs.setdefault(r["fold"], r)
+    out = {}
+    for fold in folds:
+        r = theirs.get(fold)
+        where = f"fold {fold}"
+        if r is None or not isinstance(r.get("dice"), dict) or "uumamba" not in r["dice"]:
+            raise fail(where, "has no UU-Mamba record")
+        cases = r.get("val_cases")
+        if not isinstance(cases, list) or not cases or not all(isinstance(c, str) for c in cases) \
+                or len(set(cases)) != len(cases):
+            raise fail(f"{where}'s val_cases", "are not a list of distinct case names")
+        if val_cases is not None and sorted(cases) != sorted(val_cases[fold]):
+            raise UserError(f"--reference {source}: fold {fold}'s validation cases differ from "
+                            "this run's (another splits.json); the volumes do not pair")
+        models = [m for m in ("uumamba", "dynunet") if m in r["dice"]]
+        for model in models:
+            for kind in ("raw", "postprocessed"):
+                table = r["dice"][model].get(kind) if isinstance(r["dice"][model], dict) else None
+                at = f"{where}'s dice.{model}.{kind}"
+                if not isinstance(table, dict) or set(table) != set(cases):
+                    raise fail(at, "does not hold one entry per validation case")
+                for case, per_class in table.items():
+                    if not isinstance(per_class, dict) or set(per_class) != set(classes):
+                        raise fail(f"{at}[{shown(case)}]", f"does not hold the classes "
+                                   f"{', '.join(classes)}")
+                    for name, v in per_class.items():
+                        if v is not None and not (number(v) and 0.0 <= v <= 1.0):
+                            raise fail(f"{at}[{shown(case)}].{name}",
+                                       "is not a Dice in [0, 1] or null")
+        for key in ("iterations", "train_seconds", "predict_seconds"):
+            values = r.get(key)
+            for model in models:
+                v = values.get(model) if isinstance(values, dict) else None
+                if key == "predict_seconds":  # seconds per validation volume
+                    ok = isinstance(v, list) and all(number(x) and x >= 0 for x in v)
+                else:
+                    ok = number(v) and v >= 0
+                if not ok:
+                    raise fail(f"{where}'s {key}.{model}", "is not a finite number >= 0"
+                               + (" per volume" if key == "predict_seconds" else ""))
+        if "machine" in r and not isinstance(r["machine"], str):
+            raise fail(f"{where}'s machine", "is not text")
+        out[fold] = r
+    return out
+
+
 def with_reference(records: list[dict], reference: dict, source: str) -> list[dict]:
     """This run's fold records with an earlier run's UU-Mamba as a second model,
     ``reference`` (its per-case Dice, iterations and seconds, and its machine line), fold by
@@ -283,21 +394,16 @@ def with_reference(records: list[dict], reference: dict, source: str) -> list[di
         UserError: ``reference`` lacks one of ``records``' folds, or a fold's validation cases
             differ (another ``splits.json``): the volumes would not pair.
     """
-    from uumamba.errors import UserError
+    from uumamba.errors import printable
 
-    theirs = {}
-    for r in reference.get("folds", []) if isinstance(reference, dict) else []:
-        if isinstance(r, dict) and "uumamba" in r.get("dice", {}):
-            theirs[r.get("fold")] = r
+    classes = sorted({name for r in records for d in r["dice"]["uumamba"]["raw"].values()
+                      for name in d})
+    theirs = check_reference(reference, source, [r["fold"] for r in records], classes,
+                             {r["fold"]: r["val_cases"] for r in records})
     merged = []
     for r in records:
-        ref = theirs.get(r["fold"])
-        if ref is None:
-            raise UserError(f"--reference {source}: no UU-Mamba record of fold {r['fold']}")
-        if sorted(ref.get("val_cases", [])) != sorted(r["val_cases"]):
-            raise UserError(f"--reference {source}: fold {r['fold']}'s validation cases differ "
-                            "from this run's (another splits.json); the volumes do not pair")
-        r = {**r, "reference_machine": ref.get("machine", "not recorded")}
+        ref = theirs[r["fold"]]
+        r = {**r, "reference_machine": printable(ref.get("machine", "not recorded"))[:400]}
         for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
             r[key] = {**r[key], "reference": ref[key]["uumamba"]}
             if "dynunet" in ref.get("dice", {}):  # the earlier run's DynUNet, as it was there
@@ -386,13 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
     from uumamba.config import load_config
     from uumamba.utils import atomic_path
 
-    reference = None
-    if args.reference is not None:  # read before any training
-        try:
-            reference = json.loads(args.reference.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--reference {args.reference}: not a bench_acdc result "
-                            f"({type(exc).__name__})") from None
+    reference = read_reference(args.reference) if args.reference is not None else None
     cfg = load_config(args.config, args.overrides + [f"train.time_limit_minutes={args.minutes}"])
     try:
         folds = sorted({int(f) for f in args.folds.split(",")})
@@ -400,6 +500,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--folds {args.folds!r}: comma-separated fold numbers") from None
     if not folds or min(folds) < 0 or max(folds) >= cfg.train.n_folds:
         raise UserError(f"--folds {args.folds!r}: folds are 0 .. {cfg.train.n_folds - 1}")
+    classes = [name for value, name in sorted(cfg.dataset.labels.items()) if value != 0]
+    if reference is not None:  # checked before any training, against this run's split
+        from uumamba.data import layouts
+        from uumamba.model_folder import ModelFolder
+
+        index = layouts.discover(args.data, layout=cfg.dataset.layout)
+        splits = ModelFolder(args.output / "uumamba").splits(index.cases, cfg.train.n_folds,
+                                                             cfg.train.seed)
+        check_reference(reference, str(args.reference), folds, classes,
+                        {f: splits[f]["val"] for f in folds})
     torch.set_num_threads(args.threads)
     from uumamba.device import precision_name
     from uumamba.engine.components import select_precision
@@ -443,7 +553,6 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.write_text(json.dumps(record, indent=2))
         records.append(record)
 
-    classes = [name for value, name in sorted(cfg.dataset.labels.items()) if value != 0]
     other = "dynunet"
     if reference is not None:
         other, records = "reference", with_reference(records, reference, str(args.reference))

@@ -87,5 +87,55 @@ def test_reference_run_pairs_volumes_with_an_earlier_runs_uumamba(tmp_path):
     other_split = {**now, "val_cases": ["a", "c"]}
     with pytest.raises(UserError, match="validation cases differ"):
         bench.with_reference([other_split], earlier, "earlier.json")
-    with pytest.raises(UserError, match="no UU-Mamba record of fold 1"):
+    with pytest.raises(UserError, match="fold 1 has no UU-Mamba record"):
         bench.with_reference([{**now, "fold": 1}], earlier, "earlier.json")
+
+
+def test_crafted_reference_is_refused_in_one_line_before_training(tmp_path):
+    """A --reference is untrusted: each broken rule is one UserError naming the fold and the
+    field (never a traceback, never a table that pairs the wrong volumes); the file is read
+    bounded, and a FIFO is refused, not waited on."""
+    import copy
+    import json
+    import os
+
+    from uumamba.errors import UserError
+
+    bench = _bench()
+    good = {"folds": [_record(0, {"a": {"RV": 0.7, "LV": 0.9}, "b": {"RV": 0.5, "LV": 0.8}},
+                              {"a": {"RV": 0.1, "LV": 0.1}, "b": {"RV": 0.1, "LV": 0.1}})]}
+    assert set(bench.check_reference(good, "r.json", [0], ["RV", "LV"], {0: ["b", "a"]})) == {0}
+
+    def broken(edit):
+        ref = copy.deepcopy(good)
+        edit(ref["folds"][0])
+        return ref
+
+    cases = {
+        "iterations.uumamba": broken(lambda f: f.pop("iterations")),
+        "dice.uumamba.raw does not hold one entry per validation case":
+            broken(lambda f: f["dice"]["uumamba"]["raw"].update(c=f["dice"]["uumamba"]["raw"].pop("b"))),
+        "is not a Dice in": broken(lambda f: f["dice"]["uumamba"]["raw"]["a"].update(LV=-5)),
+        "does not hold the classes RV, LV": broken(lambda f: f["dice"]["dynunet"]["raw"]["a"].pop("RV")),
+        "train_seconds.dynunet": broken(lambda f: f["train_seconds"].update(dynunet="1e300")),
+        "predict_seconds.uumamba": broken(lambda f: f["predict_seconds"].update(uumamba=[True])),
+        "val_cases are not a list": broken(lambda f: f.update(val_cases="ab")),
+        "dice.uumamba.postprocessed": broken(lambda f: f["dice"]["uumamba"].update(postprocessed=[])),
+    }
+    for rule, ref in cases.items():
+        with pytest.raises(UserError, match=rule.replace("(", r"\(")) as info:
+            bench.check_reference(ref, "r.json", [0], ["RV", "LV"], {0: ["a", "b"]})
+        assert "\n" not in str(info.value) and str(info.value).startswith("--reference r.json: fold 0")
+    with pytest.raises(UserError, match="validation cases differ"):
+        bench.check_reference(good, "r.json", [0], ["RV", "LV"], {0: ["a", "c"]})
+    with pytest.raises(UserError, match="list of 'folds'"):
+        bench.check_reference({"a": 1}, "r.json", [0], ["RV", "LV"])
+
+    (tmp_path / "nan.json").write_text('{"folds": [NaN]}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(tmp_path / "fifo.json")
+    for name in ("nan.json", "deep.json", "fifo.json"):
+        with pytest.raises(UserError, match=f"--reference {tmp_path / name}: "):
+            bench.read_reference(tmp_path / name)
+    (tmp_path / "ok.json").write_text(json.dumps(good))
+    assert bench.read_reference(tmp_path / "ok.json") == good
