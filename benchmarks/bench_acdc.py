@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,14 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
     ours_dir = args.output / "uumamba"
     print(f"--- fold {fold}: UU-Mamba ({args.config.name}), {args.minutes:g} min", flush=True)
     t = time.monotonic()
-    ours_iterations = run_fold(cfg, args.data, ours_dir, fold=str(fold), device="cpu").iteration
+    trained = run_fold(cfg, args.data, ours_dir, fold=str(fold), device="cpu")
+    if trained.reason == "signal":  # saved, not finished: no record, no DynUNet, no table
+        number = int(trained.signal or signal.SIGTERM)
+        print(f"--- fold {fold}: stopped by {signal.Signals(number).name}; the fold is not "
+              f"recorded (remove {ours_dir / f'fold_{fold}'} to run it again)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + number)
+    ours_iterations = trained.iteration
     ours_train_s = time.monotonic() - t
     iterations, train_seconds = {"uumamba": ours_iterations}, {"uumamba": ours_train_s}
     if args.reference is None:
@@ -403,7 +411,8 @@ def with_reference(records: list[dict], reference: dict, source: str) -> list[di
     merged = []
     for r in records:
         ref = theirs[r["fold"]]
-        r = {**r, "reference_machine": printable(ref.get("machine", "not recorded"))[:400]}
+        r = {**r, "reference_machine": printable(ref.get("machine", "not recorded"))[:400],
+             "reference_precision": printable(ref.get("train_precision", "float32"))[:40]}
         for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
             r[key] = {**r[key], "reference": ref[key]["uumamba"]}
             if "dynunet" in ref.get("dice", {}):  # the earlier run's DynUNet, as it was there
@@ -422,8 +431,15 @@ def write_markdown(result: dict, path: Path) -> None:
     name_of = {"dynunet": "DynUNet", "reference": f"reference ({result.get('reference')})"}
     folds = ", ".join(str(r["fold"]) for r in result["folds"])
     n = result["table"]["raw"]["foreground"]["n"]
-    lines = [f"# UU-Mamba vs {name_of[other]} on ACDC: folds {folds}, {result['minutes']:g} "
-             f"min per model and fold, {result['threads']} threads", "",
+    budget = f"{result['minutes']:g} min per model and fold"
+    if other == "reference":
+        ref_minutes = result.get("reference_minutes")
+        budget = (f"{result['minutes']:g} min per fold for this run's UU-Mamba, "
+                  + (f"{ref_minutes:g} min for the reference's"
+                     if isinstance(ref_minutes, (int, float)) and not isinstance(ref_minutes, bool)
+                     and math.isfinite(ref_minutes) else "the reference's budget not recorded"))
+    lines = [f"# UU-Mamba vs {name_of[other]} on ACDC: folds {folds}, {budget}, "
+             f"{result['threads']} threads", "",
              f"Mean Dice over {n} validation volumes (each predicted by the models of the fold "
              "that did not train on it), 95 % percentile bootstrap interval over volumes; "
              f"difference = UU-Mamba minus {name_of[other]} per volume (paired bootstrap, "
@@ -432,6 +448,12 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [f"UU-Mamba: this run, overrides {result.get('overrides') or 'none'}. The "
                   "reference was trained in another run: compare the machine lines and "
                   "iterations below.", ""]
+        differ = sorted({(r.get("train_precision", "float32"), r["reference_precision"])
+                         for r in result["folds"] if "reference_precision" in r
+                         and r["reference_precision"] != r.get("train_precision", "float32")})
+        lines += [f"**Precision differs**: this run trained in {a}, the reference in {b}; the "
+                  "difference is partly the precision's." for a, b in differ]
+        lines += [""] if differ else []
     head = "DynUNet" if other == "dynunet" else "reference"
     for kind in ("raw", "postprocessed"):
         lines += [f"## {kind}", "", f"| class | UU-Mamba | {head} | difference | Wilcoxon p |",
@@ -458,7 +480,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for r in result["folds"]:
         for model in ("uumamba", other):
             sec = r["predict_seconds"][model]
-            lines.append(f"| {r['fold']} | {model} | {r.get('train_precision', 'float32')} | "
+            precision = r.get("reference_precision", "float32") if model == "reference" \
+                else r.get("train_precision", "float32")
+            lines.append(f"| {r['fold']} | {model} | {precision} | "
                          f"{r['iterations'][model]} | {r['train_seconds'][model]:.0f} | "
                          f"{sum(sec) / len(sec):.2f} |")
     machines = sorted({r["machine"] for r in result["folds"] if "machine" in r})
@@ -563,6 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if reference is not None:
         result["reference"] = str(args.reference)
+        result["reference_minutes"] = reference.get("minutes")
         if all("dynunet" in r["dice"] for r in records):
             result["table_dynunet"] = pooled_table(records, classes, "dynunet")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -139,3 +139,42 @@ def test_crafted_reference_is_refused_in_one_line_before_training(tmp_path):
             bench.read_reference(tmp_path / name)
     (tmp_path / "ok.json").write_text(json.dumps(good))
     assert bench.read_reference(tmp_path / "ok.json") == good
+
+
+def test_reference_rows_show_the_reference_precision_and_budget(tmp_path):
+    bench = _bench()
+    earlier = {"minutes": 20, "folds": [_record(0, {"a": {"LV": 0.9}, "b": {"LV": 0.8}},
+                                                {"a": {"LV": 0.1}, "b": {"LV": 0.1}})]}
+    earlier["folds"][0]["train_precision"] = "bfloat16"
+    now = _record(0, {"a": {"LV": 0.9}, "b": {"LV": 0.9}}, {})
+    for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
+        now[key].pop("dynunet")
+    merged = bench.with_reference([now], earlier, "earlier.json")
+    result = {"folds": merged, "table": bench.pooled_table(merged, ["LV"], "reference"),
+              "minutes": 1.0, "threads": 2, "other": "reference", "reference": "earlier.json",
+              "reference_minutes": earlier["minutes"]}
+    bench.write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "1 min per fold for this run's UU-Mamba, 20 min for the reference's" in text
+    assert "| 0 | reference | bfloat16 |" in text and "| 0 | uumamba | float32 |" in text
+    assert "**Precision differs**: this run trained in float32, the reference in bfloat16" in text
+
+
+def test_a_stop_signal_during_training_records_no_fold(tmp_path, monkeypatch):
+    """SIGINT / SIGTERM while UU-Mamba trains: its checkpoint is saved, but the fold is not
+    scored or recorded as done, and the script exits 128 + the signal (here 143)."""
+    import argparse
+    import signal
+
+    import uumamba.engine.train as train
+    from uumamba.engine.loop import FoldResult
+
+    bench = _bench()
+    monkeypatch.setattr(train, "run_fold", lambda *a, **k: FoldResult(
+        tmp_path / "fold_0", False, "signal", signal.SIGTERM, 2, None))
+    args = argparse.Namespace(output=tmp_path, config=Path("acdc_cpu.yaml"), minutes=1.0,
+                              reference=None, data=tmp_path)
+    with pytest.raises(SystemExit) as info:
+        bench.run_fold_pair(None, args, 0)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "folds").exists()
