@@ -7,13 +7,19 @@ model folder (``--model``, fold ``--fold``, e.g. the one ``bench_acdc.py`` leave
 with ``inference.amp`` ``auto`` (bf16 autocast where :func:`uumamba.device.native_bf16` holds:
 a CPU with AMX or AVX512-BF16) and ``off`` (float32). The DynUNet's weights are its seeded initialisation:
 a network's time does not depend on its weights. Everything else is the model's config
-(``acdc_cpu.yaml``: overlap 0.5, 16 windows per batch, Gaussian blending, no TTA).
+(``acdc_cpu.yaml``: overlap 0.5, 16 windows per batch, Gaussian blending, no TTA) and the
+fold's postprocessing, which the DynUNet predictor applies too (the same work after the
+network; bench_acdc.py decides one for each model by the same rule).
 
 For each predictor: mean seconds per volume of each stage of ``Predictor.predict_file``
 (``read``, ``preprocess``, ``network``, ``invert``, ``postprocess``; the first volume is a
 warm-up, not counted); for UU-Mamba also what bf16 costs: the Dice between its bf16 and its
 float32 masks per class, and each one's Dice against the expert labels. The volumes are the
-validation cases of ``--fold`` (unseen by that fold's model), ``--cases`` of them.
+validation cases of ``--fold`` (unseen by that fold's model), ``--cases`` of them; with
+``--volumes all`` every volume of ``--data`` (a timing run over more volumes: the Dice then
+includes the model's training volumes, and the table says so). The per-volume ratio of
+UU-Mamba over the DynUNet in each precision is the geometric mean of the volumes' ratios
+with its 95 % bootstrap interval.
 
 ``--tta`` adds UU-Mamba with mirroring test-time augmentation (4 flips in 2D; ``auto``
 precision): its seconds and its Dice against the expert labels, the price and the gain of
@@ -67,11 +73,14 @@ def _predictors(args: argparse.Namespace) -> dict:
     for name, nets in (("uumamba", ours.networks), ("dynunet", [dynunet])):
         for amp in ("auto", "off"):
             cfg = ours.inference_cfg.model_copy(update={"amp": amp})
+            # the DynUNet gets the fold's postprocessing too: the same work after the network
             out[f"{name} {amp}"] = Predictor(nets, ours.plans, cfg, device="cpu", tta=False,
-                                             labels=ours.labels)
+                                             labels=ours.labels,
+                                             postprocessing=ours.postprocessing)
     if args.tta:
         out["uumamba auto tta"] = Predictor(ours.networks, ours.plans, ours.inference_cfg,
-                                            device="cpu", tta=True, labels=ours.labels)
+                                            device="cpu", tta=True, labels=ours.labels,
+                                            postprocessing=ours.postprocessing)
     return out
 
 
@@ -81,7 +90,7 @@ def _cases(args: argparse.Namespace) -> list:
 
     val = set(load_splits(args.model / "splits.json")[args.fold]["val"])
     index = layouts.discover(args.data, layout="auto")
-    cases = [c for c in index.cases if c.id in val][: args.cases]
+    cases = [c for c in index.cases if args.volumes == "all" or c.id in val][: args.cases]
     if len(cases) < 2:
         from uumamba.errors import UserError
 
@@ -132,12 +141,43 @@ def measure(args: argparse.Namespace) -> dict:
                     row[label][key] = _dice(masks[name] == value, truth == value)
         agreement.append(row)
     return {
+        "volume_set": args.volumes,
+        "ratios": _ratios(totals, {n: seconds[n]["postprocess"] for n in names}),
         "auto_precision": "bfloat16" if native_bf16(torch.device("cpu")) else "float32",
         "volumes": [c.id for c in cases], "warmup": cases[0].id, "threads": args.threads,
         "stages": {n: {s: statistics.mean(v) for s, v in seconds[n].items()} for n in names},
         "total": {n: statistics.mean(v) for n, v in totals.items()},
         "agreement": agreement,
     }
+
+
+def _ratios(totals: dict[str, list[float]], postprocess: dict[str, list[float]] | None = None
+            ) -> dict:
+    """UU-Mamba over the DynUNet per volume, in each precision: the geometric mean of the
+    per-volume ratios of wall seconds (both predicted the same volume, interleaved) with its
+    95 % percentile bootstrap interval over volumes; with ``postprocess`` (name -> seconds per
+    volume) also of the wall seconds without the postprocessing (``before_postprocess``),
+    whose time depends on the mask: the DynUNet's here has random weights, its mask many
+    islands."""
+    import math
+
+    from uumamba.evaluation.statistics import bootstrap_mean
+
+    def ratio(ours: list[float], theirs: list[float]) -> dict:
+        logs = bootstrap_mean([math.log(a / b) for a, b in zip(ours, theirs, strict=True)])
+        return {"ratio": math.exp(logs.estimate), "low": math.exp(logs.low),
+                "high": math.exp(logs.high), "n": len(ours)}
+
+    out = {}
+    for amp in ("auto", "off"):
+        a, b = f"uumamba {amp}", f"dynunet {amp}"
+        if totals.get(a) and totals.get(b):
+            out[amp] = ratio(totals[a], totals[b])
+            if postprocess is not None and postprocess.get(a) and postprocess.get(b):
+                out[amp]["before_postprocess"] = ratio(
+                    [t - p for t, p in zip(totals[a], postprocess[a], strict=True)],
+                    [t - p for t, p in zip(totals[b], postprocess[b], strict=True)])
+    return out
 
 
 def startup(args: argparse.Namespace, in_process: float) -> dict:
@@ -183,11 +223,23 @@ def markdown(r: dict, machine: str) -> str:
                      + " |")
     lines.append("| **total (wall)** | " + " | ".join(f"**{r['total'][n]:.3f}**" for n in names)
                  + " |")
+    for amp, q in r.get("ratios", {}).items():
+        lines += ["", f"UU-Mamba / DynUNet per volume, `inference.amp={amp}`: "
+                  f"**{q['ratio']:.3f}** [{q['low']:.3f}, {q['high']:.3f}] (geometric mean of "
+                  f"{q['n']} per-volume ratios, 95 % bootstrap interval)"]
+        if "before_postprocess" in q:
+            b = q["before_postprocess"]
+            lines[-1] += (f"; without the postprocessing (its time depends on the mask, and "
+                          f"the DynUNet's weights are random) **{b['ratio']:.3f}** "
+                          f"[{b['low']:.3f}, {b['high']:.3f}]")
     classes = [k for k in r["agreement"][0] if k != "case"]
     keys = list(r["agreement"][0][classes[0]])
     titles = {"bf16_vs_float32": "bf16 vs float32", "auto_vs_truth": "vs truth, auto",
               "off_vs_truth": "vs truth, float32", "auto_tta_vs_truth": "vs truth, auto + TTA"}
-    lines += ["", "UU-Mamba's masks, Dice, mean over all volumes (the warm-up included):", "",
+    seen = (" — `--volumes all`: the model's training volumes are among them, these are not "
+            "unseen Dice" if r.get("volume_set") == "all" else "")
+    lines += ["", f"UU-Mamba's masks, Dice, mean over all volumes (the warm-up included){seen}:",
+              "",
               "| class | " + " | ".join(titles.get(k, k) for k in keys) + " |",
               "|---" * (len(keys) + 1) + "|"]
     for c in classes + ["foreground mean"]:
@@ -213,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fold", type=int, default=0, help="its fold: model and validation cases")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ACDC",
                    help="ACDC folder of patientXXX folders")
-    p.add_argument("--cases", type=int, default=8, help="validation volumes (first: warm-up)")
+    p.add_argument("--cases", type=int, default=8, help="volumes (first: warm-up)")
+    p.add_argument("--volumes", choices=("val", "all"), default="val",
+                   help="the fold's validation volumes, or every volume of --data (a longer "
+                        "timing run; its Dice then includes training volumes)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2: the CPU configs')")
     p.add_argument("--startup", action="store_true", help="also time `uumamba predict` processes")
     p.add_argument("--tta", action="store_true",

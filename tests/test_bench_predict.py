@@ -61,3 +61,17 @@ def test_a_folder_without_a_model_is_refused(tmp_path):
     bench = _bench()
     with pytest.raises(UserError, match=r"not a trained model folder \(no splits\.json\)"):
         bench.main(["--model", str(tmp_path), "--data", str(tmp_path)])
+
+
+def test_per_volume_ratio_is_the_geometric_mean_with_an_interval():
+    bench = _bench()
+    totals = {"uumamba auto": [1.0, 2.0, 4.0], "dynunet auto": [2.0, 2.0, 2.0],
+              "uumamba off": [1.0, 1.0], "dynunet off": [1.0, 1.0]}
+    r = bench._ratios(totals)
+    assert r["auto"]["ratio"] == pytest.approx(1.0)  # (0.5 * 1 * 2) ** (1 / 3)
+    assert r["auto"]["low"] < 1.0 < r["auto"]["high"] and r["auto"]["n"] == 3
+    assert r["off"] == {"ratio": 1.0, "low": 1.0, "high": 1.0, "n": 2}
+    post = {"uumamba auto": [0.0, 0.0, 2.0], "dynunet auto": [1.0, 1.0, 1.0]}
+    r = bench._ratios(totals, post)
+    assert r["auto"]["before_postprocess"]["ratio"] == pytest.approx((1 * 2 * 2) ** (1 / 3))
+    assert "before_postprocess" not in r["off"]
