@@ -711,6 +711,7 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
                          cines: Mapping[str, Sequence[str]] | None = None,
                          input_warnings: Mapping[str, Sequence[str]] | None = None,
                          info_beside: Callable[[str], Sequence[Path]] | None = None,
+                         no_anatomy: Iterable[str] = (),
                          ) -> tuple[list[dict[str, Any]], list[str]]:
     """Pair the cases of ``volumes`` (case -> label name -> mL) and compute each patient's
     record (:func:`patient_record`; ``input_warnings``, case -> the warnings of its input,
@@ -722,6 +723,8 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
         info_folders: patient id -> folders to look for its Info.cfg in
             (:func:`find_info_cfg`); ``info_beside``: patient id -> the folders of its images
             that hold no other patient's, whose ``Info.cfg`` is that patient's.
+        no_anatomy: cases whose input is blank or constant, left out of LV volume curves
+            (:func:`pair_phases`).
         cines: split 4D inputs, input case -> its frames' cases (:func:`pair_phases`).
 
     Returns:
@@ -730,14 +733,10 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
     Raises:
         DataError: no LV label; a bad Info.cfg.
     """
-    from uumamba.inference.plausibility import BLANK_WARNING
-
     roles = label_roles(labels)
     info_for = None if info_folders is None else (
         lambda p: find_info_cfg(p, info_folders(p), info_beside(p) if info_beside else ()))
-    blank = [c for c, found in (input_warnings or {}).items()
-             if any(w.startswith(BLANK_WARNING) for w in found)]
     found, notes = pair_phases(volumes, lambda c: float(volumes[c].get(roles.lv, 0.0)), pairs,
-                               info_for, cines, blank)
+                               info_for, cines, no_anatomy)
     return [patient_record(p, volumes[p.ed], volumes[p.es], roles, input_warnings)
             for p in found], notes

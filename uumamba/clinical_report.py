@@ -350,8 +350,12 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
                   for d in parents(src)}
         return [d for d in dict.fromkeys(mine) if d not in others]
 
+    from uumamba.inference.plausibility import BLANK_WARNING
+
+    blank = [case for case, found in (input_warnings or {}).items()
+             if any(w.startswith(BLANK_WARNING) for w in found)]
     out.records, out.notes = records_from_volumes(volumes, labels, pairs, folders, cines,
-                                                  input_warnings, beside)
+                                                  input_warnings, beside, blank)
     if not out.records:
         if required:
             raise UserError("no patient has both an ED and an ES prediction: no clinical "
