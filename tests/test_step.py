@@ -370,6 +370,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, optim_name: str)
             {"params": _params(model, loss_fn), "sigmas": loss_fn.sigmas()},
             f"{out_dir}/rank{rank}.pt",
         )
+        dist.barrier()  # neither rank tears its gloo pair down while the other still uses it
     finally:
         dist.destroy_process_group()
 
