@@ -141,13 +141,15 @@ def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, list[Path]]],
     check = {k: options[k] for k in ("split_4d", "probabilities", "entropy", "out_format")
              if k in options}
     for i, (case, files) in enumerate(cases):
-        previous = written_volumes(case, files, output_dir, **check) if resume else None
+        earlier: dict[str, list[str]] = {}
+        previous = written_volumes(case, files, output_dir, **check,
+                                   warnings=earlier) if resume else None
         if previous is not None:
             result.skipped.append(case)
             result.volumes_ml.update(previous)
             result.inputs.update({name: Path(files[0]) for name in previous})
             result.outputs[case] = list(previous)
-            result.warnings.update(written_warnings(output_dir, list(previous)))
+            result.warnings.update(earlier)
             if on_done is not None:
                 on_done(i, case, None)
             continue
@@ -205,7 +207,9 @@ def output_names(case: str, files: Sequence[Path], split_4d: bool = False) -> li
 
 def written_volumes(case: str, files: Sequence[Path], output_dir: Path, *,
                     split_4d: bool = False, probabilities: bool = False, entropy: bool = False,
-                    out_format: str | None = None) -> dict[str, dict[str, float]] | None:
+                    out_format: str | None = None,
+                    warnings: dict[str, list[str]] | None = None,
+                    ) -> dict[str, dict[str, float]] | None:
     """Output case name -> label name -> mL of ``case`` as an earlier run wrote it, or None
     when the case is not completely written (then ``resume`` predicts it again).
 
@@ -215,7 +219,9 @@ def written_volumes(case: str, files: Sequence[Path], output_dir: Path, *,
     is written to a temporary ``.NAME.tmp-PID...`` and renamed onto its name only when
     complete (:func:`uumamba.utils.atomic_path`), so a file under its final name is whole and
     the temporary of a killed run never counts. The volumes come from ``CASE_volumes.json``
-    (the values :class:`~uumamba.inference.predict.Prediction` reported).
+    (the values :class:`~uumamba.inference.predict.Prediction` reported); ``warnings``, when
+    given, receives each output name's input warnings from the same file (its strings; none
+    when it holds no list).
 
     Never raises: a header or ``CASE_volumes.json`` that cannot be read means "not written"
     (predicting again then reports the problem as usual).
@@ -228,6 +234,7 @@ def written_volumes(case: str, files: Sequence[Path], output_dir: Path, *,
         return None
     map_fmt = fmt or "nrrd"
     volumes: dict[str, dict[str, float]] = {}
+    found: dict[str, list[str]] = {}
     for name in names:
         needed = [output_dir / f"{name}{suffix}"]
         needed += [output_dir / f"{name}_probabilities.{map_fmt}"] if probabilities else []
@@ -237,25 +244,13 @@ def written_volumes(case: str, files: Sequence[Path], output_dir: Path, *,
         try:
             info = json.loads((output_dir / f"{name}_volumes.json").read_text())
             volumes[name] = {label: float(v["volume_ml"]) for label, v in info["labels"].items()}
+            listed = info.get("warnings", [])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+        found[name] = [w for w in listed if isinstance(w, str)] if isinstance(listed, list) else []
+    if warnings is not None:
+        warnings.update(found)
     return volumes
-
-
-def written_warnings(output_dir: Path, names: Sequence[str]) -> dict[str, list[str]]:
-    """Output case name -> the input warnings an earlier run wrote into ``NAME_volumes.json``
-    (``resume``); a name whose file cannot be read, or holds no list of strings, gets none.
-    Never raises."""
-    out: dict[str, list[str]] = {}
-    for name in names:
-        try:
-            info = json.loads((Path(output_dir) / f"{name}_volumes.json").read_text())
-            found = info.get("warnings", [])
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(found, list):
-            out[name] = [w for w in found if isinstance(w, str)]
-    return out
 
 
 def merge_results(results: Sequence[BatchResult], cases: Sequence[tuple[str, list[Path]]]
