@@ -469,4 +469,14 @@ def test_a_broken_info_cfg_stops_predict_before_any_inference(tmp_path):
     with pytest.raises(DataError, match=r"Info.cfg: ED '-1' is not an integer"):
         _check_info_cfgs([("patient001_4d", [cine])], tmp_path, True, labels)
     _check_info_cfgs([("patient001_4d", [cine])], tmp_path, True, {0: "background", 1: "aorta"})
-    _check_info_cfgs([("other_4d", [cine])], tmp_path, True, labels)  # not patient001's
+    # the same lookup as the records': an Info.cfg beside the only patient of a folder is
+    # that patient's, whatever the folder's name; in a folder of two patients it is no one's
+    with pytest.raises(DataError, match=r"Info.cfg: ED '-1' is not an integer"):
+        _check_info_cfgs([("other_4d", [cine])], tmp_path, True, labels)
+    shared = tmp_path / "scans"
+    shared.mkdir()
+    (shared / "Info.cfg").write_text("ED: -1\nES: 3\n")
+    pair = [(name, [shared / f"{name}.nii.gz"]) for name in ("other_4d", "third_4d")]
+    for _, (path,) in pair:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 2, 3), np.float32), np.eye(4)), str(path))
+    _check_info_cfgs(pair, tmp_path, True, labels)

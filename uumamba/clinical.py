@@ -537,15 +537,20 @@ def pair_phases(case_ids: Iterable[str], lv_volume_ml: Callable[[str], float],
             notes.append(f"{patient}: only one phase ({next(iter(by_frame.values()))}); "
                          "indices need ED and ES")
             continue
-        half = []
-        if info is not None and (info.ed_frame is None) != (info.es_frame is None):
-            given, missing = ("ED", "ES") if info.ed_frame is not None else ("ES", "ED")
-            half.append(f"Info.cfg gives {given} but no {missing}: both taken from the larger "
-                        "and the smaller LV volume instead")
         ranked = sorted(by_frame.values(), key=lambda c: (-lv_volume_ml(c), c))
         found.append(PhasePair(patient, ranked[0], ranked[-1], "larger LV volume", info,
-                               tuple(half)))
+                               tuple(_half_info_cfg(info, "the larger and the smaller LV "
+                                                          "volume"))))
     return sorted(found, key=lambda p: p.patient), notes
+
+
+def _half_info_cfg(info: PatientInfo | None, instead: str) -> list[str]:
+    """The warning of an Info.cfg that gives ED or ES but not both (then both come from
+    ``instead``); [] otherwise."""
+    if info is None or (info.ed_frame is None) == (info.es_frame is None):
+        return []
+    given, missing = ("ED", "ES") if info.ed_frame is not None else ("ES", "ED")
+    return [f"Info.cfg gives {given} but no {missing}: both taken from {instead} instead"]
 
 
 def _pair_cines(available: set[str], lv_volume_ml: Callable[[str], float],
@@ -569,11 +574,10 @@ def _pair_cines(available: set[str], lv_volume_ml: Callable[[str], float],
         if info is not None and info.n_frames is not None and info.n_frames != len(frames):
             warnings.append(f"Info.cfg says NbFrame {info.n_frames}, the 4D series has "
                             f"{len(frames)} frames: is it this series' Info.cfg?")
-        if info is not None and (info.ed_frame is None) != (info.es_frame is None):
-            given, missing = ("ED", "ES") if info.ed_frame is not None else ("ES", "ED")
-            warnings.append(f"Info.cfg gives {given} but no {missing}: both taken from the LV "
-                            "volume curve instead")
-        elif info is not None and info.ed_frame is not None and info.es_frame is not None:
+        half = _half_info_cfg(info, "the LV volume curve")
+        warnings += half
+        if not half and info is not None and info.ed_frame is not None \
+                and info.es_frame is not None:
             if not (1 <= info.ed_frame <= len(frames) and 1 <= info.es_frame <= len(frames)):
                 notes.append(f"{patient}: Info.cfg names ED frame {info.ed_frame} and ES frame "
                              f"{info.es_frame}, the 4D series has frames 1 .. {len(frames)}")
@@ -705,12 +709,50 @@ def find_info_cfg(patient: str, folders: Iterable[Path], beside: Iterable[Path] 
     return None
 
 
+def info_cfg_lookup(inputs: Mapping[str, Path], input_path: Path,
+                    cines: Mapping[str, Sequence[str]] | None = None
+                    ) -> Callable[[str], PatientInfo | None]:
+    """Patient id -> its Info.cfg (:func:`find_info_cfg`) for a folder of inputs: looked for in
+    the folders of the patient's images (as given and with symbolic links resolved), where
+    ``folder/Info.cfg`` counts when the folder is named after the patient or holds no other
+    patient's images, then in ``input_path/PATIENT/``.
+
+    Args:
+        inputs: case -> its (first) input image; a split 4D input's frames are cases of
+            their own, listed in ``cines``.
+        cines: input case -> its frames' cases: those are ``cine_patient(CASE)``'s images.
+            An ACDC case ``patientXXX_frameNN`` is ``patientXXX``'s; any other case its own.
+
+    Returns:
+        The lookup; it raises DataError for a bad Info.cfg (:func:`read_info_cfg`).
+    """
+    cine_of = {f: case for case, frames in (cines or {}).items() for f in frames}
+
+    def patient_of(case: str) -> str:
+        return cine_patient(cine_of[case]) if case in cine_of else acdc_patient(case) or case
+
+    parents = {case: list(dict.fromkeys((Path(src).parent, Path(src).resolve().parent)))
+               for case, src in inputs.items()}  # resolved once per image
+    patients_in: dict[Path, set[str]] = {}
+    for case, folders in parents.items():
+        for folder in folders:
+            patients_in.setdefault(folder, set()).add(patient_of(case))
+
+    def lookup(patient: str) -> PatientInfo | None:
+        own = [d for case, ds in parents.items() if case.startswith(patient + "_") for d in ds]
+        alone = [d for case, ds in parents.items() if patient_of(case) == patient
+                 for d in ds if patients_in[d] == {patient}]
+        return find_info_cfg(patient, [*dict.fromkeys(own), Path(input_path)],
+                             list(dict.fromkeys(alone)))
+
+    return lookup
+
+
 def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Mapping[int, str],
                          pairs: Sequence[PhasePair] | None = None,
-                         info_folders: Callable[[str], Sequence[Path]] | None = None,
+                         info_for: Callable[[str], PatientInfo | None] | None = None,
                          cines: Mapping[str, Sequence[str]] | None = None,
                          input_warnings: Mapping[str, Sequence[str]] | None = None,
-                         info_beside: Callable[[str], Sequence[Path]] | None = None,
                          no_anatomy: Iterable[str] = (),
                          ) -> tuple[list[dict[str, Any]], list[str]]:
     """Pair the cases of ``volumes`` (case -> label name -> mL) and compute each patient's
@@ -720,9 +762,7 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
     Args:
         labels: value -> name (roles by :func:`label_roles`).
         pairs: rows of a pairs CSV, else ACDC names (:func:`pair_phases`).
-        info_folders: patient id -> folders to look for its Info.cfg in
-            (:func:`find_info_cfg`); ``info_beside``: patient id -> the folders of its images
-            that hold no other patient's, whose ``Info.cfg`` is that patient's.
+        info_for: patient id -> its Info.cfg or None (e.g. :func:`info_cfg_lookup`).
         no_anatomy: cases whose input is blank or constant, left out of LV volume curves
             (:func:`pair_phases`).
         cines: split 4D inputs, input case -> its frames' cases (:func:`pair_phases`).
@@ -734,8 +774,6 @@ def records_from_volumes(volumes: Mapping[str, Mapping[str, float]], labels: Map
         DataError: no LV label; a bad Info.cfg.
     """
     roles = label_roles(labels)
-    info_for = None if info_folders is None else (
-        lambda p: find_info_cfg(p, info_folders(p), info_beside(p) if info_beside else ()))
     found, notes = pair_phases(volumes, lambda c: float(volumes[c].get(roles.lv, 0.0)), pairs,
                                info_for, cines, no_anatomy)
     return [patient_record(p, volumes[p.ed], volumes[p.es], roles, input_warnings)

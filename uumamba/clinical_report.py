@@ -31,8 +31,7 @@ from uumamba.clinical import (
     INDEXED_FIELDS,
     LabelRoles,
     PhasePair,
-    acdc_patient,
-    cine_patient,
+    info_cfg_lookup,
     label_roles,
     records_from_volumes,
     write_clinical,
@@ -323,39 +322,13 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
         out.notes.append(f"no clinical indices: {exc}")
         return out
 
-    cine_of = {f: case for case, frames in (cines or {}).items() for f in frames}
-
-    def patient_of(case: str) -> str:
-        """Whose image an output case is: a cine frame's series' patient, an ACDC frame's
-        ``patientXXX``, else the case itself."""
-        if case in cine_of:
-            return cine_patient(cine_of[case])
-        return acdc_patient(case) or case
-
-    def parents(src: Path) -> list[Path]:
-        return list(dict.fromkeys((Path(src).parent, Path(src).resolve().parent)))
-
-    def folders(patient: str) -> list[Path]:
-        seen: list[Path] = []
-        for case, src in inputs.items():
-            if case.startswith(patient + "_"):
-                seen += [d for d in parents(src) if d not in seen]
-        return [*seen, Path(input_path)]
-
-    def beside(patient: str) -> list[Path]:
-        """The folders of ``patient``'s images that hold no other patient's."""
-        mine = [d for case, src in inputs.items() if patient_of(case) == patient
-                for d in parents(src)]
-        others = {d for case, src in inputs.items() if patient_of(case) != patient
-                  for d in parents(src)}
-        return [d for d in dict.fromkeys(mine) if d not in others]
-
     from uumamba.inference.plausibility import BLANK_WARNING
 
     blank = [case for case, found in (input_warnings or {}).items()
              if any(w.startswith(BLANK_WARNING) for w in found)]
-    out.records, out.notes = records_from_volumes(volumes, labels, pairs, folders, cines,
-                                                  input_warnings, beside, blank)
+    out.records, out.notes = records_from_volumes(
+        volumes, labels, pairs, info_cfg_lookup(inputs, input_path, cines), cines,
+        input_warnings, blank)
     if not out.records:
         if required:
             raise UserError("no patient has both an ED and an ES prediction: no clinical "

@@ -336,26 +336,25 @@ def _is_cine(first_file: Path) -> bool:
 
 def _check_info_cfgs(cases: list[tuple[str, list[Path]]], input_path: Path, split_4d: bool,
                      labels: dict[int, str]) -> None:
-    """Read, before any inference, the Info.cfg each ACDC case or cine will be paired by (as
-    :func:`uumamba.clinical.find_info_cfg` finds it), so that a broken one stops the run
-    before the predictions rather than after them. Nothing is checked for a label set
-    without an LV (no clinical record is made then).
+    """Read, before any inference, the Info.cfg each ACDC case or cine will be paired by (the
+    lookup the clinical records use, :func:`uumamba.clinical.info_cfg_lookup`), so that a
+    broken one stops the run before the predictions rather than after them. Nothing is
+    checked for a label set without an LV (no clinical record is made then).
 
     Raises:
         DataError: an Info.cfg breaks a rule of :func:`uumamba.clinical.read_info_cfg`.
     """
-    from uumamba.clinical import acdc_patient, cine_patient, find_info_cfg, label_roles
+    from uumamba.clinical import acdc_patient, cine_patient, info_cfg_lookup, label_roles
 
     try:
         label_roles(labels)
     except DataError:
         return
-    for case, files in cases:
-        patient = cine_patient(case) if split_4d and _is_cine(files[0]) else acdc_patient(case)
-        if patient is not None:
-            first = Path(files[0])
-            find_info_cfg(patient, list(dict.fromkeys((first.parent, first.resolve().parent,
-                                                       input_path))))
+    cines = {case: [case] for case, files in cases if split_4d and _is_cine(files[0])}
+    lookup = info_cfg_lookup({case: Path(files[0]) for case, files in cases}, input_path, cines)
+    patients = {cine_patient(case) if case in cines else acdc_patient(case) for case, _ in cases}
+    for patient in sorted(patients - {None}):
+        lookup(patient)
 
 
 def _all_ranks_here(ctx: DistContext) -> bool:
