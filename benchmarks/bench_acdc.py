@@ -17,8 +17,11 @@ Both train in the precision of the config's ``train.amp`` (bf16 autocast on a CP
 under ``auto``, :func:`uumamba.engine.components.select_precision`) and predict in that of
 ``inference.amp``, so neither gets arithmetic the other lacks.
 
-Then both predict the validation cases of the fold without postprocessing and are scored (Dice,
-HD95, NSD) — the ``raw`` result. The largest-connected-component postprocessing is then
+Then both predict the validation cases of the fold without postprocessing, interleaved volume
+by volume and alternately first, after one untimed warm-up prediction each
+(:func:`uumamba.inference.score.predict_and_score_side_by_side`), and are scored (Dice,
+HD95, NSD) — the ``raw`` result. Their seconds per volume are thus paired: the geometric mean
+of the per-volume ratio with its bootstrap interval goes into the table. The largest-connected-component postprocessing is then
 decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
 model's own validation masks in the original grid), applied and scored again — the
 ``postprocessed`` result. Note that this decision is made on the cases it is scored on
@@ -180,7 +183,7 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
     from uumamba.data.splits import load_splits
     from uumamba.engine.train import run_fold
     from uumamba.inference.predict import Predictor
-    from uumamba.inference.score import predict_and_score
+    from uumamba.inference.score import predict_and_score_side_by_side
 
     device = torch.device("cpu")
     ours_dir = args.output / "uumamba"
@@ -210,12 +213,17 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
     labels = ours.labels
     tol = cfg.inference.nsd_tolerance_mm
     pred_dir = args.output / "predictions" / f"fold_{fold}"
-    scored = {"uumamba": predict_and_score(ours, val_cases, pred_dir / "uumamba", labels, tol)}
+    predictors = {"uumamba": ours}
     if args.reference is None:
-        theirs = Predictor([dynunet], Plans.load(ours_dir / "plans.json"), cfg.inference,
-                           device="cpu", tta=cfg.inference.tta, labels=labels)
-        scored["dynunet"] = predict_and_score(theirs, val_cases, pred_dir / "dynunet", labels,
-                                              tol)
+        predictors["dynunet"] = Predictor([dynunet], Plans.load(ours_dir / "plans.json"),
+                                          cfg.inference, device="cpu", tta=cfg.inference.tta,
+                                          labels=labels)
+    # volume by volume, alternately first, after one untimed warm-up prediction each: the
+    # machine's speed drifts by up to 30 % within minutes (benchmarks/README.md), more than
+    # the difference measured, when each model predicts all volumes in turn
+    scored = predict_and_score_side_by_side(
+        predictors, val_cases, {name: pred_dir / name for name in predictors}, labels, tol,
+        warmup=True)
 
     def per_case(summary: dict) -> dict:
         return {c["case"]: {labels[int(v)]: (None if math.isnan(m["Dice"]) else m["Dice"])
@@ -233,6 +241,7 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
         "inference_precision": window_precision(cfg.inference, device),
         "iterations": iterations, "train_seconds": train_seconds,
         "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
+        "predict_interleaved": True,
         "dice": {k: {"raw": per_case(v["raw"]), "postprocessed": per_case(v["postprocessed"])}
                  for k, v in scored.items()},
         "postprocessing_labels": {k: v["postprocessing"]["largest_component_labels"]
@@ -282,6 +291,28 @@ def pooled_table(records: list[dict], classes: list[str], other: str = "dynunet"
                 "wilcoxon_p": w.p_value, "n": len(keep),
             }
     return table
+
+
+def predict_ratio(records: list[dict]) -> dict | None:
+    """UU-Mamba's predict seconds over the DynUNet's, per volume: the geometric mean of the
+    ratios over the volumes of every fold whose two models predicted interleaved in this run
+    (``predict_interleaved``), with its 95 % paired-bootstrap interval, and per fold; None
+    when no fold has both (``--reference`` runs, or only records from before interleaving,
+    whose sequential seconds drifted more than the difference)."""
+    from uumamba.evaluation.statistics import paired_bootstrap_ratio
+
+    ours, theirs, per_fold = [], [], {}
+    for r in records:
+        seconds = r.get("predict_seconds", {})
+        if r.get("predict_interleaved") and {"uumamba", "dynunet"} <= seconds.keys():
+            a, b = seconds["uumamba"], seconds["dynunet"]
+            ours, theirs = ours + a, theirs + b
+            per_fold[str(r["fold"])] = paired_bootstrap_ratio(a, b).estimate
+    if not ours:
+        return None
+    pooled = paired_bootstrap_ratio(ours, theirs)
+    return {"ratio": pooled.estimate, "low": pooled.low, "high": pooled.high, "n": pooled.n,
+            "per_fold": per_fold}
 
 
 #: The largest --reference file read (a five-fold result is about 100 kB).
@@ -485,6 +516,10 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {r['fold']} | {model} | {precision} | "
                          f"{r['iterations'][model]} | {r['train_seconds'][model]:.0f} | "
                          f"{sum(sec) / len(sec):.2f} |")
+    if (q := result.get("predict_ratio")) is not None:
+        lines += ["", f"Predict seconds per volume, UU-Mamba / DynUNet, interleaved volume by "
+                  f"volume: **{q['ratio']:.3f}** [{q['low']:.3f}, {q['high']:.3f}] (geometric "
+                  f"mean over {q['n']} volumes, paired bootstrap)."]
     machines = sorted({r["machine"] for r in result["folds"] if "machine" in r})
     lines += ["", *(f"Machine: {m}" for m in machines)]
     references = sorted({r["reference_machine"] for r in result["folds"]
@@ -584,6 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": str(args.data), "minutes": args.minutes, "threads": args.threads,
         "config": str(args.config), "overrides": args.overrides, "folds": records,
         "other": other, "table": pooled_table(records, classes, other),
+        "predict_ratio": predict_ratio(records),
     }
     if reference is not None:
         result["reference"] = str(args.reference)

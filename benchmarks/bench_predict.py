@@ -159,14 +159,11 @@ def _ratios(totals: dict[str, list[float]], postprocess: dict[str, list[float]] 
     volume) also of the wall seconds without the postprocessing (``before_postprocess``),
     whose time depends on the mask: the DynUNet's here has random weights, its mask many
     islands."""
-    import math
-
-    from uumamba.evaluation.statistics import bootstrap_mean
+    from uumamba.evaluation.statistics import paired_bootstrap_ratio
 
     def ratio(ours: list[float], theirs: list[float]) -> dict:
-        logs = bootstrap_mean([math.log(a / b) for a, b in zip(ours, theirs, strict=True)])
-        return {"ratio": math.exp(logs.estimate), "low": math.exp(logs.low),
-                "high": math.exp(logs.high), "n": len(ours)}
+        r = paired_bootstrap_ratio(ours, theirs)
+        return {"ratio": r.estimate, "low": r.low, "high": r.high, "n": r.n}
 
     out = {}
     for amp in ("auto", "off"):

@@ -178,3 +178,21 @@ def test_a_stop_signal_during_training_records_no_fold(tmp_path, monkeypatch):
         bench.run_fold_pair(None, args, 0)
     assert info.value.code == 128 + signal.SIGTERM
     assert not (tmp_path / "folds").exists()
+
+
+def test_predict_ratio_pairs_the_interleaved_folds_volume_by_volume(tmp_path):
+    """The per-volume ratio of predict seconds (geometric mean) over the folds predicted
+    interleaved; a record from before interleaving (sequential seconds) is left out."""
+    bench = _bench()
+    records = [_record(f, {"a": {"RV": 0.8}, "b": {"RV": 0.7}}, {"a": {"RV": 0.8}, "b": {"RV": 0.7}})
+               for f in (0, 1)]
+    assert bench.predict_ratio(records) is None  # neither fold interleaved
+    records[0]["predict_interleaved"] = True
+    q = bench.predict_ratio(records)
+    assert q["n"] == 2 and q["per_fold"] == {"0": pytest.approx(np.sqrt(8 / 9))}
+    assert q["ratio"] == pytest.approx(np.sqrt((1.0 / 1.5) * (2.0 / 1.5)))
+    assert q["low"] <= q["ratio"] <= q["high"]
+    result = {"folds": records, "table": bench.pooled_table(records, ["RV"]), "minutes": 20.0,
+              "threads": 2, "predict_ratio": q}
+    bench.write_markdown(result, tmp_path / "bench.md")
+    assert "UU-Mamba / DynUNet, interleaved volume by volume: **0.943**" in (tmp_path / "bench.md").read_text()

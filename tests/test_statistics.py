@@ -107,3 +107,16 @@ def test_median_bootstrap_resists_one_outlier_and_matches_resampling_by_hand():
     medians = np.median(np.asarray(values)[rng.integers(0, 6, size=(2000, 6))], axis=1)
     assert (got.low, got.high) == pytest.approx(tuple(np.quantile(medians, [0.025, 0.975])))
     assert math.isnan(bootstrap_median([math.nan]).estimate)
+
+
+def test_paired_ratio_is_the_geometric_mean_of_per_case_ratios():
+    from uumamba.evaluation.statistics import paired_bootstrap_ratio
+
+    a, b = [1.0, 4.0, 2.0, float("nan")], [2.0, 2.0, 2.0, 1.0]
+    r = paired_bootstrap_ratio(a, b)
+    assert r.n == 3 and r.estimate == pytest.approx((0.5 * 2.0 * 1.0) ** (1 / 3))
+    assert r.low < r.estimate < r.high
+    same = paired_bootstrap_ratio([3.0, 6.0], [1.5, 3.0])  # every volume twice as slow
+    assert (same.low, same.estimate, same.high) == pytest.approx((2.0, 2.0, 2.0))
+    with pytest.raises(ValueError, match="positive"):
+        paired_bootstrap_ratio([1.0, 0.0], [1.0, 1.0])

@@ -3,14 +3,15 @@ with the code ``uumamba evaluate`` uses (:func:`uumamba.evaluation.evaluate.eval
 Dice, HD95, NSD and volumes per case and class), raw and with the postprocessing one rule
 decides.
 
-Used by ``benchmarks/bench_acdc.py`` (UU-Mamba against a DynUNet on one fold) and
-``uumamba ablate`` (every cell of a grid on its folds' validation cases).
+Used by ``benchmarks/bench_acdc.py`` (UU-Mamba against a DynUNet on one fold, their
+predictions interleaved case by case) and ``uumamba ablate`` (every cell of a grid on its
+folds' validation cases).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,20 +56,81 @@ def predict_and_score(predictor: Predictor, cases: Sequence[Case], out_dir: Path
         UserError / DataError: an unreadable or unsuitable image or reference (named), from
             :meth:`Predictor.predict_file` and :func:`evaluate_pairs`.
     """
+    return predict_and_score_side_by_side({"model": predictor}, cases, {"model": out_dir},
+                                          labels, tolerance_mm)["model"]
+
+
+def predict_and_score_side_by_side(predictors: Mapping[str, Predictor], cases: Sequence[Case],
+                                   out_dirs: Mapping[str, Path], labels: dict[int, str],
+                                   tolerance_mm: float, warmup: bool = False
+                                   ) -> dict[str, dict[str, Any]]:
+    """:func:`predict_and_score` for several models, their predictions interleaved.
+
+    Case ``i`` is predicted by every model before case ``i + 1``, the order rotated by one
+    model per case (two models: alternately first), so that a drift of the machine's speed
+    over the run (seen here: up to 30 % within minutes, sequential passes) falls on all of
+    them alike and each case's seconds are a paired comparison. With ``warmup`` each model
+    first predicts the first case once, untimed and discarded (one-off costs: allocator,
+    oneDNN primitive creation, numba), so that no model's first timed case carries them.
+
+    Args:
+        predictors: name -> model; each one's own postprocessing is switched off.
+        cases: labelled cases, as :func:`predict_and_score`'s.
+        out_dirs: name -> output folder (one per model, as :func:`predict_and_score`'s
+            ``out_dir``).
+        labels: value -> name (background included), shared by all models.
+        tolerance_mm: NSD tolerance in mm.
+        warmup: predict the first case once per model before timing.
+
+    Returns:
+        name -> :func:`predict_and_score`'s result; ``predict_seconds`` in the order of
+        ``cases`` for every model.
+
+    Raises:
+        ValueError: ``out_dirs`` does not name the same models as ``predictors``.
+        UserError / DataError: as :func:`predict_and_score`.
+    """
+    if set(out_dirs) != set(predictors):
+        raise ValueError(f"out_dirs names {sorted(out_dirs)}, predictors {sorted(predictors)}")
+    names = list(predictors)
+    for predictor in predictors.values():
+        predictor.postprocessing = None
+    if warmup and cases:
+        for name in names:
+            predictors[name].predict_file(cases[0].images)
+    predicted: dict[str, list] = {name: [] for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for i, case in enumerate(cases):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            entry, wall = _predict_one(predictors[name], case, Path(out_dirs[name]), labels)
+            predicted[name].append(entry)
+            seconds[name].append(wall)
+    return {name: {**_score(predicted[name], Path(out_dirs[name]), labels, tolerance_mm),
+                   "predict_seconds": seconds[name]} for name in names}
+
+
+def _predict_one(predictor: Predictor, case: Case, out_dir: Path, labels: dict[int, str]
+                 ) -> tuple[tuple, float]:
+    """Predict one case and write its raw mask: ``((case, prediction, path of the raw
+    mask), wall seconds of both)``."""
+    from uumamba.inference.writer import write_prediction
+
+    t0 = time.perf_counter()
+    pred = predictor.predict_file(case.images)
+    path = write_prediction(pred, case.id, case.images[0], out_dir / "raw", labels)[0]
+    return (case, pred, path), time.perf_counter() - t0
+
+
+def _score(preds: list[tuple], out_dir: Path, labels: dict[int, str], tolerance_mm: float
+           ) -> dict[str, Any]:
+    """Decide the postprocessing on one model's raw predictions, apply and write it, and
+    score both: :func:`predict_and_score`'s result without ``predict_seconds``."""
     from uumamba.evaluation.evaluate import _read_labels, evaluate_pairs, write_summary
     from uumamba.evaluation.metrics import label_volumes
     from uumamba.inference.postprocess import apply_postprocessing, determine_postprocessing
     from uumamba.inference.writer import write_prediction
 
-    out_dir = Path(out_dir)
-    predictor.postprocessing = None
-    preds, seconds = [], []
-    for case in cases:
-        t0 = time.perf_counter()
-        pred = predictor.predict_file(case.images)
-        path = write_prediction(pred, case.id, case.images[0], out_dir / "raw", labels)[0]
-        seconds.append(time.perf_counter() - t0)
-        preds.append((case, pred, path))
     refs = [_read_labels(case.label)[0] for case, _, _ in preds]  # the input's voxel grid
     spec = determine_postprocessing([pred.mask for _, pred, _ in preds], refs, labels)
     pairs_raw, pairs_post = [], []
@@ -80,7 +142,7 @@ def predict_and_score(predictor: Predictor, cases: Sequence[Case], out_dir: Path
                                    labels)
         pairs_raw.append((case.id, path, case.label))
         pairs_post.append((case.id, written[0], case.label))
-    result: dict[str, Any] = {"postprocessing": spec, "predict_seconds": seconds}
+    result: dict[str, Any] = {"postprocessing": spec}
     for key, pairs in (("raw", pairs_raw), ("postprocessed", pairs_post)):
         result[key] = evaluate_pairs(pairs, labels, tolerance_mm)
         write_summary(result[key], out_dir / key)
