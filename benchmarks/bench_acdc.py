@@ -20,8 +20,9 @@ under ``auto``, :func:`uumamba.engine.components.select_precision`) and predict 
 Then both predict the validation cases of the fold without postprocessing, interleaved volume
 by volume and alternately first, after one untimed warm-up prediction each
 (:func:`uumamba.inference.score.predict_and_score_side_by_side`), and are scored (Dice,
-HD95, NSD) — the ``raw`` result. Their seconds per volume are thus paired: the geometric mean
-of the per-volume ratio with its bootstrap interval goes into the table. The largest-connected-component postprocessing is then
+HD95, NSD) — the ``raw`` result. Their seconds per volume are thus paired: the geometric
+mean of the per-volume ratio, with its bootstrap interval and per fold, is printed below the
+per-fold table (not under ``--reference``, whose DynUNet predicted in another run). The largest-connected-component postprocessing is then
 decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
 model's own validation masks in the original grid), applied and scored again — the
 ``postprocessed`` result. Note that this decision is made on the cases it is scored on
@@ -43,7 +44,9 @@ of an earlier run of this script (its ``bench_acdc.json``, or a copy such as
 must be that run's (the same ``splits.json``), or it is refused. The difference is then this
 run minus the reference, per volume; where the reference has a DynUNet, this run's UU-Mamba is
 also compared with it (``table_dynunet``). The two runs are not side by side in time: compare their
-machine lines and iterations before reading a difference as the recipe's.
+machine lines and iterations before reading a difference as the recipe's. Their predict
+seconds are not paired either: this run's UU-Mamba predicts after a warm-up, a reference
+written before interleaving (2026-12-04) predicted its first volume cold.
 
 When ``train.schedule_by_time`` is set (configs/acdc_cpu.yaml), the DynUNet's poly schedule
 is annealed over the same wall-time budget and its loop runs until the budget is spent (not
@@ -241,7 +244,8 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
         "inference_precision": window_precision(cfg.inference, device),
         "iterations": iterations, "train_seconds": train_seconds,
         "predict_seconds": {k: v["predict_seconds"] for k, v in scored.items()},
-        "predict_interleaved": True,
+        # both models' seconds paired volume by volume (not under --reference: one model)
+        **({"predict_interleaved": True} if len(predictors) > 1 else {}),
         "dice": {k: {"raw": per_case(v["raw"]), "postprocessed": per_case(v["postprocessed"])}
                  for k, v in scored.items()},
         "postprocessing_labels": {k: v["postprocessing"]["largest_component_labels"]
@@ -295,19 +299,42 @@ def pooled_table(records: list[dict], classes: list[str], other: str = "dynunet"
 
 def predict_ratio(records: list[dict]) -> dict | None:
     """UU-Mamba's predict seconds over the DynUNet's, per volume: the geometric mean of the
-    ratios over the volumes of every fold whose two models predicted interleaved in this run
-    (``predict_interleaved``), with its 95 % paired-bootstrap interval, and per fold; None
-    when no fold has both (``--reference`` runs, or only records from before interleaving,
-    whose sequential seconds drifted more than the difference)."""
+    ratios over the volumes of every fold whose two models predicted interleaved in the run
+    that wrote the fold's record (``predict_interleaved``; a resumed fold keeps its own run's
+    seconds), with its 95 % paired-bootstrap interval, and per fold. Left out: folds merged
+    with a ``--reference`` (their DynUNet predicted in another run) and records from before
+    interleaving (sequential seconds, which drifted more than the difference).
+
+    Returns:
+        ``{"ratio", "low", "high", "n" (volumes), "per_fold": {fold: ratio}}``, or None when
+        no fold qualifies.
+
+    Raises:
+        UserError: a qualifying record's seconds are not two lists of the same length of
+            finite numbers > 0 (a hand-edited or truncated ``folds/fold_K.json``), naming the
+            fold.
+    """
+    from uumamba.errors import UserError
     from uumamba.evaluation.statistics import paired_bootstrap_ratio
+
+    def positive(v: object) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and v > 0)
 
     ours, theirs, per_fold = [], [], {}
     for r in records:
-        seconds = r.get("predict_seconds", {})
-        if r.get("predict_interleaved") and {"uumamba", "dynunet"} <= seconds.keys():
-            a, b = seconds["uumamba"], seconds["dynunet"]
-            ours, theirs = ours + a, theirs + b
-            per_fold[str(r["fold"])] = paired_bootstrap_ratio(a, b).estimate
+        if r.get("predict_interleaved") is not True or "reference_machine" in r:
+            continue
+        seconds = r.get("predict_seconds")
+        a = seconds.get("uumamba") if isinstance(seconds, dict) else None
+        b = seconds.get("dynunet") if isinstance(seconds, dict) else None
+        if not (isinstance(a, list) and isinstance(b, list) and a and len(a) == len(b)
+                and all(map(positive, a + b))):
+            raise UserError(f"fold {r.get('fold')}: predict_seconds must hold two lists of the "
+                            "same length of seconds > 0, 'uumamba' and 'dynunet'; remove the "
+                            "fold's record to rerun it")
+        ours, theirs = ours + a, theirs + b
+        per_fold[str(r["fold"])] = paired_bootstrap_ratio(a, b).estimate
     if not ours:
         return None
     pooled = paired_bootstrap_ratio(ours, theirs)
@@ -517,9 +544,10 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{r['iterations'][model]} | {r['train_seconds'][model]:.0f} | "
                          f"{sum(sec) / len(sec):.2f} |")
     if (q := result.get("predict_ratio")) is not None:
+        per_fold = ", ".join(f"fold {f} {v:.3f}" for f, v in q["per_fold"].items())
         lines += ["", f"Predict seconds per volume, UU-Mamba / DynUNet, interleaved volume by "
                   f"volume: **{q['ratio']:.3f}** [{q['low']:.3f}, {q['high']:.3f}] (geometric "
-                  f"mean over {q['n']} volumes, paired bootstrap)."]
+                  f"mean over {q['n']} volumes, paired bootstrap; {per_fold})."]
     machines = sorted({r["machine"] for r in result["folds"] if "machine" in r})
     lines += ["", *(f"Machine: {m}" for m in machines)]
     references = sorted({r["reference_machine"] for r in result["folds"]

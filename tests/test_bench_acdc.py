@@ -181,18 +181,41 @@ def test_a_stop_signal_during_training_records_no_fold(tmp_path, monkeypatch):
 
 
 def test_predict_ratio_pairs_the_interleaved_folds_volume_by_volume(tmp_path):
-    """The per-volume ratio of predict seconds (geometric mean) over the folds predicted
-    interleaved; a record from before interleaving (sequential seconds) is left out."""
+    """The per-volume ratio of predict seconds (geometric mean) pooled over the folds
+    predicted interleaved, and per fold; a record from before interleaving (sequential
+    seconds) and one merged with a --reference (its DynUNet from another run) are left out;
+    a record with broken seconds is refused naming its fold."""
+    from uumamba.errors import UserError
+
     bench = _bench()
-    records = [_record(f, {"a": {"RV": 0.8}, "b": {"RV": 0.7}}, {"a": {"RV": 0.8}, "b": {"RV": 0.7}})
-               for f in (0, 1)]
-    assert bench.predict_ratio(records) is None  # neither fold interleaved
-    records[0]["predict_interleaved"] = True
+    dice = {"a": {"RV": 0.8}, "b": {"RV": 0.7}}
+    records = [_record(f, dice, dice) for f in (0, 1, 2)]
+    assert bench.predict_ratio(records) is None  # none interleaved
+    records[0]["predict_interleaved"] = records[1]["predict_interleaved"] = True
+    records[1]["predict_seconds"] = {"uumamba": [1.0, 1.0], "dynunet": [2.0, 2.0]}
     q = bench.predict_ratio(records)
-    assert q["n"] == 2 and q["per_fold"] == {"0": pytest.approx(np.sqrt(8 / 9))}
-    assert q["ratio"] == pytest.approx(np.sqrt((1.0 / 1.5) * (2.0 / 1.5)))
+    assert q["n"] == 4
+    assert q["per_fold"] == {"0": pytest.approx(np.sqrt(8 / 9)), "1": pytest.approx(0.5)}
+    assert q["ratio"] == pytest.approx(((1 / 1.5) * (2 / 1.5) * 0.5 * 0.5) ** 0.25)
     assert q["low"] <= q["ratio"] <= q["high"]
     result = {"folds": records, "table": bench.pooled_table(records, ["RV"]), "minutes": 20.0,
               "threads": 2, "predict_ratio": q}
     bench.write_markdown(result, tmp_path / "bench.md")
-    assert "UU-Mamba / DynUNet, interleaved volume by volume: **0.943**" in (tmp_path / "bench.md").read_text()
+    text = (tmp_path / "bench.md").read_text()
+    assert f"interleaved volume by volume: **{q['ratio']:.3f}**" in text
+    assert "fold 0 0.943, fold 1 0.500" in text
+
+    now = _record(0, dice, {})
+    now["predict_interleaved"] = True  # as a resumed fold might carry
+    for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
+        now[key].pop("dynunet")
+    merged = bench.with_reference([now], {"folds": [_record(0, dice, dice)]}, "earlier.json")
+    assert "dynunet" in merged[0]["predict_seconds"]
+    assert bench.predict_ratio(merged) is None
+
+    for broken in ({"uumamba": [1.0], "dynunet": [1.0, 2.0]},
+                   {"uumamba": [1.0, 0.0], "dynunet": [1.0, 2.0]}, {"uumamba": [1.0, 2.0]},
+                   [1.0, 2.0]):
+        records[1]["predict_seconds"] = broken
+        with pytest.raises(UserError, match="^fold 1: predict_seconds"):
+            bench.predict_ratio(records)

@@ -118,5 +118,6 @@ def test_paired_ratio_is_the_geometric_mean_of_per_case_ratios():
     assert r.low < r.estimate < r.high
     same = paired_bootstrap_ratio([3.0, 6.0], [1.5, 3.0])  # every volume twice as slow
     assert (same.low, same.estimate, same.high) == pytest.approx((2.0, 2.0, 2.0))
-    with pytest.raises(ValueError, match="positive"):
-        paired_bootstrap_ratio([1.0, 0.0], [1.0, 1.0])
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="finite values > 0"):
+            paired_bootstrap_ratio([1.0, bad], [1.0, 1.0])

@@ -198,14 +198,18 @@ def paired_bootstrap_ratio(a: ArrayLike, b: ArrayLike, n_resamples: int = N_RESA
         n_resamples, confidence, seed: as :func:`bootstrap_mean`.
 
     Returns:
-        :class:`Interval` of the ratio (below 1: ``a`` is smaller); ``n`` pairs.
+        :class:`Interval` of the ratio (below 1: ``a`` is smaller); ``n`` pairs; NaN with
+        ``n = 0`` when no pair is left.
 
     Raises:
-        ValueError: as :func:`paired_bootstrap_difference`; a value that is not > 0.
+        ValueError: as :func:`paired_bootstrap_difference`; a value that is not NaN and not
+            finite and > 0.
     """
     a, b = _vector(a, "a"), _vector(b, "b")
-    if np.any(a <= 0) or np.any(b <= 0):  # NaN compares False: dropped later, not refused
-        raise ValueError("paired ratios need positive values on both sides")
+    both = np.concatenate([a, b])
+    both = both[~np.isnan(both)]  # NaN: dropped pair by pair below, not refused
+    if np.any(~np.isfinite(both)) or np.any(both <= 0):
+        raise ValueError("paired ratios need finite values > 0 on both sides")
     d = paired_bootstrap_difference(np.log(a), np.log(b), n_resamples, confidence, seed)
     return Interval(math.exp(d.estimate), math.exp(d.low), math.exp(d.high), d.n,
                     d.confidence)

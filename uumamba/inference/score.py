@@ -10,6 +10,7 @@ folds' validation cases).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -69,15 +70,22 @@ def predict_and_score_side_by_side(predictors: Mapping[str, Predictor], cases: S
     Case ``i`` is predicted by every model before case ``i + 1``, the order rotated by one
     model per case (two models: alternately first), so that a drift of the machine's speed
     over the run (seen here: up to 30 % within minutes, sequential passes) falls on all of
-    them alike and each case's seconds are a paired comparison. With ``warmup`` each model
-    first predicts the first case once, untimed and discarded (one-off costs: allocator,
-    oneDNN primitive creation, numba), so that no model's first timed case carries them.
+    them alike and each case's seconds are a paired comparison. With an odd number of cases
+    the first model goes first once more than the second (ACDC folds: two phases per
+    patient, even). With ``warmup`` each model first predicts the first case once and writes
+    its mask to a temporary folder, untimed and discarded (one-off costs: allocator, oneDNN
+    primitive creation, numba, the writer's imports), so that no model's first timed case
+    carries them.
+
+    A case's seconds are those of :meth:`Predictor.predict_file` (reading, preprocessing,
+    sliding window, inversion) and of writing its raw mask; the scoring is not timed.
 
     Args:
-        predictors: name -> model; each one's own postprocessing is switched off.
+        predictors: name -> model; each one's own postprocessing is switched off (set to
+            None, and left so).
         cases: labelled cases, as :func:`predict_and_score`'s.
-        out_dirs: name -> output folder (one per model, as :func:`predict_and_score`'s
-            ``out_dir``).
+        out_dirs: name -> output folder, a different one per model (as
+            :func:`predict_and_score`'s ``out_dir``).
         labels: value -> name (background included), shared by all models.
         tolerance_mm: NSD tolerance in mm.
         warmup: predict the first case once per model before timing.
@@ -87,17 +95,21 @@ def predict_and_score_side_by_side(predictors: Mapping[str, Predictor], cases: S
         ``cases`` for every model.
 
     Raises:
-        ValueError: ``out_dirs`` does not name the same models as ``predictors``.
+        ValueError: ``out_dirs`` does not name the same models as ``predictors``, or two
+            models share a folder (one's raw masks would be scored as the other's).
         UserError / DataError: as :func:`predict_and_score`.
     """
     if set(out_dirs) != set(predictors):
         raise ValueError(f"out_dirs names {sorted(out_dirs)}, predictors {sorted(predictors)}")
+    if len({Path(p).resolve() for p in out_dirs.values()}) != len(out_dirs):
+        raise ValueError("out_dirs: every model needs its own folder")
     names = list(predictors)
     for predictor in predictors.values():
         predictor.postprocessing = None
     if warmup and cases:
-        for name in names:
-            predictors[name].predict_file(cases[0].images)
+        with tempfile.TemporaryDirectory(prefix="uumamba-warmup-") as scratch:
+            for name in names:
+                _predict_one(predictors[name], cases[0], Path(scratch) / name, labels)
     predicted: dict[str, list] = {name: [] for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for i, case in enumerate(cases):
