@@ -22,8 +22,11 @@ by volume and alternately first, after one untimed warm-up prediction each
 (:func:`uumamba.inference.score.predict_and_score_side_by_side`), and are scored (Dice,
 HD95, NSD) — the ``raw`` result. Their seconds per volume are thus paired: the geometric
 mean of the per-volume ratio, with its bootstrap interval and per fold, is printed below the
-per-fold table (not under ``--reference``, whose DynUNet predicted in another run). The largest-connected-component postprocessing is then
-decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
+per-fold table (not under ``--reference``, whose DynUNet predicted in another run). Both
+predict from their last weights (UU-Mamba's ``checkpoint_latest.pt``, not the
+``checkpoint_best.pt`` its training chose by the Dice of these same validation cases; records
+before 2026-12-04 23:45 UTC used that one, and are refused on resume). The
+largest-connected-component postprocessing is then decided for each model by the same rule (nnU-Net's, :func:`determine_postprocessing`, on that
 model's own validation masks in the original grid), applied and scored again — the
 ``postprocessed`` result. Note that this decision is made on the cases it is scored on
 (as nnU-Net decides it on its cross-validation predictions); the raw scores carry no such
@@ -177,6 +180,31 @@ def train_dynunet(cfg, data_dir: Path, model_dir: Path, minutes: float, device: 
     return model.net.eval(), it
 
 
+def final_weights_predictor(model_dir: Path, fold: int, cfg):
+    """UU-Mamba's Predictor of one fold from its last weights (``checkpoint_latest.pt``), as
+    the DynUNet predicts from its last weights: ``Predictor.from_model_dir`` would take
+    ``checkpoint_best.pt``, chosen by the validation Dice of the very cases scored here, a
+    selection the DynUNet does not get (fold 1, 2026-12-04: 0.859 against 0.851 raw).
+
+    Raises:
+        UserError: the fold has no ``checkpoint_latest.pt``, or its weights do not fit.
+    """
+    from uumamba.data.plan import Plans
+    from uumamba.errors import UserError
+    from uumamba.inference.predict import Predictor
+    from uumamba.model_folder import ModelFolder, load_checkpoint
+    from uumamba.nn import build_network
+
+    path = model_dir / f"fold_{fold}" / "checkpoint_latest.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the fold's training did not finish")
+    plans = Plans.load(model_dir / "plans.json")
+    net = build_network(cfg.model, plans)
+    net.load_state_dict(load_checkpoint(path, map_location="cpu")["model"])
+    return Predictor([net], plans, cfg.inference, device="cpu", tta=cfg.inference.tta,
+                     labels=ModelFolder(model_dir).labels(plans))
+
+
 def run_fold_pair(cfg, args, fold: int) -> dict:
     """Train both models (only UU-Mamba with ``--reference``) on one fold, predict and score
     its validation volumes; the fold's record (per-case Dice per class raw / postprocessed,
@@ -212,7 +240,7 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
     index = layouts.discover(args.data, layout=cfg.dataset.layout)
     val_ids = load_splits(ours_dir / "splits.json")[fold]["val"]
     val_cases = [c for c in index.cases if c.id in set(val_ids)]
-    ours = Predictor.from_model_dir(ours_dir, folds=str(fold), device="cpu")
+    ours = final_weights_predictor(ours_dir, fold, cfg)
     labels = ours.labels
     tol = cfg.inference.nsd_tolerance_mm
     pred_dir = args.output / "predictions" / f"fold_{fold}"
@@ -240,6 +268,8 @@ def run_fold_pair(cfg, args, fold: int) -> dict:
 
     return {
         "fold": fold, "val_cases": sorted(val_ids), "machine": describe_machine(),
+        "weights": "last", "minutes": args.minutes, "config": str(args.config),
+        "overrides": list(args.overrides or []),
         "train_precision": precision_name(select_precision(cfg.train.amp, device)[0]),
         "inference_precision": window_precision(cfg.inference, device),
         "iterations": iterations, "train_seconds": train_seconds,
@@ -621,6 +651,16 @@ def main(argv: list[str] | None = None) -> dict:
                 raise UserError(f"{path}: fold {fold} was run "
                                 f"{'with' if args.reference is None else 'without'} --reference"
                                 "; folds of one table share the mode: use another --output")
+            if record.get("weights") != "last":
+                raise UserError(f"{path}: fold {fold} predicted UU-Mamba from checkpoint_best.pt "
+                                "(chosen on these validation cases); this run predicts both "
+                                "models from their last weights: use another --output")
+            for key, now in (("minutes", args.minutes), ("config", str(args.config)),
+                             ("overrides", list(args.overrides or []))):
+                if record.get(key) != now:
+                    raise UserError(f"{path}: fold {fold} has {key} {shown(record.get(key))}, "
+                                    f"this run {shown(now)}: folds of one table share them; "
+                                    "use another --output")
             # records older than the fields trained and predicted in float32 (no CPU autocast)
             for key, now in (("train_precision", precision),
                              ("inference_precision", inference_precision)):

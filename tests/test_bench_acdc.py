@@ -219,3 +219,25 @@ def test_predict_ratio_pairs_the_interleaved_folds_volume_by_volume(tmp_path):
         records[1]["predict_seconds"] = broken
         with pytest.raises(UserError, match="^fold 1: predict_seconds"):
             bench.predict_ratio(records)
+
+
+def test_resume_refuses_a_fold_of_another_budget_or_best_checkpoint(tmp_path):
+    """A recorded fold is reused only when it was predicted from the last weights (not the
+    checkpoint chosen on its own validation cases) with this run's minutes, config and
+    overrides."""
+    import json
+
+    from uumamba.errors import UserError
+
+    bench = _bench()
+    record = _record(4, {"a": {"RV": 0.8}}, {"a": {"RV": 0.7}})
+    (tmp_path / "folds").mkdir()
+    config = str(REPO / "configs" / "acdc_cpu.yaml")
+    argv = ["--folds", "4", "--output", str(tmp_path), "--minutes", "0.3", "--config", config]
+    (tmp_path / "folds" / "fold_4.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="checkpoint_best"):
+        bench.main(argv)
+    record.update(weights="last", minutes=0.5, config=config, overrides=[])
+    (tmp_path / "folds" / "fold_4.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="fold 4 has minutes '0.5', this run '0.3'"):
+        bench.main(argv)
