@@ -233,7 +233,10 @@ def test_resume_refuses_a_fold_of_another_budget_or_best_checkpoint(tmp_path):
     record = _record(4, {"a": {"RV": 0.8}}, {"a": {"RV": 0.7}})
     (tmp_path / "folds").mkdir()
     config = str(REPO / "configs" / "acdc_cpu.yaml")
-    argv = ["--folds", "4", "--output", str(tmp_path), "--minutes", "0.3", "--config", config]
+    data = tmp_path / "ACDC" / "patient001"  # the run never reads it: the fold is recorded
+    data.mkdir(parents=True)
+    argv = ["--folds", "4", "--output", str(tmp_path), "--minutes", "0.3", "--config", config,
+            "--data", str(data.parent)]
     (tmp_path / "folds" / "fold_4.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match="checkpoint_best"):
         bench.main(argv)
