@@ -159,7 +159,8 @@ def _fake_scores(request, per_case) -> None:
         task.fold_dir.mkdir(parents=True)
         task.scores_path.write_text(json.dumps({
             "cell": task.cell.label, "seed": task.seed, "fold": task.fold,
-            "config_hash": request.run_digest(task.cell, task.seed), "classes": ["RV", "LV"],
+            "config_hash": request.run_digest(task.cell, task.seed), "weights": "last",
+            "classes": ["RV", "LV"],
             "val_cases": val, "per_case": rows, "iterations": 10 + task.fold, "seconds": 5.0,
             "planned_iterations": 20, "stopped_by": "time_limit",
             "foreground_mean_dice": 0.5}))
@@ -498,7 +499,7 @@ def test_a_child_refuses_a_run_that_another_child_trains(tmp_path):
 
 
 def _valid_scores(cell="optim.name=sgd", seed=1, fold=0, digest="0" * 64):
-    return {"cell": cell, "seed": seed, "fold": fold, "config_hash": digest,
+    return {"cell": cell, "seed": seed, "fold": fold, "config_hash": digest, "weights": "last",
             "iterations": 10, "planned_iterations": 20, "seconds": 3.5,
             "stopped_by": "time_limit", "classes": ["RV", "LV"], "val_cases": ["b", "a"],
             "foreground_mean_dice": 0.5, "postprocessed_foreground_mean_dice": None,
@@ -525,6 +526,9 @@ def _row(key, value):
     (_set("config_hash", "1" * 64), "config_hash: the run was scored with other settings; "
                                     "delete the cell folder to retrain"),
     (lambda s: s.pop("config_hash"), "config_hash: Field required"),
+    (lambda s: s.pop("weights"), "weights: not recorded, not 'last': not scored from the "
+                                 "run's final weights (checkpoint_latest.pt)"),
+    (_set("weights", "best"), "weights: 'best', not 'last'"),
     (_set("iterations", "abc"), "iterations: Input should be a valid integer"),
     (_set("iterations", None), "iterations: Input should be a valid integer"),
     (_set("iterations", 10**400), "iterations: Input should be less than"),

@@ -45,6 +45,61 @@ def test_folder_of_the_previous_layout_reads_through_the_owner():
     assert set(CHECKPOINT_KEYS) <= set(state) and state["finished"] is True
 
 
+def test_checkpoint_latest_is_the_final_weights_and_never_falls_back(tmp_path):
+    """``checkpoint="latest"`` loads ``checkpoint_latest.pt`` even where a best one exists
+    (what a cross-validation scores), refuses a fold without one by name, and an unknown
+    choice is a UserError; the default still prefers ``checkpoint_best.pt``."""
+    import torch
+
+    from uumamba.inference import Predictor
+
+    root = tmp_path / "model"
+    shutil.copytree(FIXTURE, root)
+    folder = ModelFolder(root)
+    (root / "fold_0" / "checkpoint_latest.pt").unlink()  # training stopped before its end
+    with pytest.raises(UserError, match="fold_0 has no checkpoint_latest.pt"):
+        Predictor.from_model_dir(root, folds="0", device="cpu", checkpoint="latest")
+    with pytest.raises(UserError, match="checkpoint: 'final' is not one of best, latest"):
+        folder.fold_checkpoints(checkpoint="final")
+    state = load_checkpoint(root / "fold_0" / "checkpoint_best.pt")
+    state["model"] = {k: v + 1.0 if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    torch.save(state, root / "fold_0" / "checkpoint_latest.pt")
+    assert folder.fold_checkpoints() == {"fold_0": root / "fold_0" / "checkpoint_best.pt"}
+    latest = {"fold_0": root / "fold_0" / "checkpoint_latest.pt"}
+    assert folder.fold_checkpoints(checkpoint="latest") == latest
+    assert [d.file for d in folder.digests(checkpoint="latest")] == ["fold_0/checkpoint_latest.pt"]
+    best_net = Predictor.from_model_dir(root, device="cpu").networks[0]
+    (latest_net,) = Predictor.from_model_dir(root, device="cpu", checkpoint="latest").networks
+    for name, value in latest_net.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, state["model"][name].to(value.dtype))
+            assert not torch.equal(value, best_net.state_dict()[name])
+
+
+def test_cli_predict_checkpoint_latest_is_recorded_and_a_bad_choice_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from uumamba.cli import app
+    from uumamba.data.synthetic import make_synthetic_case
+
+    image, _ = make_synthetic_case(3, shape=(44, 42, 3))
+    path = tmp_path / "case_0000.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
+    args = ["predict", "--model", str(FIXTURE), "--input", str(path), "--device", "cpu"]
+    done = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "out"),
+                                    "--checkpoint", "latest"])
+    assert done.exit_code == 0, done.output
+    info = json.loads((tmp_path / "out" / "case_volumes.json").read_text())
+    assert info["checkpoint"] == "latest" and info["folds"] == ["fold_0"]
+    bad = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "bad"),
+                                   "--checkpoint", "final"])
+    # the console entry point prints a UserError as one line, exit status 1 (test_cli_fast_errors)
+    assert isinstance(bad.exception, UserError)
+    assert str(bad.exception) == "checkpoint: 'final' is not one of best, latest"
+    assert not (tmp_path / "bad" / "case.nii.gz").exists()
+
+
 def test_old_folder_predicts_in_the_input_grid(tmp_path):
     from uumamba.data.synthetic import make_synthetic_case
     from uumamba.inference import Predictor

@@ -141,7 +141,9 @@ def _run_locked(config: Path | None, overrides: list[str], data: Path, model_dir
     val_ids = load_splits(folder.path(SPLITS), index.cases)[fold]["val"]
     by_id = {c.id: c for c in index.cases}
     cases = [by_id[i] for i in val_ids]
-    predictor = Predictor.from_model_dir(model_dir, folds=str(fold), device=device)
+    # the final weights: checkpoint_best.pt was chosen by the Dice of these very cases
+    predictor = Predictor.from_model_dir(model_dir, folds=str(fold), device=device,
+                                         checkpoint="latest")
     scored = predict_and_score(predictor, cases, result.fold_dir / PREDICTIONS,
                                predictor.labels, cfg.inference.nsd_tolerance_mm)
     raw, post = scored["raw"], scored["postprocessed"]
@@ -157,6 +159,7 @@ def _run_locked(config: Path | None, overrides: list[str], data: Path, model_dir
         "best_validation_dice": saved.get("best_metric"),
         "val_cases": list(val_ids),
         "classes": [name for value, name in sorted(predictor.labels.items()) if value != 0],
+        "weights": "last",  # checkpoint_latest.pt (read_scores refuses any other)
         "scored": "raw: the network's masks without postprocessing",
         "foreground_mean_dice": raw["foreground_mean"]["Dice"],
         "postprocessed_foreground_mean_dice": post["foreground_mean"]["Dice"],

@@ -21,7 +21,9 @@ validation cases of ``OUTPUT/splits.json``), so a report never mixes runs of oth
 or of another split; anything else is a DataError naming the file and the field.
 
 Bootstrap resampling is seeded (:data:`BOOTSTRAP_SEED`), so the same scores give the same
-report. Scores are of the networks' masks without postprocessing (the largest-component
+report. Scores are of each run's final weights (``checkpoint_latest.pt``; the best
+checkpoint was chosen on the same validation cases) and of the networks' masks without
+postprocessing (the largest-component
 rule is decided on these very validation cases, which would favour every cell by its own
 choice); the postprocessed foreground mean of each run is in ``ablation.json``. With fewer
 than :data:`FEW_CASES` cases the report says that its intervals and p-values are not
@@ -246,6 +248,8 @@ def summarise(request: AblationRequest) -> tuple[dict[str, Any], list[CellScores
                       "two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero "
                       "differences dropped); no multiple-comparison correction",
             "scored": "the networks' masks without postprocessing",
+            "weights": "each run's final weights (checkpoint_latest.pt), not checkpoint_best.pt "
+                       "(chosen by the Dice of the very cases scored)",
             "postprocessed_foreground_mean_dice": POSTPROCESSED,
         },
     }, scores
@@ -348,8 +352,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 "plan is made from and are planned on their own)")
     lines += ["", "## Method", "",
               f"- Every run trains one fold with the same budget ({budget}), the same split "
-              f"and {plan}, then predicts its fold's validation cases; Dice and HD95 come from "
-              "the code of `uumamba evaluate`, on the masks without postprocessing.",
+              f"and {plan}, then predicts its fold's validation cases from its final weights "
+              "(`checkpoint_latest.pt`: `checkpoint_best.pt` was chosen by the Dice of those "
+              "same cases); Dice and HD95 come from the code of `uumamba evaluate`, on the "
+              "masks without postprocessing.",
               f"- 95 % intervals: Efron's percentile bootstrap over cases ({N_RESAMPLES} "
               f"resamples, seed {BOOTSTRAP_SEED}). {seed_note}",
               "- Paired comparison: paired bootstrap of the per-case differences and the "

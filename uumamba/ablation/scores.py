@@ -8,6 +8,9 @@ the file only for the very run that asks (same cell, seed, fold and digest: a fi
 from another cell, or scored before the grid, budget or base configuration changed, is
 refused rather than mixed into the report) and only when every value is in range:
 
+- ``weights``: ``last``, the run's final weights (``checkpoint_latest.pt``); a file scored
+  from ``checkpoint_best.pt`` (the child before 2026-12-06), chosen by the Dice of the very
+  cases it scores, is refused, to be scored again;
 - ``iterations`` / ``planned_iterations``: integers in ``0 .. 10**12 - 1``; ``seconds``: a
   finite number >= 0; ``stopped_by``: ``time_limit`` or ``completed``;
 - ``classes``: the foreground class names, none twice; ``val_cases``: the fold's validation
@@ -34,7 +37,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from uumamba.errors import DataError
+from uumamba.errors import DataError, shown
 
 #: Name of the file that marks a run as done (in the fold folder).
 SCORES = "scores.json"
@@ -132,6 +135,7 @@ class RunScores(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
     fold: Annotated[int, Field(ge=0)]
     config_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    weights: Literal["last"]
     iterations: _Count
     planned_iterations: _Count
     seconds: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -173,6 +177,12 @@ def read_scores(path: str | Path, *, cell: str, seed: int, fold: int, config_has
     data = read_json(path, allow_nan=True)  # a NaN is refused by the schema, naming the field
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a run's scores (expected a JSON object); {rescore}")
+    if data.get("weights") != "last":  # before the schema: say why, not just "Field required"
+        got = shown(data["weights"]) if "weights" in data else "not recorded"
+        raise DataError(f"{path}: weights: {got}, not 'last': not scored from the run's final "
+                        "weights (checkpoint_latest.pt) but, as before 2026-12-06, from "
+                        "checkpoint_best.pt, chosen by the Dice of the same validation cases; "
+                        f"{rescore}")
     try:
         scores = RunScores.model_validate(data)
     except ValidationError as err:

@@ -130,6 +130,7 @@ def predict(
     input: Annotated[Path, typer.Option(help="image file, folder of images, or DICOM (folder of series / .zip)")],
     output: Annotated[Path, typer.Option(help="output folder")],
     folds: Annotated[str | None, typer.Option(help="comma-separated folds, default: all present")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best (checkpoint_best.pt, else the latest) | latest (each fold's final weights, checkpoint_latest.pt: what to score a fold's own validation cases with)")] = "best",
     tta: Annotated[bool, typer.Option(help="mirroring test-time augmentation")] = False,
     format: Annotated[str | None, typer.Option(help="nii.gz | nrrd | mha | seg.nrrd | dcm (DICOM SEG; DICOM input) (default: input's)")] = None,
     probabilities: Annotated[bool, typer.Option(help="also write softmax probabilities")] = False,
@@ -152,7 +153,7 @@ def predict(
         model_dir=model, input_path=input, output_dir=output, folds=folds, tta=tta,
         out_format=format, probabilities=probabilities, uncertainty=uncertainty,
         split_4d=split_4d, device=device, pairs=pairs, report=report, frame=frame,
-        resume=resume, amp=amp, overrides=set_ or [],
+        resume=resume, amp=amp, overrides=set_ or [], checkpoint=checkpoint,
     )
 
 

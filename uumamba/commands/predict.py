@@ -45,7 +45,8 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
                      uncertainty: bool = False, split_4d: bool = False, device: str = "auto",
                      pairs: Path | None = None, report: bool = False,
                      frame: int | None = None, resume: bool = False,
-                     amp: str | None = None, overrides: list[str] | None = None) -> list[Path]:
+                     amp: str | None = None, overrides: list[str] | None = None,
+                     checkpoint: str = "best") -> list[Path]:
     """Segment a file, a folder of images, or DICOM (a folder of series or a ``.zip``).
 
     DICOM input (:func:`uumamba.inference.inputs.is_dicom_input`): each series becomes one
@@ -56,6 +57,8 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
     dcm`` writes DICOM SEG. ``amp`` (``auto`` | ``off``) overrides the model's
     ``inference.amp``; ``overrides`` (``inference.KEY=VALUE``, ``--set``) any of its inference
     settings (:func:`uumamba.config.inference_overrides`, checked here before the model loads).
+    ``checkpoint``: ``best`` (``checkpoint_best.pt``, else the latest) or ``latest`` (each
+    fold's final weights; :data:`uumamba.model_folder.CHECKPOINT_CHOICES`).
     Otherwise as :func:`_predict_from_cli`.
     """
     from uumamba.config import InferenceConfig, inference_overrides
@@ -74,12 +77,13 @@ def predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds:
         if frame is not None:
             raise UserError("--frame selects a temporal position of a 4D DICOM series; for "
                             "4D NIfTI use --split-4d")
-        return _predict_from_cli(*args, resume=resume, amp=amp, overrides=overrides)
+        return _predict_from_cli(*args, resume=resume, amp=amp, overrides=overrides,
+                                 checkpoint=checkpoint)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="uumamba-dicom-") as work:
         return _predict_from_cli(*args, dicom_work=Path(work), frame=frame, resume=resume,
-                                 amp=amp, overrides=overrides)
+                                 amp=amp, overrides=overrides, checkpoint=checkpoint)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class _Request:
     resume: bool
     amp: str | None
     overrides: tuple[str, ...] = ()
+    checkpoint: str = "best"
 
 
 def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds: str | None = None,
@@ -111,7 +116,8 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
                       pairs: Path | None = None, report: bool = False,
                       dicom_work: Path | None = None, frame: int | None = None,
                       resume: bool = False, amp: str | None = None,
-                      overrides: list[str] | None = None) -> list[Path]:
+                      overrides: list[str] | None = None,
+                      checkpoint: str = "best") -> list[Path]:
     """Segment a file or every image in a folder (:mod:`uumamba.inference.batch`).
 
     ``tta=False`` means "as the model's config says" (``inference.tta``); ``True`` forces
@@ -167,7 +173,7 @@ def _predict_from_cli(model_dir: Path, input_path: Path, output_dir: Path, folds
         check_local_inputs(input_path)
     request = _Request(model_dir, input_path, output_dir, folds, tta, out_format, probabilities,
                        uncertainty, split_4d, pairs, pair_rows, report, dicom_work, frame, resume,
-                       amp, tuple(overrides or ()))
+                       amp, tuple(overrides or ()), checkpoint)
     from uumamba.engine import distributed as ddp
 
     # Under torchrun: one process group (gloo on CPU, nccl on CUDA), each rank on its device
@@ -205,7 +211,8 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
 
     with ddp.main_rank_logs(ctx, "uumamba"):  # notes about the whole run: rank 0's only
         predictor = Predictor.from_model_dir(r.model_dir, folds=r.folds, device=device,
-                                             tta=True if r.tta else None)
+                                             tta=True if r.tta else None,
+                                             checkpoint=r.checkpoint)
         if r.overrides:
             from uumamba.config import inference_overrides
 
@@ -230,11 +237,12 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
             _check_info_cfgs(cases, r.input_path, r.split_4d, predictor.labels)
     options = {"split_4d": r.split_4d, "probabilities": r.probabilities,
                "entropy": r.uncertainty, "out_format": r.out_format,
-               "extra": {"model": str(r.model_dir)}}  # folds, tta, device, precision: predict_case
+               "extra": {"model": str(r.model_dir), "checkpoint": r.checkpoint}}
+    # folds, tta, device, precision: predict_case
     if r.out_format == "dcm":  # the SEG's algorithm identification
         from uumamba.model_folder import ModelFolder
 
-        digests = ModelFolder(r.model_dir).digests(predictor.fold_names)
+        digests = ModelFolder(r.model_dir).digests(predictor.fold_names, r.checkpoint)
         options["extra"].update(model_version=ModelFolder.version(digests),
                                 weights_sha256={d.fold: d.sha256 for d in digests})
     # one line per message in logs; file and case names are data, never markup

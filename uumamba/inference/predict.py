@@ -230,6 +230,7 @@ class Predictor:
         folds: str | int | Sequence[str | int] | None = None,
         device: str | torch.device = "auto",
         tta: bool | None = None,
+        checkpoint: str = "best",
     ) -> Predictor:
         """Load ``config.yaml``, ``plans.json``, ``dataset.json`` and the folds' checkpoints.
 
@@ -239,20 +240,23 @@ class Predictor:
                 <uumamba.model_folder.ModelFolder.fold_checkpoints>`); None: all present.
             device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
             tta: mirroring TTA; None uses the model's ``inference.tta``.
+            checkpoint: ``best`` (``checkpoint_best.pt``, else the latest) or ``latest``
+                (the final weights, ``checkpoint_latest.pt``: what a cross-validation scores,
+                as ``checkpoint_best.pt`` was chosen on the validation cases).
 
         Raises:
-            UserError: the folder, ``config.yaml`` or ``plans.json`` is missing, a requested
-                fold has no checkpoint, or a checkpoint does not fit the network the config
-                describes.
+            UserError: the folder, ``config.yaml`` or ``plans.json`` is missing, an unknown
+                ``checkpoint``, a requested fold has no such checkpoint, or a checkpoint does
+                not fit the network the config describes.
             DataError / ConfigError: an unreadable checkpoint, config or plan.
         """
         from uumamba.nn import build_network
 
-        folder = ModelFolder(model_dir).require(folds)
+        folder = ModelFolder(model_dir).require(folds, checkpoint)
         cfg = folder.load_config()
         plans = folder.load_plans()
         labels = folder.labels(plans)
-        checkpoints = folder.fold_checkpoints(folds)
+        checkpoints = folder.fold_checkpoints(folds, checkpoint)
         dev = resolve_device(device)
         networks = []
         for path in checkpoints.values():

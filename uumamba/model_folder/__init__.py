@@ -13,6 +13,7 @@ from uumamba.model_folder.checkpoints import (
     save_checkpoint,
 )
 from uumamba.model_folder.folder import (
+    CHECKPOINT_CHOICES,
     CHECKPOINT_NAMES,
     POSTPROCESSING,
     ModelFolder,
@@ -23,6 +24,6 @@ from uumamba.model_folder.folder import (
     sha256_file,
 )
 
-__all__ = ["BEST", "CHECKPOINT_KEYS", "CHECKPOINT_NAMES", "LATEST", "POSTPROCESSING",
+__all__ = ["BEST", "CHECKPOINT_CHOICES", "CHECKPOINT_KEYS", "CHECKPOINT_NAMES", "LATEST", "POSTPROCESSING",
            "ModelFolder", "WeightsDigest", "load_checkpoint", "load_postprocessing", "parse_folds",
            "save_checkpoint", "save_postprocessing", "sha256_file"]

@@ -45,6 +45,11 @@ DATASET_JSON = "dataset.json"
 POSTPROCESSING = "postprocessing.json"
 #: Checkpoint used per fold, in order of preference.
 CHECKPOINT_NAMES: tuple[str, ...] = (BEST, LATEST)
+#: ``checkpoint`` argument -> the files tried per fold, in order: ``best`` is the default
+#: (``checkpoint_best.pt``, else the latest, as nnU-Net's ``checkpoint_best``), ``latest``
+#: the final weights only (nnU-Net's ``-chk checkpoint_final.pth``): what a cross-validation
+#: must score, since ``checkpoint_best.pt`` was chosen by the Dice of those same cases.
+CHECKPOINT_CHOICES: dict[str, tuple[str, ...]] = {"best": CHECKPOINT_NAMES, "latest": (LATEST,)}
 #: Config sections every fold of one model must share (the predictor ensembles the folds).
 SHARED_SECTIONS: tuple[str, ...] = ("dataset", "plan", "model")
 
@@ -117,7 +122,8 @@ class ModelFolder:
 
     # ------------------------------------------------------------------ reading
 
-    def require(self, folds: str | int | Sequence[str | int] | None = None) -> ModelFolder:
+    def require(self, folds: str | int | Sequence[str | int] | None = None,
+                checkpoint: str = "best") -> ModelFolder:
         """Check that this is a trained model folder; return it with a resolved root.
 
         Raises:
@@ -132,7 +138,7 @@ class ModelFolder:
             if not self.path(name).is_file():
                 raise UserError(f"{self.root} is not a trained model folder: {name} is missing")
         read_json_object(self.path(PLANS), PLANS)
-        self.fold_checkpoints(folds)
+        self.fold_checkpoints(folds, checkpoint)
         return ModelFolder(self.root.resolve())
 
     def load_config(self) -> Config:
@@ -156,41 +162,51 @@ class ModelFolder:
         """Value -> name: ``dataset.json``'s names win over the plan's."""
         return self.dataset_labels() or dict((plans or self.load_plans()).labels)
 
-    def fold_checkpoints(self, folds: str | int | Sequence[str | int] | None = None
-                         ) -> dict[str, Path]:
-        """Fold folder name -> checkpoint (``checkpoint_best.pt``, else ``checkpoint_latest.pt``).
+    def fold_checkpoints(self, folds: str | int | Sequence[str | int] | None = None,
+                         checkpoint: str = "best") -> dict[str, Path]:
+        """Fold folder name -> the checkpoint its weights are loaded from.
 
         Args:
             folds: fold indices / names (``0``, ``"fold_0"``, ``"all"``, ``"0,1"``); None:
                 every ``fold_*`` folder with a checkpoint.
+            checkpoint: ``best`` (``checkpoint_best.pt``, else ``checkpoint_latest.pt``) or
+                ``latest`` (``checkpoint_latest.pt`` only: the final weights; see
+                :data:`CHECKPOINT_CHOICES`).
 
         Raises:
-            UserError: no fold has a checkpoint, or a requested fold has none.
+            UserError: an unknown ``checkpoint``; no fold has such a checkpoint, or a
+                requested fold has none.
         """
+        names = CHECKPOINT_CHOICES.get(checkpoint)
+        if names is None:
+            raise UserError(f"checkpoint: {checkpoint!r} is not one of "
+                            f"{', '.join(CHECKPOINT_CHOICES)}")
         found: dict[str, Path] = {}
         for fold_dir in sorted(p for p in self.root.glob("fold_*") if p.is_dir()):
-            for name in CHECKPOINT_NAMES:
+            for name in names:
                 if (fold_dir / name).is_file():
                     found[fold_dir.name] = fold_dir / name
                     break
         wanted = parse_folds(folds)
+        files = " or ".join(names)
         if wanted is None:
             if not found:
-                raise UserError(f"{self.root}: no fold_*/checkpoint_best.pt or "
-                                "checkpoint_latest.pt; is this a model folder written by "
-                                "'uumamba train'?")
+                raise UserError(f"{self.root}: no fold_*/{files}; is this a model folder "
+                                "written by 'uumamba train'?")
             return found
         missing = [f for f in wanted if f not in found]
         if missing:
-            raise UserError(f"{self.root}: {', '.join(missing)} has no checkpoint "
+            raise UserError(f"{self.root}: {', '.join(missing)} has no {files} "
                             f"(folds with one: {', '.join(found) or 'none'})")
         return {f: found[f] for f in wanted}
 
-    def digests(self, folds: str | int | Sequence[str | int] | None = None) -> list[WeightsDigest]:
-        """SHA-256 and size of every checkpoint the predictor would load for ``folds``."""
+    def digests(self, folds: str | int | Sequence[str | int] | None = None,
+                checkpoint: str = "best") -> list[WeightsDigest]:
+        """SHA-256 and size of every checkpoint the predictor would load for ``folds`` and
+        ``checkpoint`` (:meth:`fold_checkpoints`)."""
         return [WeightsDigest(fold, path.relative_to(self.root).as_posix(), sha256_file(path),
                               path.stat().st_size)
-                for fold, path in self.fold_checkpoints(folds).items()]
+                for fold, path in self.fold_checkpoints(folds, checkpoint).items()]
 
     @staticmethod
     def version(digests: Sequence[WeightsDigest]) -> str:
