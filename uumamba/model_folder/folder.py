@@ -179,7 +179,7 @@ class ModelFolder:
         """
         names = CHECKPOINT_CHOICES.get(checkpoint)
         if names is None:
-            raise UserError(f"checkpoint: {checkpoint!r} is not one of "
+            raise UserError(f"checkpoint: {shown(checkpoint)} is not one of "
                             f"{', '.join(CHECKPOINT_CHOICES)}")
         found: dict[str, Path] = {}
         for fold_dir in sorted(p for p in self.root.glob("fold_*") if p.is_dir()):
