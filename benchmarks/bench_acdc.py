@@ -478,7 +478,8 @@ def with_reference(records: list[dict], reference: dict, source: str) -> list[di
     for r in records:
         ref = theirs[r["fold"]]
         r = {**r, "reference_machine": printable(ref.get("machine", "not recorded"))[:400],
-             "reference_precision": printable(ref.get("train_precision", "float32"))[:40]}
+             "reference_precision": printable(ref.get("train_precision", "float32"))[:40],
+             "reference_interleaved": ref.get("predict_interleaved") is True}
         for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
             r[key] = {**r[key], "reference": ref[key]["uumamba"]}
             if "dynunet" in ref.get("dice", {}):  # the earlier run's DynUNet, as it was there
@@ -541,26 +542,45 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{ci(row['difference'], True)} | "
                          f"{ci(post[name]['difference'], True)} |")
         lines.append("")
-    lines += ["## Per fold", "", "| fold | model | precision | iterations | train s | "
-              "predict s per volume |", "|---|---|---|---|---|---|"]
+    lines += ["## Per fold", "", "| fold | model | run | precision | iterations | train s | "
+              "predict s per volume | predicted |", "|---|---|---|---|---|---|---|---|"]
     for r in result["folds"]:
-        for model in ("uumamba", other):
+        models = ["uumamba", other]
+        if other == "reference" and "dynunet" in r["iterations"]:
+            models.append("dynunet")  # the reference run's DynUNet, as it was there
+        for model in models:
             sec = r["predict_seconds"][model]
-            precision = r.get("reference_precision", "float32") if model == "reference" \
-                else r.get("train_precision", "float32")
-            lines.append(f"| {r['fold']} | {model} | {precision} | "
-                         f"{r['iterations'][model]} | {r['train_seconds'][model]:.0f} | "
-                         f"{sum(sec) / len(sec):.2f} |")
+            ours = other == "dynunet" or model == "uumamba"
+            precision = r.get("train_precision", "float32") if ours \
+                else r.get("reference_precision", "float32")
+            interleaved = r.get("predict_interleaved" if ours else "reference_interleaved")
+            timing = "interleaved" if interleaved is True else (
+                "alone, after a warm-up" if ours and other == "reference" else "in turn")
+            lines.append(f"| {r['fold']} | {model} | {'this run' if ours else 'reference run'} | "
+                         f"{precision} | {r['iterations'][model]} | "
+                         f"{r['train_seconds'][model]:.0f} | {sum(sec) / len(sec):.2f} | "
+                         f"{timing} |")
+    lines += ["", "train s: wall seconds to the end of training; UU-Mamba's include its "
+              "periodic and final validations (the DynUNet runs none). predicted: "
+              "\"interleaved\" = the two models of that run took turns volume by volume after "
+              "a warm-up each; \"in turn\" = one model's volumes after the other's (the machine's "
+              "drift is in the difference); seconds of different runs do not pair."]
     if (q := result.get("predict_ratio")) is not None:
         per_fold = ", ".join(f"fold {f} {v:.3f}" for f, v in q["per_fold"].items())
         lines += ["", f"Predict seconds per volume, UU-Mamba / DynUNet, interleaved volume by "
                   f"volume: **{q['ratio']:.3f}** [{q['low']:.3f}, {q['high']:.3f}] (geometric "
                   f"mean over {q['n']} volumes, paired bootstrap; {per_fold})."]
-    machines = sorted({r["machine"] for r in result["folds"] if "machine" in r})
-    lines += ["", *(f"Machine: {m}" for m in machines)]
-    references = sorted({r["reference_machine"] for r in result["folds"]
-                         if "reference_machine" in r})
-    lines += [f"Reference's machine: {m}" for m in references]
+    def by_machine(key: str) -> list[tuple[str, str]]:
+        """(folds, machine) per distinct machine line, in the order of the first fold."""
+        folds_of: dict[str, list[str]] = {}
+        for r in sorted(result["folds"], key=lambda r: r["fold"]):
+            if key in r:
+                folds_of.setdefault(r[key], []).append(str(r["fold"]))
+        return [(("folds " if len(f) > 1 else "fold ") + ", ".join(f), m)
+                for m, f in folds_of.items()]
+
+    lines += ["", *(f"Machine ({f}): {m}" for f, m in by_machine("machine"))]
+    lines += [f"Reference's machine ({f}): {m}" for f, m in by_machine("reference_machine")]
     path.write_text("\n".join(lines) + "\n")
 
 

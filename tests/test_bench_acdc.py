@@ -51,7 +51,7 @@ def test_pooled_table_pools_volumes_of_all_folds(tmp_path):
     result = {"folds": records, "table": table, "minutes": 20.0, "threads": 2}
     bench.write_markdown(result, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
-    assert "folds 0, 1" in text and "| foreground |" in text and "| 1 | dynunet | float32 | 12 | 61 | 1.50 |" in text
+    assert "folds 0, 1" in text and "| foreground |" in text and "| 1 | dynunet | this run | float32 | 12 | 61 | 1.50 | in turn |" in text
 
 
 def test_reference_run_pairs_volumes_with_an_earlier_runs_uumamba(tmp_path):
@@ -81,8 +81,11 @@ def test_reference_run_pairs_volumes_with_an_earlier_runs_uumamba(tmp_path):
     bench.write_markdown(result, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
     assert "UU-Mamba vs reference (earlier.json)" in text and "model.expand=1" in text
-    assert "| 0 | reference | float32 | 10 | 60 | 1.50 |" in text
-    assert "Reference's machine: earlier machine" in text
+    assert "| 0 | reference | reference run | float32 | 10 | 60 | 1.50 | in turn |" in text
+    # the reference run's DynUNet gets its row, marked as that run's
+    assert "| 0 | dynunet | reference run | float32 | 12 | 61 | 1.50 | in turn |" in text
+    assert "| 0 | uumamba | this run | float32 | 10 | 60 | 1.50 | alone, after a warm-up |" in text
+    assert "Reference's machine (fold 0): earlier machine" in text
     assert "| RV | 0.700 [0.600, 0.800] | 0.100 [0.100, 0.100] | +0.600 [+0.500, +0.700] |" in text
     other_split = {**now, "val_cases": ["a", "c"]}
     with pytest.raises(UserError, match="validation cases differ"):
@@ -146,6 +149,7 @@ def test_reference_rows_show_the_reference_precision_and_budget(tmp_path):
     earlier = {"minutes": 20, "folds": [_record(0, {"a": {"LV": 0.9}, "b": {"LV": 0.8}},
                                                 {"a": {"LV": 0.1}, "b": {"LV": 0.1}})]}
     earlier["folds"][0]["train_precision"] = "bfloat16"
+    earlier["folds"][0]["predict_interleaved"] = True
     now = _record(0, {"a": {"LV": 0.9}, "b": {"LV": 0.9}}, {})
     for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
         now[key].pop("dynunet")
@@ -156,7 +160,8 @@ def test_reference_rows_show_the_reference_precision_and_budget(tmp_path):
     bench.write_markdown(result, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
     assert "1 min per fold for this run's UU-Mamba, 20 min for the reference's" in text
-    assert "| 0 | reference | bfloat16 |" in text and "| 0 | uumamba | float32 |" in text
+    assert "| 0 | reference | reference run | bfloat16 | 10 | 60 | 1.50 | interleaved |" in text
+    assert "| 0 | uumamba | this run | float32 |" in text
     assert "**Precision differs**: this run trained in float32, the reference in bfloat16" in text
 
 
@@ -198,12 +203,17 @@ def test_predict_ratio_pairs_the_interleaved_folds_volume_by_volume(tmp_path):
     assert q["per_fold"] == {"0": pytest.approx(np.sqrt(8 / 9)), "1": pytest.approx(0.5)}
     assert q["ratio"] == pytest.approx(((1 / 1.5) * (2 / 1.5) * 0.5 * 0.5) ** 0.25)
     assert q["low"] <= q["ratio"] <= q["high"]
-    result = {"folds": records, "table": bench.pooled_table(records, ["RV"]), "minutes": 20.0,
-              "threads": 2, "predict_ratio": q}
+    for r, machine in zip(records, ("CPU B", "CPU A", "CPU B"), strict=True):
+        r["machine"] = machine
+    result = {"folds": records[::-1], "table": bench.pooled_table(records, ["RV"]),
+              "minutes": 20.0, "threads": 2, "predict_ratio": q}
     bench.write_markdown(result, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
     assert f"interleaved volume by volume: **{q['ratio']:.3f}**" in text
     assert "fold 0 0.943, fold 1 0.500" in text
+    assert text.rstrip().endswith("Machine (folds 0, 2): CPU B\nMachine (fold 1): CPU A")
+    assert "| 0 | dynunet | this run | float32 | 12 | 61 | 1.50 | interleaved |" in text
+    assert "| 2 | dynunet | this run | float32 | 12 | 61 | 1.50 | in turn |" in text
 
     now = _record(0, dice, {})
     now["predict_interleaved"] = True  # as a resumed fold might carry
