@@ -60,8 +60,8 @@ Usage::
     python benchmarks/bench_acdc.py --data ../shared/data/ACDC --minutes 20 --folds 0,1,2,3,4 \
         --output runs/bench_acdc_cv
     python benchmarks/bench_acdc.py --minutes 0.5 --output /tmp/bench   # smoke run, fold 0
-    python benchmarks/bench_acdc.py --folds 0,1,2,3,4 --set model.expand=1 \
-        --reference benchmarks/results/acdc_cv_2026-12-02.json --output runs/acdc_expand1
+    python benchmarks/bench_acdc.py --folds 0,1,2,3,4 --set model.d_state=8 \
+        --reference benchmarks/results/acdc_5fold_zen4_lastweights_2026-12-06.json --output runs/acdc_dstate8
 """
 
 from __future__ import annotations
@@ -479,7 +479,9 @@ def with_reference(records: list[dict], reference: dict, source: str) -> list[di
         ref = theirs[r["fold"]]
         r = {**r, "reference_machine": printable(ref.get("machine", "not recorded"))[:400],
              "reference_precision": printable(ref.get("train_precision", "float32"))[:40],
-             "reference_interleaved": ref.get("predict_interleaved") is True}
+             "reference_interleaved": ref.get("predict_interleaved") is True,
+             # records before 2026-12-04 carry no "weights": UU-Mamba from checkpoint_best.pt
+             "reference_weights": printable(ref.get("weights", "best"))[:20]}
         for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
             r[key] = {**r[key], "reference": ref[key]["uumamba"]}
             if "dynunet" in ref.get("dice", {}):  # the earlier run's DynUNet, as it was there
@@ -520,7 +522,14 @@ def write_markdown(result: dict, path: Path) -> None:
                          and r["reference_precision"] != r.get("train_precision", "float32")})
         lines += [f"**Precision differs**: this run trained in {a}, the reference in {b}; the "
                   "difference is partly the precision's." for a, b in differ]
-        lines += [""] if differ else []
+        weights = sorted({(r.get("weights", "best"), r["reference_weights"])
+                          for r in result["folds"] if "reference_weights" in r
+                          and r["reference_weights"] != r.get("weights", "best")})
+        lines += [f"**Weights differ**: this run's UU-Mamba predicted from its {a} weights, the "
+                  f"reference's from its {b} (\"best\": checkpoint_best.pt, chosen by the Dice "
+                  "of these same validation cases); the difference is partly the selection's."
+                  for a, b in weights]
+        lines += [""] if differ or weights else []
     head = "DynUNet" if other == "dynunet" else "reference"
     for kind in ("raw", "postprocessed"):
         lines += [f"## {kind}", "", f"| class | UU-Mamba | {head} | difference | Wilcoxon p |",

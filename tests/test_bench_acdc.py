@@ -150,7 +150,7 @@ def test_reference_rows_show_the_reference_precision_and_budget(tmp_path):
                                                 {"a": {"LV": 0.1}, "b": {"LV": 0.1}})]}
     earlier["folds"][0]["train_precision"] = "bfloat16"
     earlier["folds"][0]["predict_interleaved"] = True
-    now = _record(0, {"a": {"LV": 0.9}, "b": {"LV": 0.9}}, {})
+    now = {**_record(0, {"a": {"LV": 0.9}, "b": {"LV": 0.9}}, {}), "weights": "last"}
     for key in ("dice", "iterations", "train_seconds", "predict_seconds"):
         now[key].pop("dynunet")
     merged = bench.with_reference([now], earlier, "earlier.json")
@@ -163,6 +163,13 @@ def test_reference_rows_show_the_reference_precision_and_budget(tmp_path):
     assert "| 0 | reference | reference run | bfloat16 | 10 | 60 | 1.50 | interleaved |" in text
     assert "| 0 | uumamba | this run | float32 |" in text
     assert "**Precision differs**: this run trained in float32, the reference in bfloat16" in text
+    # the earlier record has no "weights": scored from checkpoint_best.pt, which is said
+    assert "**Weights differ**: this run's UU-Mamba predicted from its last weights, the " \
+        "reference's from its best" in text
+    earlier["folds"][0]["weights"] = "last"
+    merged = bench.with_reference([now], earlier, "earlier.json")
+    bench.write_markdown({**result, "folds": merged}, tmp_path / "bench.md")
+    assert "Weights differ" not in (tmp_path / "bench.md").read_text()
 
 
 def test_a_stop_signal_during_training_records_no_fold(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,11 @@ def test_checkpoint_latest_is_the_final_weights_and_never_falls_back(tmp_path):
     (root / "fold_0" / "checkpoint_latest.pt").unlink()  # training stopped before its end
     with pytest.raises(UserError, match="fold_0 has no checkpoint_latest.pt"):
         Predictor.from_model_dir(root, folds="0", device="cpu", checkpoint="latest")
+    # all folds: the folds with only a best are named, not "is this a model folder?"
+    with pytest.raises(UserError, match=r"fold_0 has no checkpoint_latest.pt \(only checkpoint_best"):
+        Predictor.from_model_dir(root, device="cpu", checkpoint="latest")
+    assert Predictor.from_model_dir(root, device="cpu").checkpoint_files == {
+        "fold_0": "checkpoint_best.pt"}
     with pytest.raises(UserError, match="checkpoint: 'final' is not one of best, latest"):
         folder.fold_checkpoints(checkpoint="final")
     state = load_checkpoint(root / "fold_0" / "checkpoint_best.pt")
@@ -92,12 +98,31 @@ def test_cli_predict_checkpoint_latest_is_recorded_and_a_bad_choice_refused(tmp_
     assert done.exit_code == 0, done.output
     info = json.loads((tmp_path / "out" / "case_volumes.json").read_text())
     assert info["checkpoint"] == "latest" and info["folds"] == ["fold_0"]
+    assert info["checkpoint_files"] == {"fold_0": "checkpoint_latest.pt"}
+    # best falls back to the latest where a fold has no best: the file says which was loaded
+    nobest = tmp_path / "nobest"
+    shutil.copytree(FIXTURE, nobest)
+    (nobest / "fold_0" / "checkpoint_best.pt").unlink()
+    done = CliRunner().invoke(app, ["predict", "--model", str(nobest), "--input", str(path),
+                                    "--device", "cpu", "--output", str(tmp_path / "out2")])
+    assert done.exit_code == 0, done.output
+    info = json.loads((tmp_path / "out2" / "case_volumes.json").read_text())
+    assert info["checkpoint"] == "best"
+    assert info["checkpoint_files"] == {"fold_0": "checkpoint_latest.pt"}
+    # an unknown choice is a usage error (exit 2), shown cut, before any file is read
     bad = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "bad"),
-                                   "--checkpoint", "final"])
-    # the console entry point prints a UserError as one line, exit status 1 (test_cli_fast_errors)
-    assert isinstance(bad.exception, UserError)
-    assert str(bad.exception) == "checkpoint: 'final' is not one of best, latest"
-    assert not (tmp_path / "bad" / "case.nii.gz").exists()
+                                   "--checkpoint", "final" * 10])
+    assert bad.exit_code == 2
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", bad.output).split())  # the usage box unwrapped
+    assert "'finalfinalfinalfinal'... is not one of best, latest" in said
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_checkpoint_choices_are_the_model_folders():
+    from uumamba.commands import CHECKPOINT_CHOICES as cli_choices
+    from uumamba.model_folder import CHECKPOINT_CHOICES
+
+    assert cli_choices == tuple(CHECKPOINT_CHOICES)
 
 
 def test_old_folder_predicts_in_the_input_grid(tmp_path):

@@ -21,7 +21,22 @@ from typing import Annotated, Any
 
 import typer
 
-from uumamba.errors import UserError, cli_text, printable
+from uumamba.errors import UserError, cli_text, printable, shown
+
+#: ``--checkpoint``'s values: ``uumamba.model_folder.CHECKPOINT_CHOICES``' keys (not imported
+#: here: that package pulls in MONAI, and ``--help`` stays fast; a test keeps them equal).
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """An option callback refusing a value outside ``choices`` as a usage error (exit 2, the
+    value shown cut and escaped), before any file is read."""
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{shown(value)} is not one of "
+                                     f"{', '.join(choices)}")
+        return value
+    return check
 
 app = typer.Typer(
     name="uumamba",
@@ -130,7 +145,7 @@ def predict(
     input: Annotated[Path, typer.Option(help="image file, folder of images, or DICOM (folder of series / .zip)")],
     output: Annotated[Path, typer.Option(help="output folder")],
     folds: Annotated[str | None, typer.Option(help="comma-separated folds, default: all present")] = None,
-    checkpoint: Annotated[str, typer.Option(help="best (checkpoint_best.pt, else the latest) | latest (each fold's final weights, checkpoint_latest.pt: what to score a fold's own validation cases with)")] = "best",
+    checkpoint: Annotated[str, typer.Option(callback=_one_of(CHECKPOINT_CHOICES), help="best (checkpoint_best.pt, else the latest) | latest (each fold's final weights, checkpoint_latest.pt: what to score a fold's own validation cases with)")] = "best",
     tta: Annotated[bool, typer.Option(help="mirroring test-time augmentation")] = False,
     format: Annotated[str | None, typer.Option(help="nii.gz | nrrd | mha | seg.nrrd | dcm (DICOM SEG; DICOM input) (default: input's)")] = None,
     probabilities: Annotated[bool, typer.Option(help="also write softmax probabilities")] = False,

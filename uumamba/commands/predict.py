@@ -237,7 +237,9 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
             _check_info_cfgs(cases, r.input_path, r.split_4d, predictor.labels)
     options = {"split_4d": r.split_4d, "probabilities": r.probabilities,
                "entropy": r.uncertainty, "out_format": r.out_format,
-               "extra": {"model": str(r.model_dir), "checkpoint": r.checkpoint}}
+               # the choice, and the file each fold's weights came from (best falls back)
+               "extra": {"model": str(r.model_dir), "checkpoint": r.checkpoint,
+                         "checkpoint_files": dict(predictor.checkpoint_files)}}
     # folds, tta, device, precision: predict_case
     if r.out_format == "dcm":  # the SEG's algorithm identification
         from uumamba.model_folder import ModelFolder

@@ -182,6 +182,9 @@ class Predictor:
         scan_backend_warning: why mamba-ssm's CUDA kernels are not used where they were
             wanted (``auto`` on a GPU, or mamba-ssm installed), else None; also logged as a
             warning (``uumamba predict`` shows it) and reported by ``/readyz``.
+        checkpoint_files: fold name -> the checkpoint file its weights were loaded from
+            (``checkpoint_best.pt`` / ``checkpoint_latest.pt``: ``best`` falls back to the
+            latest where a fold has no best); empty when built from networks directly.
 
     Build it from a model folder with :meth:`from_model_dir`.
     """
@@ -207,6 +210,7 @@ class Predictor:
         self.postprocessing = postprocessing
         self.labels = dict(labels or plans.labels)
         self.fold_names = list(fold_names or [f"net_{i}" for i in range(len(networks))])
+        self.checkpoint_files: dict[str, str] = {}
         self.scan_backend, self.scan_backend_warning = self._resolve_scan_backend(
             self.networks, self.device)
         self.transforms = inference_transforms(
@@ -273,9 +277,12 @@ class Predictor:
                                 f"{folder.path('config.yaml')} ({first})") from None
             networks.append(net)
         postprocessing = folder.postprocessing([path.parent for path in checkpoints.values()])
-        return cls(networks, plans, cfg.inference, device=dev,
-                   tta=cfg.inference.tta if tta is None else tta, postprocessing=postprocessing,
-                   labels=labels, fold_names=list(checkpoints))
+        predictor = cls(networks, plans, cfg.inference, device=dev,
+                        tta=cfg.inference.tta if tta is None else tta,
+                        postprocessing=postprocessing, labels=labels,
+                        fold_names=list(checkpoints))
+        predictor.checkpoint_files = {fold: path.name for fold, path in checkpoints.items()}
+        return predictor
 
     @staticmethod
     def _resolve_scan_backend(networks: Sequence[torch.nn.Module], device: torch.device

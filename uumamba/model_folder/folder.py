@@ -191,6 +191,11 @@ class ModelFolder:
         files = " or ".join(names)
         if wanted is None:
             if not found:
+                other = sorted({path.parent.name for name in CHECKPOINT_NAMES
+                                for path in self.root.glob(f"fold_*/{name}")})
+                if other:  # e.g. a training stopped before its end: a best, no latest
+                    raise UserError(f"{self.root}: {', '.join(other)} has no {files} (only "
+                                    "checkpoint_best.pt; checkpoint 'best' loads that one)")
                 raise UserError(f"{self.root}: no fold_*/{files}; is this a model folder "
                                 "written by 'uumamba train'?")
             return found
