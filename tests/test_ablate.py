@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -526,9 +527,14 @@ def _row(key, value):
     (_set("config_hash", "1" * 64), "config_hash: the run was scored with other settings; "
                                     "delete the cell folder to retrain"),
     (lambda s: s.pop("config_hash"), "config_hash: Field required"),
-    (lambda s: s.pop("weights"), "weights: not recorded, not 'last': not scored from the "
-                                 "run's final weights (checkpoint_latest.pt)"),
-    (_set("weights", "best"), "weights: 'best', not 'last'"),
+    (lambda s: s.pop("weights"), "weights: not recorded: scored, as before 2026-12-06, from "
+                                 "checkpoint_best.pt"),
+    (_set("weights", "best"), "weights: 'best': scored, as before"),
+    (_set("weights", "l\u0430st" * 10**5), "weights: 'l\u0430stl\u0430stl\u0430stl\u0430stl\u0430st'... is not "
+                                         "'last' (the only value this version writes)"),
+    (_set("weights", 1), "weights: '1' is not 'last'"),
+    (_set("cell", "x" * 10**6), "cell: 'xxxxxxxxxxxxxxxxxxxx'... is not this run's"),
+    (_set("classes", ["RV" * 10**5] * 2), "classes: a class is named twice ('RVRV"),
     (_set("iterations", "abc"), "iterations: Input should be a valid integer"),
     (_set("iterations", None), "iterations: Input should be a valid integer"),
     (_set("iterations", 10**400), "iterations: Input should be less than"),
@@ -539,7 +545,7 @@ def _row(key, value):
     (_set("classes", ["RV", "RV"]), "classes: a class is named twice"),
     (_set("val_cases", 5), "val_cases: Input should be a valid list"),
     (_set("val_cases", ["a", 3]), "val_cases.1: Input should be a valid string"),
-    (_set("val_cases", ["a", "c"]), "val_cases: scored cases ['a', 'c'] are not fold 0's"),
+    (_set("val_cases", ["a", "c"]), "val_cases: scored cases 'a, c' are not fold 0's"),
     (_set("per_case", {"a": 1}), "per_case: Input should be a valid list"),
     (_set("per_case", []), "per_case: 0 row(s), expected one per validation case and class"),
     (lambda s: s["per_case"].pop(), "per_case: 3 row(s), expected one per"),
@@ -570,6 +576,7 @@ def test_a_scores_file_is_accepted_only_for_its_run_and_in_range(tmp_path, edit,
         read_scores(path, **checked)
     text = str(refused.value)
     assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+    assert len(text) < len(str(path)) + 400  # a crafted value is named cut, never echoed whole
 
 
 def test_json_files_are_bounded_before_they_are_decoded(tmp_path):
@@ -683,3 +690,16 @@ def test_a_grid_above_max_cells_is_refused_before_its_cells_are_built():
     with pytest.raises(UserError, match=rf"^--grid: 40 x 30 = 1200 cells; a grid has at most "
                                         rf"{MAX_CELLS} "):
         cells_of(axes)
+
+
+def test_a_scores_path_that_is_not_a_regular_file_is_refused_not_trained_over(tmp_path):
+    """A FIFO (or a folder, a device) where a run's scores.json belongs would read as "not
+    done" and be trained over; it is refused by name, and nothing is replaced."""
+    request = _request(tmp_path, tmp_path / "out", folds="0")
+    _fake_scores(request, lambda cell, seed, case: 0.5)
+    target = tasks_of(request)[1].scores_path
+    target.unlink()
+    os.mkfifo(target)
+    with pytest.raises(UserError, match=f"{target}: not a regular file; delete it"):
+        run_ablation(request)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)

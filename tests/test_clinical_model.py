@@ -151,6 +151,22 @@ def test_predict_writes_clinical_outputs_and_report(model_dir, phases, tmp_path)
     assert len(body["model"]["version"]) == 12 and body["model"]["weights"][0]["sha256"]
     html = (out / "patient004_report.html").read_text()
     assert body["model"]["version"] in html and (out / "patient004_report.png").is_file()
+    # --checkpoint latest: clinical.json names the final weights, hashed as loaded
+    import hashlib
+
+    import torch
+
+    chosen = tmp_path / "model_latest"
+    shutil.copytree(model_dir, chosen)
+    (fold_dir,) = [p for p in chosen.glob("fold_*") if (p / "checkpoint_latest.pt").is_file()]
+    state = torch.load(fold_dir / "checkpoint_latest.pt", weights_only=True)
+    # a best checkpoint of other bytes beside it, which the default would load
+    torch.save({**state, "iteration": state["iteration"] - 1}, fold_dir / "checkpoint_best.pt")
+    predict_from_cli(chosen, inp, tmp_path / "out_latest", device="cpu", checkpoint="latest")
+    (weights,) = json.loads((tmp_path / "out_latest" / "clinical.json").read_text())["model"]["weights"]
+    latest = fold_dir / "checkpoint_latest.pt"
+    assert weights == {"file": f"{fold_dir.name}/checkpoint_latest.pt",
+                       "sha256": hashlib.sha256(latest.read_bytes()).hexdigest()}
     bad = tmp_path / "pairs.csv"
     bad.write_text("case_ED,case_ES,patient\n/etc/passwd,b,P\n")
     with pytest.raises(DataError, match="not a case name"):

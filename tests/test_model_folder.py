@@ -61,7 +61,7 @@ def test_checkpoint_latest_is_the_final_weights_and_never_falls_back(tmp_path):
     with pytest.raises(UserError, match="fold_0 has no checkpoint_latest.pt"):
         Predictor.from_model_dir(root, folds="0", device="cpu", checkpoint="latest")
     # all folds: the folds with only a best are named, not "is this a model folder?"
-    with pytest.raises(UserError, match=r"fold_0 has no checkpoint_latest.pt \(only checkpoint_best"):
+    with pytest.raises(UserError, match=r"fold_0 has no checkpoint_latest.pt, only checkpoint_best"):
         Predictor.from_model_dir(root, device="cpu", checkpoint="latest")
     assert Predictor.from_model_dir(root, device="cpu").checkpoint_files == {
         "fold_0": "checkpoint_best.pt"}

@@ -266,22 +266,24 @@ class BatchClinical:
     notes: list[str] = field(default_factory=list)
 
 
-def model_description(model_dir: str | Path, folds: Sequence[str] | None) -> dict[str, Any]:
+def model_description(model_dir: str | Path, weights: Sequence[Any]) -> dict[str, Any]:
     """Name, version (:meth:`ModelFolder.version`), folds, the SHA-256 of every checkpoint
-    and the uumamba version of a model folder, for ``clinical.json`` and the report."""
+    and the uumamba version of a model folder, for ``clinical.json`` and the report.
+
+    ``weights``: the :class:`~uumamba.model_folder.WeightsDigest` of each fold as loaded
+    (``Predictor.weights``): the checkpoint chosen (``--checkpoint``), hashed from the bytes
+    that were loaded."""
     import uumamba
     from uumamba.model_folder import ModelFolder
 
-    folder = ModelFolder(model_dir)
-    digests = folder.digests(list(folds) if folds else None)
-    return {"name": folder.name, "version": ModelFolder.version(digests),
-            "folds": [d.fold for d in digests], "package_version": uumamba.__version__,
-            "weights": [{"file": d.file, "sha256": d.sha256} for d in digests]}
+    return {"name": ModelFolder(model_dir).name, "version": ModelFolder.version(weights),
+            "folds": [d.fold for d in weights], "package_version": uumamba.__version__,
+            "weights": [{"file": d.file, "sha256": d.sha256} for d in weights]}
 
 
 def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Mapping[str, Path],
                          labels: Mapping[int, str], model_dir: str | Path,
-                         folds: Sequence[str] | None, input_path: Path, output_dir: Path,
+                         weights: Sequence[Any], input_path: Path, output_dir: Path,
                          pairs: Sequence[PhasePair] | None = None, report: bool = False,
                          out_format: str | None = None, required: bool = False,
                          cines: Mapping[str, Sequence[str]] | None = None,
@@ -295,7 +297,8 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
         inputs: output case -> its input image (``BatchResult.inputs``); Info.cfg is looked
             for beside it (symlinks followed) and in ``input_path/PATIENT/``.
         labels: the model's value -> name.
-        model_dir, folds: the model (name, version and checksums go into the outputs).
+        model_dir, weights: the model folder and its folds' digests as loaded
+            (``Predictor.weights``): name, version and checksums go into the outputs.
         output_dir: where the masks were written (``CASE<suffix>``, read back for reports).
         pairs: rows of a pairs CSV (else ACDC names, :func:`uumamba.clinical.pair_phases`).
         out_format: the masks' ``--format`` (``None``: the input's); ``seg.nrrd`` cannot be
@@ -334,7 +337,7 @@ def write_batch_clinical(volumes: Mapping[str, Mapping[str, float]], inputs: Map
             raise UserError("no patient has both an ED and an ES prediction: no clinical "
                             "indices" + (f" ({out.notes[0]})" if out.notes else ""))
         return out
-    model = model_description(model_dir, folds)
+    model = model_description(model_dir, weights)
     out.written += write_clinical(out.records, output_dir, {"model": model})
     if report:
         from uumamba.data.io import read_image

@@ -867,6 +867,10 @@ def _run_locked(request: AblationRequest, device_type: str) -> AblationOutcome:
                         f"checked; delete {output / 'cells'} to start again, or use another "
                         "--output")
     tasks = tasks_of(request)
+    for t in tasks:  # a FIFO / folder / device in its place is refused, never trained over
+        if os.path.lexists(t.scores_path) and not t.scores_path.is_file():
+            raise UserError(f"{t.scores_path}: not a regular file; delete it to score the run "
+                            "again")
     outcome = AblationOutcome(tasks=tasks)
     outcome.cached = [t for t in tasks if t.scores_path.is_file()]
     todo = [t for t in tasks if not t.scores_path.is_file()]

@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from uumamba.errors import DataError, shown
+from uumamba.errors import DataError, printable, shown
 
 #: Name of the file that marks a run as done (in the fold folder).
 SCORES = "scores.json"
@@ -149,7 +149,7 @@ class RunScores(BaseModel):
 
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    where = printable(".".join(str(p) for p in e["loc"]))[:80] or "(top level)"
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     return f"{where}: {e['msg']}{more}"
 
@@ -177,12 +177,15 @@ def read_scores(path: str | Path, *, cell: str, seed: int, fold: int, config_has
     data = read_json(path, allow_nan=True)  # a NaN is refused by the schema, naming the field
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a run's scores (expected a JSON object); {rescore}")
-    if data.get("weights") != "last":  # before the schema: say why, not just "Field required"
-        got = shown(data["weights"]) if "weights" in data else "not recorded"
-        raise DataError(f"{path}: weights: {got}, not 'last': not scored from the run's final "
-                        "weights (checkpoint_latest.pt) but, as before 2026-12-06, from "
-                        "checkpoint_best.pt, chosen by the Dice of the same validation cases; "
-                        f"{rescore}")
+    weights = data.get("weights")
+    if weights is None or weights == "best":  # before the schema: say why, not "Field required"
+        got = "'best'" if weights == "best" else "not recorded"
+        raise DataError(f"{path}: weights: {got}: scored, as before 2026-12-06, from "
+                        "checkpoint_best.pt, chosen by the Dice of the same validation cases, "
+                        f"not from the run's final weights (checkpoint_latest.pt); {rescore}")
+    if weights != "last":
+        raise DataError(f"{path}: weights: {shown(weights)} is not 'last' (the only value this "
+                        f"version writes); {rescore}")
     try:
         scores = RunScores.model_validate(data)
     except ValidationError as err:
@@ -190,30 +193,32 @@ def read_scores(path: str | Path, *, cell: str, seed: int, fold: int, config_has
     for name, want in (("cell", cell), ("seed", seed), ("fold", fold)):
         got = getattr(scores, name)
         if got != want:
-            raise DataError(f"{path}: {name}: {got!r} is not this run's ({want!r}); the file "
+            raise DataError(f"{path}: {name}: {shown(got) if isinstance(got, str) else got} is not this run's ({want!r}); the file "
                             f"belongs to another run: {rescore}")
     if scores.config_hash != config_hash:
         raise DataError(f"{path}: config_hash: the run was scored with other settings; delete "
                         "the cell folder to retrain")
     if len(set(scores.classes)) != len(scores.classes):
-        raise DataError(f"{path}: classes: a class is named twice ({scores.classes}); {rescore}")
+        raise DataError(f"{path}: classes: a class is named twice "
+                        f"({shown(', '.join(scores.classes), 80)}); {rescore}")
     if len(set(scores.val_cases)) != len(scores.val_cases):
         raise DataError(f"{path}: val_cases: a case is named twice; {rescore}")
     if sorted(scores.val_cases) != sorted(val_cases):
-        raise DataError(f"{path}: val_cases: scored cases {sorted(scores.val_cases)[:5]} are not "
+        raise DataError(f"{path}: val_cases: scored cases "
+                        f"{shown(', '.join(sorted(scores.val_cases)[:5]), 80)} are not "
                         f"fold {fold}'s validation cases of the ablation's splits.json; every "
                         "run must use the same split (delete the cell folder to retrain)")
     classes, cases = set(scores.classes), set(scores.val_cases)
     seen: set[tuple[str, str]] = set()
     for i, row in enumerate(scores.per_case):
         if row.class_ not in classes:
-            raise DataError(f"{path}: per_case.{i}.class: {row.class_!r} is not one of classes "
-                            f"{scores.classes}; {rescore}")
+            raise DataError(f"{path}: per_case.{i}.class: {shown(row.class_)} is not one of "
+                            f"classes {shown(', '.join(scores.classes), 80)}; {rescore}")
         if row.case not in cases:
-            raise DataError(f"{path}: per_case.{i}.case: {row.case!r} is not one of val_cases; "
+            raise DataError(f"{path}: per_case.{i}.case: {shown(row.case)} is not one of val_cases; "
                             f"{rescore}")
         if (row.case, row.class_) in seen:
-            raise DataError(f"{path}: per_case.{i}: case {row.case!r} class {row.class_!r} is "
+            raise DataError(f"{path}: per_case.{i}: case {shown(row.case)} class {shown(row.class_)} is "
                             f"scored twice; {rescore}")
         seen.add((row.case, row.class_))
     if len(seen) != len(cases) * len(classes):

@@ -244,7 +244,7 @@ def _predict_in_group(r: _Request, ctx: DistContext, device: str | torch.device)
     if r.out_format == "dcm":  # the SEG's algorithm identification
         from uumamba.model_folder import ModelFolder
 
-        digests = ModelFolder(r.model_dir).digests(predictor.fold_names, r.checkpoint)
+        digests = predictor.weights  # of the bytes loaded, not the files on disk now
         options["extra"].update(model_version=ModelFolder.version(digests),
                                 weights_sha256={d.fold: d.sha256 for d in digests})
     # one line per message in logs; file and case names are data, never markup
@@ -432,7 +432,7 @@ def _summarise(r: _Request, console: Any, predictor: Predictor, result: BatchRes
 
     cines = {case: names for case, names in result.outputs.items() if names != [case]}
     clinical = write_batch_clinical(result.volumes_ml, result.inputs, predictor.labels,
-                                    r.model_dir, predictor.fold_names, r.input_path,
+                                    r.model_dir, predictor.weights, r.input_path,
                                     r.output_dir, r.pair_rows, r.report, r.out_format,
                                     required=r.pairs is not None or r.report, cines=cines,
                                     input_warnings=result.warnings)

@@ -69,12 +69,13 @@ from uumamba.data.plan import Plans
 from uumamba.data.transforms import inference_transforms
 from uumamba.data.untrusted import check_local_inputs
 from uumamba.device import resolve_device
-from uumamba.errors import DataError, UserError, escape_quoted
+from uumamba.errors import DataError, UserError, escape_quoted, printable
 from uumamba.evaluation.metrics import label_volumes
 from uumamba.inference.plausibility import assess_input
 from uumamba.inference.postprocess import apply_postprocessing
 from uumamba.inference.sliding import accumulate_window_probabilities
-from uumamba.model_folder import ModelFolder, load_checkpoint
+from uumamba.model_folder import ModelFolder, WeightsDigest
+from uumamba.model_folder.checkpoints import read_checkpoint
 from uumamba.utils import plain_tensor
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,34 @@ class _Stages:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def check_weights(weights: dict[str, torch.Tensor], model_cfg: Any, plans: Plans,
+                  path: Path) -> None:
+    """Refuse a checkpoint's ``model`` state that the network ``model_cfg`` describes does not
+    fit (a missing, extra or differently shaped parameter), checked on a network built on the
+    ``meta`` device, so that a crafted config (``features`` of 16384) allocates nothing; and
+    weights that are not finite (NaN / Inf would segment every voxel as background).
+
+    Raises:
+        UserError: the weights do not fit the network (the first mismatch named).
+        DataError: a floating-point parameter holds NaN or Inf (named).
+    """
+    from uumamba.nn import build_network
+
+    with torch.device("meta"):
+        expected = build_network(model_cfg, plans).state_dict()
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {printable(k)[:80]}" for k in weights if k not in expected]
+    problems += [f"{k}: {tuple(weights[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
+                 if k in weights and weights[k].shape != v.shape]
+    if problems:
+        raise UserError(f"{path}: weights do not fit the network of its config "
+                        f"({len(problems)} mismatches, first: {problems[0]})")
+    for name, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DataError(f"{path}: weights {name} hold NaN or Inf; the checkpoint is "
+                            "corrupt or its training diverged")
+
+
 class Predictor:
     """A fold ensemble of networks plus the plan's preprocessing and its inversion.
 
@@ -185,6 +214,9 @@ class Predictor:
         checkpoint_files: fold name -> the checkpoint file its weights were loaded from
             (``checkpoint_best.pt`` / ``checkpoint_latest.pt``: ``best`` falls back to the
             latest where a fold has no best); empty when built from networks directly.
+        weights: per fold, the SHA-256 and size of the bytes its weights were loaded from
+            (what a DICOM SEG and ``clinical.json`` name; a checkpoint replaced on disk after
+            loading does not change them); empty when built from networks directly.
 
     Build it from a model folder with :meth:`from_model_dir`.
     """
@@ -211,6 +243,7 @@ class Predictor:
         self.labels = dict(labels or plans.labels)
         self.fold_names = list(fold_names or [f"net_{i}" for i in range(len(networks))])
         self.checkpoint_files: dict[str, str] = {}
+        self.weights: list[WeightsDigest] = []
         self.scan_backend, self.scan_backend_warning = self._resolve_scan_backend(
             self.networks, self.device)
         self.transforms = inference_transforms(
@@ -262,19 +295,17 @@ class Predictor:
         labels = folder.labels(plans)
         checkpoints = folder.fold_checkpoints(folds, checkpoint)
         dev = resolve_device(device)
-        networks = []
-        for path in checkpoints.values():
-            state = load_checkpoint(path, map_location="cpu")
+        networks, weights = [], []
+        for fold, path in checkpoints.items():
+            state, sha256, size = read_checkpoint(path, map_location="cpu")
+            weights.append(WeightsDigest(fold, path.relative_to(folder.root).as_posix(),
+                                         sha256, size))
             fold_cfg = cfg
             if isinstance(state.get("config"), dict):
                 fold_cfg = config_from_dict(state["config"], f"{path} (config)")
+            check_weights(state["model"], fold_cfg.model, plans, path)
             net = build_network(fold_cfg.model, plans)
-            try:
-                net.load_state_dict(state["model"])
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise UserError(f"{path}: weights do not fit the network of "
-                                f"{folder.path('config.yaml')} ({first})") from None
+            net.load_state_dict(state["model"])
             networks.append(net)
         postprocessing = folder.postprocessing([path.parent for path in checkpoints.values()])
         predictor = cls(networks, plans, cfg.inference, device=dev,
@@ -282,6 +313,7 @@ class Predictor:
                         postprocessing=postprocessing, labels=labels,
                         fold_names=list(checkpoints))
         predictor.checkpoint_files = {fold: path.name for fold, path in checkpoints.items()}
+        predictor.weights = weights
         return predictor
 
     @staticmethod

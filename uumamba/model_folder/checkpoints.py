@@ -22,6 +22,7 @@ never executes pickled code.
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from uumamba.errors import DataError
+from uumamba.errors import DataError, printable
 from uumamba.utils import atomic_path
 
 LATEST = "checkpoint_latest.pt"
@@ -71,33 +72,85 @@ def save_checkpoint(path: str | Path, state: dict[str, Any],
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+#: Stored entries of a checkpoint may expand to at most this many times the file's size (plus
+#: :data:`EXPANSION_SLACK_BYTES`): ``torch.save`` stores them uncompressed, so a larger total is
+#: a crafted archive (a 2 MB file that unpacks to 2.4 GB), refused before it is unpacked.
+MAX_EXPANSION = 2
+EXPANSION_SLACK_BYTES = 1 << 20
 
-    Loads with ``weights_only=True`` (no arbitrary code runs) onto ``map_location``.
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, Any], str, int]:
+    """A checkpoint written by :func:`save_checkpoint`, with the SHA-256 (hex) and size (bytes)
+    of the very bytes it was loaded from (a file replaced on disk afterwards changes nothing).
+
+    The file is read once into memory; a zip archive (``torch.save``'s format) whose entries
+    would expand beyond :data:`MAX_EXPANSION` times its size is refused before unpacking; the
+    rest is ``torch.load(weights_only=True)`` (no pickled code runs) onto ``map_location``.
 
     Raises:
-        DataError: the file does not exist, is truncated or corrupt, is not a uumamba
-            checkpoint, or lacks keys of :data:`CHECKPOINT_KEYS` (all named in the message).
+        DataError: the file does not exist or is not a regular file, is empty, truncated or
+            corrupt, expands too far, holds objects the safe loader refuses, is not a uumamba
+            checkpoint or lacks keys of :data:`CHECKPOINT_KEYS` (the file named in one line;
+            never any of its content beyond the loader's first line).
     """
+    import hashlib
+    import io
+    import stat
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    if path.stat().st_size == 0:
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never end
+                raise DataError(f"{path}: checkpoint is not a regular file")
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: checkpoint is not a regular file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
+    if not data:
         raise DataError(f"{path}: cannot read checkpoint (empty file); the file is truncated "
                         "or corrupt - restore it or delete it and train again")
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                unpacked = sum(entry.file_size for entry in archive.infolist())
+        except (zipfile.BadZipFile, ValueError, OSError):
+            unpacked = 0  # torch.load names the damage below
+        if unpacked > MAX_EXPANSION * len(data) + EXPANSION_SLACK_BYTES:
+            raise DataError(f"{path}: checkpoint entries would expand to {unpacked} bytes from "
+                            f"{len(data)} (torch.save stores them uncompressed); refused")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line}); the file is "
-            "truncated or corrupt - restore it or delete it and train again"
-        ) from None
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the safe loader raises a dozen types on crafted bytes
+        text = str(exc).strip()
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text:
+            reason = "it holds objects other than tensors and plain containers, refused unread"
+        else:
+            first = text.splitlines()[0] if text else ""
+            reason = f"{type(exc).__name__}: {printable(first)[:200]}"
+        raise DataError(f"{path}: cannot read checkpoint ({reason}); the file is truncated or "
+                        "corrupt - restore it or delete it and train again") from None
+    digest, size = hashlib.sha256(data).hexdigest(), len(data)
+    del data
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a uumamba checkpoint (top level is {type(state).__name__})")
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise DataError(f"{path}: not a complete uumamba checkpoint; missing keys {missing}")
-    return state
+    model = state["model"]
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise DataError(f"{path}: not a uumamba checkpoint ('model' is not a mapping of "
+                        "parameter names to tensors)")
+    return state, digest, size
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """:func:`read_checkpoint`'s state alone. Raises DataError as it does."""
+    return read_checkpoint(path, map_location)[0]

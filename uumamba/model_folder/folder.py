@@ -190,12 +190,16 @@ class ModelFolder:
         wanted = parse_folds(folds)
         files = " or ".join(names)
         if wanted is None:
+            # folds with another checkpoint only (a best, no latest: a training stopped
+            # before its end) are named, never silently left out of the ensemble
+            other = sorted({path.parent.name for name in CHECKPOINT_NAMES
+                            for path in self.root.glob(f"fold_*/{name}")
+                            if path.is_file()} - set(found))
+            if other:
+                raise UserError(f"{self.root}: {', '.join(other)} has no {files}, only "
+                                "checkpoint_best.pt (its training did not finish); choose the "
+                                "folds, or checkpoint 'best'")
             if not found:
-                other = sorted({path.parent.name for name in CHECKPOINT_NAMES
-                                for path in self.root.glob(f"fold_*/{name}")})
-                if other:  # e.g. a training stopped before its end: a best, no latest
-                    raise UserError(f"{self.root}: {', '.join(other)} has no {files} (only "
-                                    "checkpoint_best.pt; checkpoint 'best' loads that one)")
                 raise UserError(f"{self.root}: no fold_*/{files}; is this a model folder "
                                 "written by 'uumamba train'?")
             return found
