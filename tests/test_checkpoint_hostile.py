@@ -128,3 +128,23 @@ def test_latest_without_folds_names_a_fold_that_has_only_a_best(model):
         Predictor.from_model_dir(model, device="cpu", checkpoint="latest")
     assert Predictor.from_model_dir(model, folds="0", device="cpu",
                                     checkpoint="latest").fold_names == ["fold_0"]
+
+
+def test_the_meta_network_check_stays_cheap():
+    """check_weights builds the network on the meta device for every fold a prediction loads:
+    the initialisations skip it there, so it never imports torch's compiler (1.5 s of start-up
+    per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from uumamba.model_folder import ModelFolder; "
+            "from uumamba.nn import build_network; "
+            f"f = ModelFolder({str(FIXTURE)!r}); plans = f.load_plans(); "
+            "m = f.load_config().model; cfgs = [m, m.model_copy(update={'name': 'umamba_enc'})]\n"
+            "with torch.device('meta'):\n"
+            "    [build_network(c, plans) for c in cfgs]\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -142,7 +142,11 @@ class Mamba(nn.Module):
     @torch.no_grad()
     def _init_ssm(self, dt_min: float, dt_max: float, dt_init: str, dt_scale: float,
                   dt_init_floor: float) -> None:
-        """mamba-ssm's initialisation of ``dt_proj``, ``A_log`` and ``D`` (see class doc)."""
+        """mamba-ssm's initialisation of ``dt_proj``, ``A_log`` and ``D`` (see class doc);
+        none on the ``meta`` device (shapes only: :func:`~uumamba.inference.predict.check_weights`),
+        where its ops would import torch's compiler (about 1.5 s)."""
+        if self.A_log.is_meta:
+            return
         std = self.dt_rank ** -0.5 * dt_scale
         if dt_init == "constant":
             nn.init.constant_(self.dt_proj.weight, std)

@@ -210,8 +210,10 @@ class UMambaEnc(UMamba):
 
 def _init_conv_he(module: nn.Module) -> None:
     """nnU-Net's ``InitWeights_He(1e-2)``: Kaiming normal (a=0.01) weights, zero bias, for 2D /
-    3D (transposed) convolutions only (Mamba's Conv1d keeps its own initialisation)."""
-    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    3D (transposed) convolutions only (Mamba's Conv1d keeps its own initialisation). Nothing
+    on the ``meta`` device (shapes only), where ``normal_`` would import torch's compiler."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) \
+            and not module.weight.is_meta:
         nn.init.kaiming_normal_(module.weight, a=1e-2)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
