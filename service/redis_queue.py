@@ -933,6 +933,18 @@ def _worker_class():
             self._beat_lock = threading.Lock()
             self._beat_done = threading.Event()
 
+        # -- the command channel
+        def subscribe(self) -> None:
+            """rq's subscription, its listener thread polling every second, not every 60 s:
+            rq's teardown unsubscribes and then joins that thread, and a thread that had
+            already read the unsubscribe reply waits out its whole poll before it sees the
+            stop (a SIGTERMed worker took up to 60 s to exit)."""
+            self.pubsub = self.connection.pubsub()
+            self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+            self.pubsub_thread = self.pubsub.run_in_thread(
+                sleep_time=1.0, daemon=True,
+                exception_handler=self._pubsub_exception_handler)
+
         # -- lease
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
             return max(1, math.ceil(self.lease_s))
