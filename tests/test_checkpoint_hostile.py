@@ -130,6 +130,14 @@ def test_a_checkpoint_over_the_size_limit_is_refused_unread(model, monkeypatch):
     _refused(model, match=r"more than 1000 \(the limit\); refused unread")
 
 
+def test_integer_weights_for_a_float_parameter_are_refused(model):
+    state = _state(model)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.dim() > 1)
+    state["model"][name] = state["model"][name] > 0  # bool: load_state_dict would cast it
+    torch.save(state, model / "fold_0" / BEST)
+    _refused(model, error=UserError, match=f"first: {name}: torch.bool for torch.float32")
+
+
 def test_non_finite_weights_are_refused(model):
     state = _state(model)
     name = next(k for k, v in state["model"].items() if v.is_floating_point())

@@ -179,6 +179,8 @@ def check_weights(weights: dict[str, torch.Tensor], model_cfg: Any, plans: Plans
     problems += [f"unexpected {printable(k)[:80]}" for k in weights if k not in expected]
     problems += [f"{k}: {tuple(weights[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
                  if k in weights and weights[k].shape != v.shape]
+    problems += [f"{k}: {weights[k].dtype} for {v.dtype}" for k, v in expected.items()
+                 if k in weights and weights[k].is_floating_point() != v.is_floating_point()]
     if problems:
         raise UserError(f"{path}: weights do not fit the network of its config "
                         f"({len(problems)} mismatches, first: {problems[0]})")
