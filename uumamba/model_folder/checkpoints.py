@@ -97,7 +97,8 @@ def _check_archive(path: Path, data: bytes) -> None:
             entries = archive.infolist()
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read checkpoint (its zip directory is damaged: "
-                        f"{printable(exc)[:120]})") from None
+                        f"{printable(exc)[:120]}); the file is truncated or corrupt - "
+                        "restore it or delete it and train again") from None
     if len(entries) > MAX_ENTRIES:
         raise DataError(f"{path}: checkpoint has {len(entries)} entries, more than "
                         f"{MAX_ENTRIES}; refused")
