@@ -213,12 +213,11 @@ class Predictor:
         scan_backend_warning: why mamba-ssm's CUDA kernels are not used where they were
             wanted (``auto`` on a GPU, or mamba-ssm installed), else None; also logged as a
             warning (``uumamba predict`` shows it) and reported by ``/readyz``.
-        checkpoint_files: fold name -> the checkpoint file its weights were loaded from
-            (``checkpoint_best.pt`` / ``checkpoint_latest.pt``: ``best`` falls back to the
-            latest where a fold has no best); empty when built from networks directly.
-        weights: per fold, the SHA-256 and size of the bytes its weights were loaded from
-            (what a DICOM SEG and ``clinical.json`` name; a checkpoint replaced on disk after
-            loading does not change them); empty when built from networks directly.
+        weights: per fold, the file, SHA-256 and size of the bytes its weights were loaded
+            from (what a DICOM SEG and ``clinical.json`` name; a checkpoint replaced on disk
+            after loading does not change them); empty when built from networks directly.
+        checkpoint_files: fold name -> the checkpoint file name of ``weights`` (``best``
+            falls back to ``checkpoint_latest.pt`` where a fold has no best).
 
     Build it from a model folder with :meth:`from_model_dir`.
     """
@@ -244,7 +243,6 @@ class Predictor:
         self.postprocessing = postprocessing
         self.labels = dict(labels or plans.labels)
         self.fold_names = list(fold_names or [f"net_{i}" for i in range(len(networks))])
-        self.checkpoint_files: dict[str, str] = {}
         self.weights: list[WeightsDigest] = []
         self.scan_backend, self.scan_backend_warning = self._resolve_scan_backend(
             self.networks, self.device)
@@ -314,9 +312,13 @@ class Predictor:
                         tta=cfg.inference.tta if tta is None else tta,
                         postprocessing=postprocessing, labels=labels,
                         fold_names=list(checkpoints))
-        predictor.checkpoint_files = {fold: path.name for fold, path in checkpoints.items()}
         predictor.weights = weights
         return predictor
+
+    @property
+    def checkpoint_files(self) -> dict[str, str]:
+        """Fold name -> the checkpoint file its weights came from (from :attr:`weights`)."""
+        return {d.fold: d.file.rsplit("/", 1)[-1] for d in self.weights}
 
     @staticmethod
     def _resolve_scan_backend(networks: Sequence[torch.nn.Module], device: torch.device
